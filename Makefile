@@ -1,0 +1,30 @@
+# make install | make demo | make test   (see README.md)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint clean-cache
+
+install: $(STAMP)
+
+# torch/torchvision are pinned here, not in pyproject.toml: these releases lie on the build
+# machines' local wheel store; users elsewhere get any compatible release from pyproject.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/bottleneck data elpv --out data/elpv
+	$(BIN)/bottleneck extract --model efficientnet_lite0 --data data/elpv
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(BIN)/ruff check bottleneck tests
+
+clean-cache:
+	rm -rf cache/*.h5 cache/*.parts cache/*.lock cache/*.tmp

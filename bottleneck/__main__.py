@@ -1,0 +1,3 @@
+from bottleneck.cli import main
+
+main()

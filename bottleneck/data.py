@@ -1,0 +1,265 @@
+"""Labelled images on disk: find them, split them, decode them the way users have them.
+
+Three inputs are understood: an ImageFolder tree with split folders (DATA/train/<class>/...),
+a plain class-folder tree split by fractions (stratified, seeded), or a CSV manifest
+(path,label[,split]). Problems with the input as a whole are errors before any work starts;
+a single unreadable file is skipped and its reason recorded, never dropped in silence.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from bottleneck.errors import BottleneckError
+
+SPLITS = ("train", "val", "test")
+MIN_SIDE = 8  # smaller images carry no usable content (and 1×1 files are usually placeholders)
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
+
+
+@dataclass
+class Manifest:
+    """Which files belong to which split and class; paths are relative to `root`."""
+
+    root: str
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    split_info: dict = field(default_factory=dict)
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+
+def load_manifest(data: str | os.PathLike, val_fraction: float = 0.0, test_fraction: float = 0.0,
+                  seed: int = 0) -> Manifest:
+    """Read an ImageFolder tree (with or without split folders) or a CSV manifest."""
+    path = Path(data)
+    if not path.exists():
+        raise BottleneckError(f"data path {data} does not exist")
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise BottleneckError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    if path.is_file():
+        manifest = _from_csv(path, val_fraction, test_fraction, seed)
+    else:
+        subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if subdirs and set(subdirs) <= set(SPLITS):
+            manifest = _from_split_folders(path, subdirs)
+        else:
+            samples, classes = _class_folders(path)
+            manifest = Manifest(str(path.resolve()), classes, {"train": samples},
+                                {"source": "class-folders"})
+    if val_fraction > 0 or test_fraction > 0:
+        if manifest.split_info["source"] == "folders" or "split" in manifest.split_info:
+            raise BottleneckError(f"{data} already defines its splits; drop --val-fraction/--test-fraction")
+        _split_by_fractions(manifest, val_fraction, test_fraction, seed)
+    _check(manifest)
+    return manifest
+
+
+def _class_folders(root: Path, prefix: str = "") -> tuple[list[tuple[str, int]], list[str]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise BottleneckError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+    samples = []
+    for label, name in enumerate(classes):
+        files = _files_under(root / name)
+        if not files:
+            raise BottleneckError(f"class folder {root / name} holds no files; remove it or add images")
+        samples += [(f"{prefix}{name}/{f}", label) for f in files]
+    return samples, classes
+
+
+def _files_under(folder: Path) -> list[str]:
+    # Every non-hidden file is a candidate: one that will not decode is skipped with its
+    # reason at extraction time instead of being filtered out here by its extension.
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, folder)
+        found += [f if rel == "." else f"{rel}/{f}" for f in filenames if not f.startswith(".")]
+    return sorted(found)
+
+
+def _from_split_folders(root: Path, present: list[str]) -> Manifest:
+    splits, classes = {}, None
+    for split in [s for s in SPLITS if s in present]:
+        samples, split_classes = _class_folders(root / split, prefix=f"{split}/")
+        if classes is not None and split_classes != classes:
+            raise BottleneckError(
+                f"classes differ between splits: {split} has {split_classes}, expected {classes}")
+        classes, splits[split] = split_classes, samples
+    return Manifest(str(root.resolve()), classes, splits, {"source": "folders"})
+
+
+def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Manifest:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    if rows and rows[0][:2] == ["path", "label"]:
+        rows = rows[1:]
+    if not rows:
+        raise BottleneckError(f"manifest {path} lists no images; expected lines 'path,label[,split]'")
+    bad = next((i for i, r in enumerate(rows) if len(r) not in (2, 3)), None)
+    if bad is not None:
+        raise BottleneckError(f"manifest {path} row {bad + 1} has {len(rows[bad])} columns, expected 2 or 3")
+    classes = sorted({r[1] for r in rows})
+    has_split = all(len(r) == 3 for r in rows)
+    splits: dict[str, list] = {}
+    for r in rows:
+        split = r[2] if has_split else "train"
+        if split not in SPLITS:
+            raise BottleneckError(f"manifest {path}: unknown split '{split}', use one of {', '.join(SPLITS)}")
+        splits.setdefault(split, []).append((r[0], classes.index(r[1])))
+    info = {"source": "csv", "split": "csv"} if has_split else {"source": "csv"}
+    ordered = {s: sorted(splits[s]) for s in SPLITS if s in splits}
+    return Manifest(str(path.parent.resolve()), classes, ordered, info)
+
+
+def _split_by_fractions(m: Manifest, val_fraction: float, test_fraction: float, seed: int) -> None:
+    samples = m.splits.pop("train")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list] = {"train": [], "val": [], "test": []}
+    for label in range(len(m.classes)):
+        members = [s for s in samples if s[1] == label]
+        order = rng.permutation(len(members))
+        n_test = round(len(members) * test_fraction)
+        n_val = round(len(members) * val_fraction)
+        for rank, i in enumerate(order):
+            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            parts[split].append(members[i])
+    m.splits = {s: sorted(v) for s, v in parts.items() if v}
+    m.split_info |= {"split": "stratified",
+                     "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+
+
+def _check(m: Manifest) -> None:
+    if m.count() == 0:
+        raise BottleneckError(f"no images found under {m.root}")
+    for split, samples in m.splits.items():
+        if not samples:
+            raise BottleneckError(f"split '{split}' of {m.root} holds no images")
+
+
+def dataset_fingerprint(m: Manifest) -> str:
+    """A hash of the classes and, per split, every file's path, label, size and mtime."""
+    h = hashlib.sha256(json.dumps(m.classes).encode())
+    for split, samples in m.splits.items():
+        for rel, label in samples:
+            try:
+                st = os.stat(os.path.join(m.root, rel))
+                stamp = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stamp = (-1, -1)
+            h.update(f"{split}\0{rel}\0{label}\0{stamp[0]}\0{stamp[1]}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- decoding
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode any common image to 8-bit RGB, EXIF orientation applied; raises on bad files."""
+    with warnings.catch_warnings():
+        # Beyond PIL's warning threshold (~89 Mpx) a file is treated as a decompression bomb.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if min(img.size) < MIN_SIDE:
+                raise ValueError(f"image is {img.size[0]}x{img.size[1]} pixels, below {MIN_SIDE}x{MIN_SIDE}")
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # a broken EXIF block: keep the pixels as stored
+                pass
+            return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit or float greys: scale to 8 bits by the type's range, not by clipping.
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if a.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels become white, as an image viewer shows them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def describe_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
+
+
+def resize_crop(img: Image.Image, prep: dict) -> torch.Tensor:
+    """Resize the short side to prep['resize'], centre-crop prep['size']; uint8 CHW tensor."""
+    from torchvision.transforms import v2
+
+    interpolation = v2.InterpolationMode(prep["interpolation"])
+    img = v2.functional.resize(img, prep["resize"], interpolation=interpolation, antialias=True)
+    img = v2.functional.center_crop(img, prep["size"])
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Yields (uint8 CHW image, reason); reason is '' when the image decoded."""
+
+    def __init__(self, root: str, paths: list[str], prep: dict):
+        self.root, self.paths, self.prep = root, paths, prep
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            img = load_image(os.path.join(self.root, self.paths[i]))
+            return resize_crop(img, self.prep), ""
+        except Exception as e:  # any undecodable file is skipped, with its reason kept
+            size = self.prep["size"]
+            return torch.zeros(3, size, size, dtype=torch.uint8), describe_error(e)
+
+
+# --------------------------------------------------------------------------- elpv
+
+def write_elpv(out: str | os.PathLike, seed: int = 0) -> Manifest:
+    """Write the elpv solar-cell set as DATA/{train,val,test}/{functional,defective} links."""
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise BottleneckError("the elpv data comes from the package elpv-dataset; "
+                              "run 'pip install elpv-dataset'") from None
+    src = Path(elpv_dataset.__file__).parent / "data"
+    rows = [line.split() for line in (src / "labels.csv").read_text().splitlines() if line.strip()]
+    classes = ["defective", "functional"]
+    samples = [(r[0], 0 if float(r[1]) >= 0.5 else 1) for r in rows]
+    m = Manifest(str(src), classes, {"train": sorted(samples)}, {"source": "elpv"})
+    # 25 % test, then 10 % of the remaining 75 % for validation (7.5 % of the whole).
+    _split_by_fractions(m, val_fraction=0.075, test_fraction=0.25, seed=seed)
+    out = Path(out)
+    for split, items in m.splits.items():
+        for rel, label in items:
+            target = out / split / classes[label] / Path(rel).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                _link_or_copy(src / rel, target)
+    return load_manifest(out)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copy2(src, dst)

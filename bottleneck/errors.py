@@ -1,0 +1,19 @@
+"""The one exception users see: the CLI prints its message and exits non-zero."""
+
+
+class BottleneckError(Exception):
+    """A problem the user can act on; the message is one sentence saying what to do."""
+
+    exit_code = 1
+
+
+class WeightsUnavailable(BottleneckError):
+    """Pretrained weights are neither cached nor downloadable from here."""
+
+    exit_code = 3
+
+
+class CacheBusy(BottleneckError):
+    """Another process holds the write lock of a feature cache."""
+
+    exit_code = 4

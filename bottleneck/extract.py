@@ -1,0 +1,243 @@
+"""Stage 1: run a truncated pretrained CNN over labelled images into an HDF5 feature cache.
+
+The cache's name is a fingerprint of everything that determines its contents, so the
+same command reuses a finished cache instantly and a changed input never reuses a stale
+one. Work is done in blocks of one batch, each saved as soon as it is computed: a run
+killed at any moment resumes where it stopped and ends with the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bottleneck import backbones, data, store
+from bottleneck.console import note, progress_bar, warn
+from bottleneck.errors import BottleneckError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("float32", "float16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str = "avg",
+            weights: str = "DEFAULT", out: str = "cache", batch_size: int = 64, workers: int | None = None,
+            device: str = "auto", precision: str = "auto", dtype: str = "float32", shard: str = "0/1",
+            force: bool = False, val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0,
+            progress: bool = True) -> Path:
+    """Extract features of every image under `data_dir`; returns the cache's path."""
+    started = time.perf_counter()
+    taps = backbones.resolve_taps(model, layer)
+    if pool not in backbones.POOLS:
+        raise BottleneckError(f"unknown pooling '{pool}'; choose one of {', '.join(backbones.POOLS)}")
+    if batch_size < 1 or batch_size > 65536:
+        raise BottleneckError(f"--batch-size must be between 1 and 65536, not {batch_size}")
+    if dtype not in DTYPES:
+        raise BottleneckError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    shard_i, shard_n = parse_shard(shard)
+    manifest = data.load_manifest(data_dir, val_fraction, test_fraction, seed)
+    ref = backbones.resolve_weights(model, weights)
+    attrs = cache_attrs(model, ref, taps, pool, prec, dtype, manifest)
+    path = cache_path(out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n)
+
+    if path.is_file() and not force and not store.verify(path):
+        note(f"reusing complete cache {path} (use --force to extract again)")
+        return path
+    with store.CacheLock(path):
+        parts = store.Parts(path)
+        if force:
+            path.unlink(missing_ok=True)
+            parts.remove()
+        elif path.is_file() and not store.verify(path):  # finished by another process meanwhile
+            return path
+        block_rows = parts.start({"fingerprint": attrs["fingerprint"], "block_rows": batch_size})["block_rows"]
+        if block_rows != batch_size:
+            note(f"resuming with the batch size of the interrupted run ({block_rows})")
+        plan = block_plan(manifest, block_rows, shard_i, shard_n)
+        todo = {s: [k for k in ks if not parts.has(s, k)] for s, ks in plan.items()}
+        if any(todo.values()):
+            backbones.fetch_weights(ref)
+            net = backbones.build_model(model, ref)
+            extractor = backbones.FeatureExtractor(net, model, taps, pool)
+            workers = default_workers() if workers is None else workers
+            setup = time.perf_counter() - started
+            run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
+                       workers, progress)
+        else:
+            setup = 0.0
+        attrs |= {"shard": f"{shard_i}/{shard_n}", "dims": dims_of(parts, plan, taps, model, pool),
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        attrs["cost"] = extraction_cost(parts, plan, dev, prec, setup)
+        blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
+        store.write_cache(path, attrs, blocks, dtype)
+        parts.remove()
+        Path(f"{path}.lock").unlink(missing_ok=True)
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BottleneckError(f"--device {device} was asked for but no CUDA GPU is visible here; "
+                              "use --device cpu or --device auto")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise BottleneckError(f"unknown --device '{device}'; choose auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 where the hardware computes it natively, else fp16 on GPUs, else fp32."""
+    if precision not in PRECISIONS:
+        raise BottleneckError(f"unknown --precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise BottleneckError(f"--shard must look like I/N (e.g. 0/4), not '{shard}'") from None
+    if not 0 <= i < n:
+        raise BottleneckError(f"--shard {shard}: I must be in 0..N-1")
+    return i, n
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: str, precision: str,
+                dtype: str, manifest: data.Manifest) -> dict:
+    """The metadata a later stage needs; everything but versions goes into the fingerprint."""
+    attrs = {"model": model, "weights": ref.id, "taps": taps, "pool": pool,
+             "preprocessing": backbones.preprocessing(model), "precision": precision, "dtype": dtype,
+             "classes": manifest.classes, "split_info": manifest.split_info,
+             "dataset_fingerprint": data.dataset_fingerprint(manifest), "data_root": manifest.root}
+    key = {k: v for k, v in attrs.items() if k != "data_root"} | {"format": store.FORMAT}
+    attrs["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    attrs["versions"] = versions()
+    return attrs
+
+
+def versions() -> dict:
+    import h5py
+    import torchvision
+
+    from bottleneck import __version__
+
+    found = {"bottleneck": __version__, "python": platform.python_version(), "torch": torch.__version__,
+             "torchvision": torchvision.__version__, "h5py": h5py.__version__, "numpy": np.__version__}
+    try:
+        import timm
+
+        found["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def cache_path(out: str, model: str, taps: list[str], pool: str, fingerprint: str,
+               shard_i: int = 0, shard_n: int = 1) -> Path:
+    name = f"{model}-{'+'.join(taps)}-{pool}-{fingerprint[:12]}"
+    if shard_n > 1:
+        name += f".shard-{shard_i}-of-{shard_n}"
+    return Path(out) / f"{name}.h5"
+
+
+def block_plan(manifest: data.Manifest, rows: int, shard_i: int, shard_n: int) -> dict[str, list[int]]:
+    """Blocks (of `rows` images) per split that this shard computes; shards split whole blocks."""
+    plan = {}
+    for split, samples in manifest.splits.items():
+        n_blocks = -(-len(samples) // rows)
+        plan[split] = list(range(shard_i * n_blocks // shard_n, (shard_i + 1) * n_blocks // shard_n))
+    return plan
+
+
+def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, todo: dict[str, list[int]],
+               rows: int, parts: store.Parts, prep: dict, device: torch.device, precision: str,
+               workers: int, progress: bool) -> None:
+    """Compute the missing blocks, saving each as soon as it is done."""
+    extractor = extractor.to(device, memory_format=torch.channels_last)
+    mean = torch.tensor(prep["mean"], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(prep["std"], device=device).view(1, 3, 1, 1) * 255
+    total = sum(min(rows, len(manifest.splits[s]) - k * rows) for s, ks in todo.items() for k in ks)
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("extracting", total=total)
+        for split, blocks in todo.items():
+            if not blocks:
+                continue
+            samples = manifest.splits[split]
+            chosen = [samples[i] for k in blocks for i in range(k * rows, min((k + 1) * rows, len(samples)))]
+            dataset = data.ImageDataset(manifest.root, [p for p, _ in chosen], prep)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=rows, num_workers=workers, pin_memory=device.type == "cuda",
+                persistent_workers=False, prefetch_factor=4 if workers else None)
+            tick = time.perf_counter()
+            for k, (images, reasons) in zip(blocks, loader):
+                x = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode(), torch.autocast(device.type, dtype=_AUTOCAST.get(precision),
+                                                            enabled=precision in _AUTOCAST):
+                    feats = extractor(x)
+                block = make_block(feats, reasons, samples[k * rows:(k + 1) * rows])
+                for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
+                    warn(f"skipped {path}: {reason}")
+                now = time.perf_counter()
+                block["seconds"] = now - tick
+                tick = now
+                parts.write(split, k, block)
+                bar.advance(task, len(reasons))
+
+
+def make_block(feats: dict[str, torch.Tensor], reasons: list[str], samples: list[tuple[str, int]]) -> dict:
+    ok = np.array([r == "" for r in reasons], dtype=bool)
+    return {"features": {t: v.cpu().numpy()[ok] for t, v in feats.items()},
+            "labels": np.array([lab for _, lab in samples], dtype=np.int64)[ok],
+            "paths": [p for (p, _), good in zip(samples, ok) if good],
+            "skipped_paths": [p for (p, _), good in zip(samples, ok) if not good],
+            "skipped_reasons": [r for r in reasons if r]}
+
+
+def dims_of(parts: store.Parts, plan: dict, taps: list[str], model: str, pool: str) -> dict[str, int]:
+    for split, blocks in plan.items():
+        if blocks:
+            feats = parts.read(split, blocks[0])["features"]
+            return {t: int(feats[t].shape[1]) for t in taps}
+    return {t: backbones.describe(model, pool)["taps"][t] for t in taps}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown"
+    return f"cpu: {model}, {os.cpu_count()} cores"
+
+
+def extraction_cost(parts: store.Parts, plan: dict, device: torch.device, precision: str, setup: float) -> dict:
+    seconds = images = 0
+    for split, blocks in plan.items():
+        for k in blocks:
+            b = parts.summary(split, k)
+            seconds += b["seconds"]
+            images += b["images"]
+    return {"device": device_name(device), "precision": precision, "images": images,
+            "compute_seconds": round(seconds, 3), "wall_seconds": round(seconds + setup, 3),
+            "images_per_second": round(images / seconds, 2) if seconds else None}

@@ -1,0 +1,359 @@
+"""The HDF5 feature cache: its layout, crash-safe writing, reading, verifying and merging.
+
+Layout (docs/cache-format.md): root attributes describe how the features were made; one
+group per split holds `paths`, `labels`, `features/<tap>` (N×D) and `skipped`.
+
+Crash safety comes from never writing the final file in place. Extraction writes each
+finished block as its own small file in `<cache>.parts/` (write, then atomic rename);
+the final HDF5 is assembled from the blocks into `<cache>.tmp`, marked complete, and only
+then renamed to its name. A killed run leaves whole blocks behind and resumes from them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from bottleneck.errors import BottleneckError, CacheBusy
+
+FORMAT = "bottleneck-features/1"
+JSON_ATTRS = ("taps", "preprocessing", "classes", "versions", "split_info", "cost", "dims")
+VOLATILE_ATTRS = ("cost", "created")  # differ between two runs that produce the same features
+CHUNK_ROWS = 1024
+
+
+# --------------------------------------------------------------------------- locking
+
+class CacheLock:
+    """An exclusive, non-blocking lock on `<cache>.lock`, released when the process dies."""
+
+    def __init__(self, cache: Path):
+        self.path = Path(f"{cache}.lock")
+        self.cache = cache
+
+    def __enter__(self) -> CacheLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise CacheBusy(f"{self.cache} is being written by another process (pid {holder}); "
+                            "wait for it to finish, then rerun to reuse its result") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+# --------------------------------------------------------------------------- blocks
+
+class Parts:
+    """Finished blocks of an extraction in progress: `<cache>.parts/<split>-<k>.npz`."""
+
+    def __init__(self, cache: Path):
+        self.dir = Path(f"{cache}.parts")
+
+    def start(self, meta: dict) -> dict:
+        """Create the folder, or return the meta of the run it already holds."""
+        meta_file = self.dir / "meta.json"
+        if meta_file.is_file():
+            old = json.loads(meta_file.read_text())
+            if old.get("fingerprint") == meta["fingerprint"]:
+                return old
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(meta_file, json.dumps(meta).encode())
+        return meta
+
+    def block_path(self, split: str, k: int) -> Path:
+        return self.dir / f"{split}-{k:07d}.npz"
+
+    def has(self, split: str, k: int) -> bool:
+        return self.block_path(split, k).is_file()
+
+    def write(self, split: str, k: int, block: dict) -> None:
+        target = self.block_path(split, k)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **_flatten_block(block))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+    def read(self, split: str, k: int) -> dict:
+        with np.load(self.block_path(split, k), allow_pickle=False) as z:
+            return _unflatten_block({name: z[name] for name in z.files})
+
+    def iter_blocks(self, split: str, blocks: list[int]) -> Iterator[dict]:
+        for k in blocks:
+            yield self.read(split, k)
+
+    def summary(self, split: str, k: int) -> dict:
+        """Images and seconds of one block, without reading its features."""
+        with np.load(self.block_path(split, k), allow_pickle=False) as z:
+            return {"images": len(z["labels"]) + len(z["skipped_paths"]), "seconds": float(z["seconds"])}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _flatten_block(block: dict) -> dict:
+    flat = {f"features/{t}": v for t, v in block["features"].items()}
+    flat["labels"] = np.asarray(block["labels"], dtype=np.int64)
+    flat |= {k: np.asarray(block[k], dtype=str) for k in ("paths", "skipped_paths", "skipped_reasons")}
+    flat["seconds"] = np.asarray(block.get("seconds", 0.0))
+    return flat
+
+
+def _unflatten_block(flat: dict) -> dict:
+    block = {k: v for k, v in flat.items() if not k.startswith("features/")}
+    block["features"] = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("features/")}
+    block["seconds"] = float(block["seconds"])
+    return block
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- writing
+
+def write_cache(path: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype: str = "float32") -> Path:
+    """Stream blocks into `<path>.tmp`, mark it complete, then rename it to `path`."""
+    tmp = Path(f"{path}.tmp")
+    tmp.unlink(missing_ok=True)
+    with h5py.File(tmp, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
+        f.attrs["format"] = FORMAT
+        f.attrs["complete"] = False
+        for split, blocks in splits.items():
+            _write_split(f.create_group(split), blocks, attrs["taps"], attrs["dims"], dtype)
+        f.attrs["complete"] = True
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dims: dict, dtype: str) -> None:
+    text = h5py.string_dtype()
+    feats = {t: group.create_dataset(f"features/{t}", shape=(0, dims[t]), maxshape=(None, dims[t]),
+                                     dtype=dtype, chunks=(min(CHUNK_ROWS, max(1, 2**22 // (4 * dims[t]))), dims[t]))
+             for t in taps}
+    labels = group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(CHUNK_ROWS,))
+    paths = group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(CHUNK_ROWS,))
+    skipped_rows: list[tuple[str, str]] = []
+    for block in blocks:
+        n, n_new = labels.shape[0], len(block["labels"])
+        for ds, values in [(labels, block["labels"]), (paths, np.asarray(block["paths"], dtype=object)),
+                           *[(feats[t], block["features"][t]) for t in taps]]:
+            ds.resize(n + n_new, axis=0)
+            if n_new:
+                ds[n:] = values.astype(dtype) if ds.ndim == 2 else values
+        skipped_rows += zip(map(str, block["skipped_paths"]), map(str, block["skipped_reasons"]))
+    skipped = np.array(skipped_rows, dtype=[("path", text), ("reason", text)])
+    group.create_dataset("skipped", data=skipped, dtype=skipped.dtype)
+    for ds in [labels, paths, *feats.values()]:
+        ds.attrs["sha256"] = _digest(ds)
+
+
+def _digest(ds: h5py.Dataset) -> str:
+    h = hashlib.sha256()
+    for start in range(0, ds.shape[0], CHUNK_ROWS):
+        rows = ds[start:start + CHUNK_ROWS]
+        if rows.dtype.kind == "O":
+            rows = "\n".join(r.decode() if isinstance(r, bytes) else r for r in rows).encode() + b"\n"
+        h.update(np.ascontiguousarray(rows).tobytes() if not isinstance(rows, bytes) else rows)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- reading
+
+class FeatureStore:
+    """Read access to a complete cache: `FeatureStore(path).features("train")`."""
+
+    def __init__(self, path: str | os.PathLike, require_complete: bool = True):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BottleneckError(f"feature cache {path} does not exist")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError:
+            raise BottleneckError(f"{path} is not a readable HDF5 file (truncated or damaged); "
+                                  "delete it and run 'bottleneck extract' again") from None
+        self.attrs = {k: json.loads(v) if k in JSON_ATTRS else _plain(v) for k, v in self.file.attrs.items()}
+        if self.attrs.get("format") != FORMAT:
+            raise BottleneckError(f"{path} is not a bottleneck feature cache (format "
+                                  f"{self.attrs.get('format')!r}, expected {FORMAT!r})")
+        if require_complete and not self.attrs.get("complete"):
+            raise BottleneckError(f"{path} is incomplete (its extraction did not finish); rerun the same "
+                                  "'bottleneck extract' command to finish it")
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in ("train", "val", "test") if s in self.file] + \
+               sorted(s for s in self.file if s not in ("train", "val", "test"))
+
+    @property
+    def taps(self) -> list[str]:
+        return self.attrs["taps"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.attrs["classes"]
+
+    def features(self, split: str, tap: str | None = None) -> np.ndarray:
+        tap = tap or self.taps[-1]
+        if tap not in self.taps:
+            raise BottleneckError(f"{self.path} has no tap '{tap}'; it holds {', '.join(self.taps)}")
+        return self._split(split)[f"features/{tap}"][:]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._split(split)["labels"][:]
+
+    def paths(self, split: str) -> list[str]:
+        return [p.decode() for p in self._split(split)["paths"][:]]
+
+    def skipped(self, split: str) -> list[tuple[str, str]]:
+        return [(p.decode(), r.decode()) for p, r in self._split(split)["skipped"][:]]
+
+    def _split(self, split: str) -> h5py.Group:
+        if split not in self.file:
+            raise BottleneckError(f"{self.path} has no split '{split}'; it holds {', '.join(self.splits)}")
+        return self.file[split]
+
+    def info(self) -> dict:
+        splits = {}
+        for s in self.splits:
+            g = self.file[s]
+            splits[s] = {"images": int(g["labels"].shape[0]), "skipped": int(g["skipped"].shape[0]),
+                         "per_class": np.bincount(g["labels"][:], minlength=len(self.classes)).tolist()}
+        return {"path": str(self.path), **self.attrs, "splits": splits,
+                "skipped": {s: self.skipped(s) for s in self.splits if splits[s]["skipped"]},
+                "bytes": self.path.stat().st_size}
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """Problems found in a cache (an empty list means it is intact)."""
+    try:
+        store = FeatureStore(path)
+    except BottleneckError as e:
+        return [str(e)]
+    problems = []
+    with store:
+        for split in store.splits:
+            g = store.file[split]
+            n = g["labels"].shape[0]
+            datasets = {"labels": g["labels"], "paths": g["paths"],
+                        **{f"features/{t}": g[f"features/{t}"] for t in store.taps if f"features/{t}" in g}}
+            problems += [f"{split}: tap {t} is missing" for t in store.taps if f"features/{t}" not in g]
+            for name, ds in datasets.items():
+                if ds.shape[0] != n:
+                    problems.append(f"{split}/{name} has {ds.shape[0]} rows, labels have {n}")
+                try:
+                    if _digest(ds) != ds.attrs.get("sha256"):
+                        problems.append(f"{split}/{name} does not match its checksum (damaged)")
+                except OSError as e:
+                    problems.append(f"{split}/{name} cannot be read ({e})")
+    return problems
+
+
+def contents_equal(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two caches hold the same features, rows and metadata (timings aside)."""
+    with FeatureStore(a) as x, FeatureStore(b) as y:
+        ignore = set(VOLATILE_ATTRS) | {"shard"}
+        if {k: v for k, v in x.attrs.items() if k not in ignore} != \
+           {k: v for k, v in y.attrs.items() if k not in ignore} or x.splits != y.splits:
+            return False
+        for s in x.splits:
+            names = ["labels", "paths", "skipped", *[f"features/{t}" for t in x.taps]]
+            if any(not np.array_equal(x.file[s][n][:], y.file[s][n][:]) for n in names):
+                return False
+    return True
+
+
+# --------------------------------------------------------------------------- merging
+
+def merge(shards: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
+    """Join the shards of one extraction (any order) into one complete cache."""
+    stores = [FeatureStore(s) for s in shards]
+    try:
+        stores.sort(key=lambda st: _shard_of(st)[0])
+        first = stores[0]
+        n = _shard_of(first)[1]
+        found = [_shard_of(st) for st in stores]
+        if found != [(i, n) for i in range(n)]:
+            raise BottleneckError(f"shards do not form one whole set: have {[f'{i}/{k}' for i, k in found]}, "
+                                  f"need 0/{n} to {n - 1}/{n} exactly once")
+        for st in stores[1:]:
+            if st.attrs["fingerprint"] != first.attrs["fingerprint"]:
+                raise BottleneckError(f"{st.path} belongs to another extraction than {first.path} "
+                                      "(model, weights, taps, pooling or data differ)")
+        out = Path(out) if out else Path(str(first.path).split(".shard-")[0] + ".h5")
+        attrs = {k: v for k, v in first.attrs.items() if k not in ("complete", "format")}
+        attrs["shard"] = "0/1"
+        attrs["cost"] = _sum_costs([st.attrs.get("cost", {}) for st in stores])
+        splits = {s: _shard_blocks(stores, s) for s in first.splits}
+        return write_cache(out, attrs, splits, dtype=first.attrs.get("dtype", "float32"))
+    finally:
+        for st in stores:
+            st.close()
+
+
+def _shard_of(store: FeatureStore) -> tuple[int, int]:
+    i, n = str(store.attrs.get("shard", "0/1")).split("/")
+    return int(i), int(n)
+
+
+def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
+    for st in stores:
+        if split not in st.file:
+            continue
+        g = st.file[split]
+        skipped = g["skipped"][:]
+        for start in range(0, max(1, g["labels"].shape[0]), CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            first_block = start == 0
+            yield {"features": {t: g[f"features/{t}"][rows] for t in st.taps},
+                   "labels": g["labels"][rows], "paths": g["paths"][rows].astype(str),
+                   "skipped_paths": [p.decode() for p in skipped["path"]] if first_block else [],
+                   "skipped_reasons": [r.decode() for r in skipped["reason"]] if first_block else []}
+
+
+def _sum_costs(costs: list[dict]) -> dict:
+    total = {k: costs[0][k] for k in ("device", "precision") if k in costs[0]}
+    for key in ("wall_seconds", "compute_seconds", "images"):
+        total[key] = sum(c.get(key, 0) for c in costs)
+    if total.get("compute_seconds"):
+        total["images_per_second"] = total["images"] / total["compute_seconds"]
+    return total

@@ -1,0 +1,49 @@
+"""Fixtures that make tiny real image trees on disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("cats", "dogs")
+
+
+def make_image(path: Path, seed: int, tint: int, size: int = 48, fmt: str | None = None) -> Path:
+    """A random image whose colour depends on its class, so features differ by class."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+    pixels[..., tint] += 120
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def make_tree(root: Path, per_class: dict[str, int], split_folders: bool = True) -> Path:
+    """root/<split>/<class>/img_i.png (or root/<class>/... without split folders)."""
+    seed = 0
+    for split, n in per_class.items():
+        for c, name in enumerate(CLASSES):
+            for i in range(n):
+                folder = root / split / name if split_folders else root / name
+                ext = "jpg" if i % 3 == 2 else "png"
+                make_image(folder / f"{split}_{i:03d}.{ext}", seed, tint=c)
+                seed += 1
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """A small train/val/test ImageFolder tree: 2 classes."""
+    return make_tree(tmp_path / "data", {"train": 6, "val": 2, "test": 3})
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed command in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "bottleneck", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,0 +1,127 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bottleneck import backbones
+from bottleneck.data import resize_crop
+from bottleneck.errors import BottleneckError, WeightsUnavailable
+
+COURSE_MODELS = {"vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152", "inception_v3",
+                 "densenet121", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "alexnet",
+                 "googlenet", "squeezenet1_1", "xception", "efficientnet_lite0"}
+
+
+def test_registry_holds_every_course_model_and_each_describes_itself():
+    assert set(backbones.REGISTRY) == COURSE_MODELS
+    for name in COURSE_MODELS:
+        d = backbones.describe(name)
+        assert d["default_tap"] in d["taps"] and all(dim > 0 for dim in d["taps"].values())
+        assert d["params"] > 1e6
+
+
+def test_named_taps_have_the_classic_dimensions():
+    vgg = backbones.describe("vgg16")["taps"]
+    assert (vgg["pool5"], vgg["fc6"], vgg["fc7"]) == (512, 4096, 4096)
+    assert backbones.describe("vgg16", pool="flatten")["taps"]["pool5"] == 7 * 7 * 512
+    assert backbones.describe("resnet50")["taps"] == {"layer1": 256, "layer2": 512, "layer3": 1024,
+                                                      "layer4": 2048, "avgpool": 2048}
+    assert backbones.describe("efficientnet_lite0")["taps"]["pool"] == 1280
+
+
+def test_each_model_gets_its_own_preprocessing():
+    assert backbones.preprocessing("inception_v3")["size"] == 299
+    assert backbones.preprocessing("xception")["size"] == 299
+    assert backbones.preprocessing("xception")["mean"] == [0.5, 0.5, 0.5]
+    assert backbones.preprocessing("efficientnet_lite0")["mean"] == [0.5, 0.5, 0.5]
+    assert backbones.preprocessing("efficientnet_lite0")["interpolation"] == "bicubic"
+    vgg = backbones.preprocessing("vgg16")
+    assert vgg["mean"] == list(backbones.IMAGENET_MEAN) and vgg["std"] == list(backbones.IMAGENET_STD)
+    assert (vgg["size"], vgg["resize"]) == (224, 256)
+
+
+def test_real_forward_matches_described_dims_and_stops_at_the_last_tap():
+    model = backbones.build_model("resnet18", "none")
+    calls = []
+    model.layer4.register_forward_hook(lambda *a: calls.append("layer4"))
+    ex = backbones.FeatureExtractor(model, "resnet18", ["layer2", "layer1"], pool="max")
+    feats = ex(torch.rand(2, 3, 64, 64))
+    assert list(feats) == ["layer1", "layer2"]  # network order, whatever the request order
+    assert feats["layer1"].shape == (2, 64) and feats["layer2"].shape == (2, 128)
+    assert calls == []  # layer4 never ran: the network is truncated after layer2
+
+
+def test_several_taps_in_one_pass_equal_separate_passes():
+    model = backbones.build_model("resnet18", "none")
+    x = torch.rand(2, 3, 64, 64)
+    both = backbones.FeatureExtractor(model, "resnet18", ["layer3", "avgpool"])(x)
+    model2 = backbones.build_model("resnet18", "none")
+    model2.load_state_dict(model.state_dict())
+    alone = backbones.FeatureExtractor(model2, "resnet18", ["avgpool"])(x)
+    torch.testing.assert_close(both["avgpool"], alone["avgpool"])
+
+
+def _top_classes(logits: torch.Tensor, k: int) -> list[str]:
+    from torchvision.models import ResNet18_Weights
+
+    names = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    return [names[i] for i in logits.topk(k).indices.tolist()]
+
+
+def test_lite0_weights_see_a_cat_in_chelsea():
+    from skimage import data as skdata
+
+    model = backbones.build_model("efficientnet_lite0")
+    prep = backbones.preprocessing("efficientnet_lite0")
+    x = resize_crop(Image.fromarray(skdata.chelsea()), prep)[None].float() / 255
+    x = (x - torch.tensor(prep["mean"]).view(1, 3, 1, 1)) / torch.tensor(prep["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top3 = _top_classes(model(x)[0], 3)
+    assert {"tabby", "tiger cat", "Egyptian cat"} & set(top3), top3
+    coffee = resize_crop(Image.fromarray(skdata.coffee()), prep)[None].float() / 255
+    with torch.no_grad():
+        assert "cup" in _top_classes(model((coffee - 0.5) / 0.5)[0], 5) or \
+               "espresso" in _top_classes(model((coffee - 0.5) / 0.5)[0], 5)
+
+
+def test_offline_missing_weights_fail_in_seconds_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    ref = backbones.resolve_weights("vgg16")
+    assert ref.path.startswith(str(tmp_path)) and not backbones.weights_available(ref)
+    started = time.monotonic()
+    with pytest.raises(WeightsUnavailable) as e:
+        backbones.build_model("vgg16", ref)  # this machine has no route to download.pytorch.org
+    assert time.monotonic() - started < 15
+    assert "bottleneck weights fetch vgg16" in str(e.value) and ref.path in str(e.value)
+
+
+def test_weights_from_a_state_dict_file(tmp_path):
+    model = backbones.build_model("resnet18", "none")
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+    loaded = backbones.build_model("resnet18", str(tmp_path / "ckpt.pth"))
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    ref = backbones.resolve_weights("resnet18", str(tmp_path / "ckpt.pth"))
+    assert ref.id.startswith("file:ckpt.pth:sha256:")
+    with pytest.raises(BottleneckError, match="not a state_dict for resnet50"):
+        backbones.build_model("resnet50", str(tmp_path / "ckpt.pth"))
+
+
+def test_named_enum_weights_and_bad_names():
+    assert backbones.resolve_weights("resnet50", "IMAGENET1K_V1").id == "torchvision:ResNet50_Weights.IMAGENET1K_V1"
+    assert backbones.resolve_weights("resnet50").id == "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+    with pytest.raises(BottleneckError, match="unknown weights 'IMAGENET9K'"):
+        backbones.resolve_weights("resnet50", "IMAGENET9K")
+    with pytest.raises(BottleneckError, match="did you mean 'resnet50'"):
+        backbones.get_spec("resnet5O")
+    with pytest.raises(BottleneckError, match="has no tap 'pool9'"):
+        backbones.resolve_taps("vgg16", ["pool9"])
+
+
+def test_pooling_modes():
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    assert np.allclose(backbones.pool_features(x, "avg")[0], [1.5, 5.5, 9.5])
+    assert np.allclose(backbones.pool_features(x, "max")[0], [3, 7, 11])
+    assert backbones.pool_features(x, "flatten").shape == (2, 12)
