@@ -253,7 +253,9 @@ def build_model(name: str, weights: str | WeightsRef = "DEFAULT") -> nn.Module:
     """The full network with its weights loaded, in eval mode."""
     spec = get_spec(name)
     ref = weights if isinstance(weights, WeightsRef) else resolve_weights(name, weights)
-    model = _build_arch(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random init ("none") is the same network every time
+        model = _build_arch(spec)
     if ref.path is not None:
         fetch_weights(ref)
         state = torch.load(ref.path, map_location="cpu", weights_only=True)

@@ -33,7 +33,11 @@ CHUNK_ROWS = 1024
 # --------------------------------------------------------------------------- locking
 
 class CacheLock:
-    """An exclusive, non-blocking lock on `<cache>.lock`, released when the process dies."""
+    """An exclusive, non-blocking lock on `<cache>.lock`, released when the process dies.
+
+    A POSIX record lock, not flock: DataLoader workers forked from the writer must not
+    inherit it (they can outlive a killed writer by seconds), and it also works over NFS.
+    """
 
     def __init__(self, cache: Path):
         self.path = Path(f"{cache}.lock")
@@ -43,8 +47,8 @@ class CacheLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise CacheBusy(f"{self.cache} is being written by another process (pid {holder}); "

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+from conftest import run_cli
+
+
+def assert_clean_failure(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["extract"], ["models"], ["weights", "fetch"], ["data", "elpv"],
+                                     ["cache", "ls"], ["cache", "info"], ["cache", "verify"], ["cache", "merge"]])
+def test_every_command_has_help(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_extract_prints_the_cache_path_last_and_cache_commands_read_it(tree, tmp_path):
+    result = run_cli("extract", "--model", "efficientnet_lite0", "--data", str(tree), "--out",
+                     str(tmp_path / "c"), "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip().splitlines()[-1]
+    assert path.endswith(".h5") and (tmp_path / "c").samefile(path.rsplit("/", 1)[0])
+    info = json.loads(run_cli("cache", "info", path, "--json").stdout)
+    assert info["splits"]["train"]["images"] == 12 and info["dims"] == {"pool": 1280}
+    assert info["cost"]["images_per_second"] > 0
+    assert run_cli("cache", "verify", path).stdout.strip().endswith(": ok")
+    assert "complete" in run_cli("cache", "ls", str(tmp_path / "c")).stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "vgg17", "--data", "{tree}"], ["unknown model 'vgg17'", "did you mean"]),
+    (["--model", "vgg16", "--layer", "fc9", "--data", "{tree}"], ["no tap 'fc9'"]),
+    (["--model", "resnet18", "--data", "{tmp}/missing"], ["does not exist"]),
+    (["--model", "resnet18", "--data", "{tree}", "--batch-size", "0"], ["--batch-size"]),
+    (["--model", "resnet18", "--data", "{tree}", "--device", "cuda"], ["no CUDA GPU"]),
+    (["--model", "resnet18", "--data", "{tree}", "--pool", "median"], ["unknown pooling"]),
+    (["--model", "resnet18", "--data", "{tree}", "--shard", "3/2"], ["--shard"]),
+])
+def test_bad_extract_input_is_one_clear_error(tree, tmp_path, args, words):
+    args = [a.format(tree=tree, tmp=tmp_path) for a in args]
+    assert_clean_failure(run_cli("extract", *args, "--out", str(tmp_path / "c")), *words)
+
+
+def test_offline_weights_are_one_clear_error(tree, tmp_path):
+    env = {"TORCH_HOME": str(tmp_path / "torch")}
+    result = run_cli("extract", "--model", "resnet18", "--data", str(tree), "--out", str(tmp_path / "c"), env=env)
+    assert_clean_failure(result, "bottleneck weights fetch resnet18", str(tmp_path / "torch"))
+    assert_clean_failure(run_cli("weights", "fetch", "vgg16", env=env), "bottleneck weights fetch vgg16")
+
+
+def test_cache_commands_refuse_what_is_not_a_cache(tmp_path):
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    assert_clean_failure(run_cli("cache", "info", str(tmp_path / "junk.h5")), "not a readable HDF5 file")
+    assert_clean_failure(run_cli("cache", "info", str(tmp_path / "none.h5")), "does not exist")
+    result = run_cli("cache", "verify", str(tmp_path / "junk.h5"))
+    assert result.returncode == 1 and "truncated or damaged" in result.stdout
+
+
+def test_unwritable_output_folder_is_a_clear_error(tree, tmp_path):
+    # Tests run as root in CI, where permission bits do not stop writes: a folder that is
+    # really a file is the unwritable output every user can hit.
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = run_cli("extract", "--model", "squeezenet1_1", "--weights", "none", "--data", str(tree),
+                     "--out", str(tmp_path / "taken" / "cache"))
+    assert_clean_failure(result, str(tmp_path / "taken"))
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"
+
+
+def test_models_table_lists_all_with_weights_state():
+    result = run_cli("models", "--json")
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert len(rows) == 16 and rows["efficientnet_lite0"]["weights_available"] is True
+    assert rows["inception_v3"]["input_size"] == 299

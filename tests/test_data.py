@@ -1,0 +1,153 @@
+import io
+import os
+
+import numpy as np
+import pytest
+from conftest import make_image, make_tree
+from PIL import Image
+
+from bottleneck import data
+from bottleneck.errors import BottleneckError
+
+
+def test_split_folders_give_splits_and_relative_paths(tree):
+    m = data.load_manifest(tree)
+    assert m.classes == ["cats", "dogs"]
+    assert {s: len(v) for s, v in m.splits.items()} == {"train": 12, "val": 4, "test": 6}
+    assert m.splits["val"][0] == ("val/cats/val_000.png", 0)
+    assert m.split_info == {"source": "folders"}
+
+
+def test_class_folders_split_by_fraction_stratified_and_seeded(tmp_path):
+    root = make_tree(tmp_path / "d", {"all": 20}, split_folders=False)
+    a = data.load_manifest(root, val_fraction=0.1, test_fraction=0.25, seed=1)
+    b = data.load_manifest(root, val_fraction=0.1, test_fraction=0.25, seed=1)
+    c = data.load_manifest(root, val_fraction=0.1, test_fraction=0.25, seed=2)
+    assert a.splits == b.splits and a.splits != c.splits
+    for split, per_class in {"test": 5, "val": 2, "train": 13}.items():
+        labels = [lab for _, lab in a.splits[split]]
+        assert labels.count(0) == labels.count(1) == per_class
+    assert a.split_info["seed"] == 1 and a.split_info["test_fraction"] == 0.25
+    assert list(data.load_manifest(root).splits) == ["train"]
+
+
+def test_csv_manifest_with_and_without_split_column(tmp_path):
+    make_image(tmp_path / "x" / "a.png", 0, 0)
+    make_image(tmp_path / "x" / "b.png", 1, 1)
+    (tmp_path / "m.csv").write_text("path,label,split\nx/a.png,cat,train\nx/b.png,dog,test\n")
+    m = data.load_manifest(tmp_path / "m.csv")
+    assert m.splits == {"train": [("x/a.png", 0)], "test": [("x/b.png", 1)]} and m.classes == ["cat", "dog"]
+    (tmp_path / "n.csv").write_text("x/a.png,cat\nx/b.png,dog\n")
+    assert list(data.load_manifest(tmp_path / "n.csv").splits) == ["train"]
+    (tmp_path / "bad.csv").write_text("x/a.png,cat,train,extra\n")
+    with pytest.raises(BottleneckError, match="row 1 has 4 columns"):
+        data.load_manifest(tmp_path / "bad.csv")
+
+
+def test_whole_input_problems_are_errors_before_work(tmp_path, tree):
+    with pytest.raises(BottleneckError, match="does not exist"):
+        data.load_manifest(tmp_path / "nope")
+    (tree / "train" / "cats").rename(tree / "train" / "lions")
+    with pytest.raises(BottleneckError, match="classes differ between splits"):
+        data.load_manifest(tree)
+    empty = make_tree(tmp_path / "e", {"all": 2}, split_folders=False)
+    (empty / "birds").mkdir()
+    with pytest.raises(BottleneckError, match="birds holds no files"):
+        data.load_manifest(empty)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(BottleneckError, match="no class folders"):
+        data.load_manifest(tmp_path / "none")
+    with pytest.raises(BottleneckError, match="already defines its splits"):
+        data.load_manifest(make_tree(tmp_path / "s", {"train": 1, "test": 1}), test_fraction=0.2)
+
+
+def _save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_images_as_users_have_them_become_rgb(tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    cases = {
+        "grey.png": rgb.convert("L"),
+        "rgba.png": rgb.convert("RGBA"),
+        "cmyk.jpg": rgb.convert("CMYK"),
+        "palette.png": rgb.convert("P"),
+        "photo.bmp": rgb, "photo.tiff": rgb, "photo.webp": rgb,
+    }
+    for name, img in cases.items():
+        out = data.load_image(_save(img, tmp_path / name))
+        assert out.mode == "RGB" and out.size == (60, 40), name
+    sixteen = Image.fromarray((np.arange(40 * 60).reshape(40, 60) * 27).astype(np.uint16))
+    out = np.asarray(data.load_image(_save(sixteen, tmp_path / "deep.png")))
+    assert out.max() > 200 and out.min() == 0  # scaled to 8 bits, not clipped to white
+    clear = Image.new("P", (20, 20), 0)
+    clear.putpalette([0, 0, 0, 255, 0, 0])
+    out = data.load_image(_save(clear, tmp_path / "clear.png", transparency=0))
+    assert out.getpixel((0, 0)) == (255, 255, 255)  # transparent shows as white
+    frames = [Image.new("RGB", (20, 20), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert data.load_image(tmp_path / "anim.gif").size == (20, 20)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (60, 30), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert data.load_image(tmp_path / "rot.jpg").size == (30, 60)
+
+
+def bad_files(folder) -> dict[str, str]:
+    """name -> a word expected in the reason; each one must be skipped, never crash."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(good, format="PNG")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(jpeg, format="JPEG")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image at all")
+    (folder / "noise.png").write_bytes(os.urandom(500))
+    (folder / "cut.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (folder / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    Image.new("RGB", (1, 1)).save(folder / "dot.png")
+    Image.new("1", (12000, 12000)).save(folder / "bomb.png")
+    os.symlink(folder / "loop.png", folder / "loop.png")
+    return {"empty.jpg": "Error", "text.jpg": "cannot identify", "noise.png": "Error", "cut.png": "",
+            "cut.jpg": "", "dot.png": "below", "bomb.png": "Decompression", "loop.png": "Error"}
+
+
+def test_bad_files_raise_with_a_reason(tmp_path):
+    for name, word in bad_files(tmp_path).items():
+        with pytest.raises(Exception) as e:
+            data.load_image(tmp_path / name)
+        assert word in data.describe_error(e.value), (name, data.describe_error(e.value))
+
+
+def test_dataset_yields_a_reason_instead_of_raising(tmp_path):
+    bad_files(tmp_path / "bad")
+    make_image(tmp_path / "bad" / "fine.png", 0, 0)
+    names = sorted(p.name for p in (tmp_path / "bad").iterdir())
+    ds = data.ImageDataset(str(tmp_path / "bad"), names, {"size": 32, "resize": 36,
+                                                          "interpolation": "bilinear"})
+    results = {n: ds[i] for i, n in enumerate(names)}
+    assert results["fine.png"][1] == "" and results["fine.png"][0].shape == (3, 32, 32)
+    assert all(reason for n, (_, reason) in results.items() if n != "fine.png")
+
+
+def test_fingerprint_follows_file_changes(tree):
+    before = data.dataset_fingerprint(data.load_manifest(tree))
+    assert data.dataset_fingerprint(data.load_manifest(tree)) == before
+    make_image(tree / "train" / "cats" / "train_000.png", 99, 0)
+    assert data.dataset_fingerprint(data.load_manifest(tree)) != before
+
+
+def test_elpv_is_written_as_a_stratified_split_tree(tmp_path):
+    m = data.write_elpv(tmp_path / "elpv")
+    sizes = {s: len(v) for s, v in m.splits.items()}
+    assert sum(sizes.values()) == 2624 and sizes["test"] == 656
+    assert m.classes == ["defective", "functional"]
+    test_labels = [lab for _, lab in m.splits["test"]]
+    assert abs(test_labels.count(0) / len(test_labels) - 821 / 2624) < 0.01
+    assert (tmp_path / "elpv" / "train").is_dir() and os.path.islink(
+        tmp_path / "elpv" / m.splits["train"][0][0])

@@ -1,0 +1,146 @@
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tree
+from test_data import bad_files
+
+from bottleneck import backbones, data, store
+from bottleneck.errors import BottleneckError, CacheBusy
+from bottleneck.extract import extract
+
+LITE = "efficientnet_lite0"
+
+
+def test_features_equal_a_direct_forward_pass(tree, tmp_path):
+    path = extract(LITE, str(tree), out=str(tmp_path / "c"), batch_size=4, workers=0, precision="fp32",
+                   progress=False)
+    with store.FeatureStore(path) as st:
+        assert st.splits == ["train", "val", "test"] and st.taps == ["pool"]
+        assert st.attrs["complete"] and st.attrs["model"] == LITE and st.attrs["classes"] == ["cats", "dogs"]
+        assert st.attrs["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+        feats, paths, labels = st.features("test"), st.paths("test"), st.labels("test")
+    assert feats.shape == (6, 1280) and list(labels) == [0, 0, 0, 1, 1, 1]
+    prep = backbones.preprocessing(LITE)
+    x = data.resize_crop(data.load_image(tree / paths[4]), prep)[None].float() / 255
+    model = backbones.FeatureExtractor(backbones.build_model(LITE), LITE, ["pool"])
+    with torch.no_grad():
+        direct = model((x - 0.5) / 0.5)["pool"][0].numpy()
+    np.testing.assert_allclose(feats[4], direct, rtol=1e-4, atol=1e-4)
+    assert store.verify(path) == []
+
+
+def test_same_input_reuses_the_cache_and_changed_input_does_not(tree, tmp_path):
+    kw = dict(out=str(tmp_path / "c"), batch_size=8, workers=0, progress=False, weights="none")
+    first = extract("squeezenet1_1", str(tree), **kw)
+    stamp = first.stat().st_mtime_ns
+    assert extract("squeezenet1_1", str(tree), **kw) == first and first.stat().st_mtime_ns == stamp
+    assert extract("squeezenet1_1", str(tree), pool="max", **kw) != first
+    (tree / "test" / "dogs" / "test_000.png").unlink()
+    changed = extract("squeezenet1_1", str(tree), **kw)
+    assert changed != first
+    with store.FeatureStore(changed) as st:
+        assert len(st.labels("test")) == 5
+
+
+def test_broken_files_are_skipped_with_reasons_and_good_ones_kept(tree, tmp_path):
+    reasons = bad_files(tree / "train" / "cats")
+    path = extract(LITE, str(tree), out=str(tmp_path / "c"), batch_size=5, workers=2, progress=False)
+    with store.FeatureStore(path) as st:
+        skipped = dict(st.skipped("train"))
+        assert set(skipped) == {f"train/cats/{n}" for n in reasons}
+        assert all(skipped.values())
+        assert len(st.labels("train")) == 12 and len(st.features("train")) == 12
+        assert not any(p in skipped for p in st.paths("train"))
+
+
+def test_several_taps_and_float16_storage(tree, tmp_path):
+    path = extract("resnet18", str(tree), layer=["layer4", "layer2"], weights="none", dtype="float16",
+                   out=str(tmp_path / "c"), batch_size=8, workers=0, progress=False)
+    with store.FeatureStore(path) as st:
+        assert st.taps == ["layer2", "layer4"] and st.attrs["dims"] == {"layer2": 128, "layer4": 512}
+        assert st.features("train", "layer2").dtype == np.float16
+
+
+def test_shards_merge_into_the_unsharded_cache(tree, tmp_path):
+    kw = dict(out=str(tmp_path / "c"), batch_size=2, workers=0, progress=False, weights="none")
+    whole = extract("squeezenet1_1", str(tree), **kw)
+    shards = [extract("squeezenet1_1", str(tree), shard=f"{i}/3", **kw) for i in range(3)]
+    assert all(".shard-" in s.name for s in shards)
+    merged = store.merge([shards[2], shards[0], shards[1]], tmp_path / "merged.h5")
+    assert store.contents_equal(whole, merged)
+    with pytest.raises(BottleneckError, match="do not form one whole set"):
+        store.merge(shards[:2], tmp_path / "partial.h5")
+    other = extract("squeezenet1_1", str(tree), shard="1/3", pool="max", **kw)
+    with pytest.raises(BottleneckError, match="belongs to another extraction"):
+        store.merge([shards[0], other, shards[2]], tmp_path / "mixed.h5")
+
+
+def test_a_second_writer_is_refused_clearly(tree, tmp_path):
+    kw = dict(out=str(tmp_path / "c"), batch_size=8, workers=0, progress=False, weights="none")
+    path = extract("squeezenet1_1", str(tree), **kw)
+    path.unlink()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bottleneck.store import CacheLock\n"
+                               f"with CacheLock('{path}'):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CacheBusy, match=f"being written by another process \\(pid {holder.pid}\\)"):
+            extract("squeezenet1_1", str(tree), **kw)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert extract("squeezenet1_1", str(tree), **kw) == path  # free again once the holder is gone
+
+
+def _extract_cmd(data_dir, out):
+    return [sys.executable, "-m", "bottleneck", "extract", "--model", LITE, "--data", str(data_dir),
+            "--out", str(out), "--batch-size", "2", "--workers", "1", "--no-progress"]
+
+
+def test_killed_anywhere_it_resumes_to_the_same_cache(tmp_path):
+    tree = make_tree(tmp_path / "data", {"train": 10, "test": 4})
+    reference = subprocess.run(_extract_cmd(tree, tmp_path / "ref"), capture_output=True, text=True, check=True)
+    ref_path = reference.stdout.strip().splitlines()[-1]
+    out = tmp_path / "killed"
+    for kill_after_blocks in (1, 4, 9):
+        proc = subprocess.Popen(_extract_cmd(tree, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            parts = list(out.glob("*.parts/*.npz"))
+            if len(parts) >= kill_after_blocks:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not list(out.glob("*.h5")), "the run finished before it could be killed"
+    assert list(out.glob("*.parts/*.npz"))
+    resumed = subprocess.run(_extract_cmd(tree, out), capture_output=True, text=True, check=True)
+    path = resumed.stdout.strip().splitlines()[-1]
+    assert store.contents_equal(ref_path, path)
+    assert not list(out.glob("*.parts"))
+
+
+def test_readers_refuse_incomplete_and_damaged_caches(tree, tmp_path):
+    path = extract("squeezenet1_1", str(tree), out=str(tmp_path / "c"), batch_size=8, workers=0,
+                   progress=False, weights="none")
+    good = path.read_bytes()
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(BottleneckError, match="is incomplete"):
+        store.FeatureStore(path)
+    path.write_bytes(good[: len(good) // 2])
+    assert "truncated or damaged" in store.verify(path)[0]
+    path.write_bytes(good)
+    with h5py.File(path, "r") as f:
+        offset = f["train/features/fire9"].id.get_chunk_info(0).byte_offset
+    damaged = bytearray(good)
+    damaged[offset + 100] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    assert any("checksum" in p for p in store.verify(path))
