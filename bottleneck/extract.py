@@ -172,6 +172,9 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
                rows: int, parts: store.Parts, prep: dict, device: torch.device, precision: str,
                workers: int, progress: bool) -> None:
     """Compute the missing blocks, saving each as soon as it is done."""
+    if precision == "fp32":  # fp32 means fp32: no TF32 shortcuts in GPU convolutions and matmuls
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     extractor = extractor.to(device, memory_format=torch.channels_last)
     mean = torch.tensor(prep["mean"], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(prep["std"], device=device).view(1, 3, 1, 1) * 255
