@@ -208,6 +208,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_arg(ref: WeightsRef) -> str:
+    """The --weights value that resolves to `ref` again (used to rebuild a model for predict)."""
+    if ref.id == "none":
+        return "none"
+    if ref.id.startswith("file:"):
+        return ref.path
+    if ref.id.startswith("torchvision:"):
+        return ref.id.rsplit(".", 1)[1]
+    return "DEFAULT"
+
+
 def weights_available(ref: WeightsRef) -> bool:
     return ref.path is None or Path(ref.path).is_file()
 
@@ -349,6 +360,20 @@ class FeatureExtractor(nn.Module):
             pass
         found, self._found = self._found, {}
         return {tap: found[tap] for tap in self.taps}
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run_batch(module: nn.Module, images: torch.Tensor, prep: dict, device: torch.device, precision: str):
+    """Normalise a uint8 NCHW batch on `device` and run `module` under the chosen precision."""
+    mean = torch.tensor(prep["mean"], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(prep["std"], device=device).view(1, 3, 1, 1) * 255
+    x = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=AUTOCAST.get(precision),
+                                                enabled=precision in AUTOCAST):
+        return module(x)
 
 
 def describe(name: str, pool: str = "avg") -> dict:

@@ -59,6 +59,81 @@ def extract(
 
 
 @app.command()
+def fit(
+    features: Annotated[Path, typer.Option(help="Feature cache (.h5) from 'bottleneck extract'.")],
+    clf: Annotated[str, typer.Option(help="logreg, svm, linear-svm, mlp or knn.")] = "logreg",
+    layer: Annotated[str | None, typer.Option(help="Tap to use [default: the cache's last]; "
+                                                 "'all' fits one classifier per tap.")] = None,
+    search: Annotated[bool, typer.Option(help="Tune the main hyperparameter by validation or CV.")] = False,
+    class_weight: Annotated[str | None, typer.Option(help="'balanced' to weight classes.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for hold-out splits, CV folds and the classifier.")] = 0,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder "
+                                                    "[default: runs/fit/<cache name>].")] = None,
+    train_sizes: Annotated[str | None, typer.Option(help="Learning curve: images per class, "
+                                                       "e.g. 10,25,50,100,all.")] = None,
+) -> None:
+    """Train a classifier on cached features; writes model.joblib and report.json, prints its path last."""
+    from bottleneck.classify import fit as run
+
+    path = run(str(features), clf, layer, search, class_weight, seed, str(out_dir) if out_dir else None,
+               train_sizes)
+    out.print(str(path))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="model.joblib written by 'bottleneck fit'.")],
+    features: Annotated[Path, typer.Option(help="A compatible feature cache.")],
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Re-score a saved classifier on a compatible cache."""
+    from bottleneck.predict import evaluate as run
+
+    rep = run(str(model), str(features), split)
+    if as_json:
+        out.print(json.dumps(rep, indent=1))
+        return
+    out.print(f"{rep['clf']} on {rep['model']} {rep['tap']}, {split} ({rep['n_test']} images): accuracy "
+              f"{rep['accuracy']:.4f}, balanced {rep['balanced_accuracy']:.4f}, macro-F1 {rep['macro_f1']:.4f}")
+
+
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="[MODEL.joblib] then image files or folders.")],
+    imagenet: Annotated[bool, typer.Option(help="Use the backbone's own ImageNet classes, no classifier.")] = False,
+    model: Annotated[str, typer.Option(help="Backbone for --imagenet.")] = "efficientnet_lite0",
+    weights: Annotated[str, typer.Option(help="Weights for --imagenet.")] = "DEFAULT",
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Label images with a saved classifier (same backbone, tap and preprocessing), or with ImageNet."""
+    from bottleneck.predict import predict as run
+
+    if fmt not in ("table", "csv", "json"):
+        raise BottleneckError(f"unknown --format '{fmt}'; choose table, csv or json")
+    clf = None if imagenet else images[0]
+    files = images if imagenet else images[1:]
+    rows = run(clf, files, top_k, imagenet, model, weights, device=device)
+    if fmt == "json":
+        out.print(json.dumps(rows, indent=1))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "label", "probability", "error"])
+        for r in rows:
+            w.writerow([r["path"], r["label"] or "", f"{r['probability']:.4f}" if r["label"] else "", r["error"] or ""])
+    else:
+        table = Table("image", "prediction", f"top {top_k}")
+        for r in rows:
+            top = ", ".join(f"{c} {p:.2f}" for c, p in r["top"])
+            table.add_row(r["path"], r["label"] or f"unreadable: {r['error']}", top)
+        out.print(table)
+
+
+@app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the backbones: taps with dims, input size, parameters, weights on this machine."""
     rows = []

@@ -25,7 +25,6 @@ from bottleneck.errors import BottleneckError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str = "avg",
@@ -127,8 +126,9 @@ def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: st
     attrs = {"model": model, "weights": ref.id, "taps": taps, "pool": pool,
              "preprocessing": backbones.preprocessing(model), "precision": precision, "dtype": dtype,
              "classes": manifest.classes, "split_info": manifest.split_info,
-             "dataset_fingerprint": data.dataset_fingerprint(manifest), "data_root": manifest.root}
-    key = {k: v for k, v in attrs.items() if k != "data_root"} | {"format": store.FORMAT}
+             "dataset_fingerprint": data.dataset_fingerprint(manifest), "data_root": manifest.root,
+             "weights_arg": backbones.weights_arg(ref)}
+    key = {k: v for k, v in attrs.items() if k not in ("data_root", "weights_arg")} | {"format": store.FORMAT}
     attrs["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     attrs["versions"] = versions()
     return attrs
@@ -176,8 +176,6 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     extractor = extractor.to(device, memory_format=torch.channels_last)
-    mean = torch.tensor(prep["mean"], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(prep["std"], device=device).view(1, 3, 1, 1) * 255
     total = sum(min(rows, len(manifest.splits[s]) - k * rows) for s, ks in todo.items() for k in ks)
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("extracting", total=total)
@@ -192,11 +190,7 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
                 persistent_workers=False, prefetch_factor=4 if workers else None)
             tick = time.perf_counter()
             for k, (images, reasons) in zip(blocks, loader):
-                x = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
-                x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), torch.autocast(device.type, dtype=_AUTOCAST.get(precision),
-                                                            enabled=precision in _AUTOCAST):
-                    feats = extractor(x)
+                feats = backbones.run_batch(extractor, images, prep, device, precision)
                 block = make_block(feats, reasons, samples[k * rows:(k + 1) * rows])
                 for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
                     warn(f"skipped {path}: {reason}")

@@ -1,0 +1,213 @@
+"""Stage 2: classical classifiers on cached features, trained in seconds.
+
+Every classifier is a scikit-learn Pipeline (scaling, then the estimator) saved with joblib;
+`joblib.load("model.joblib")` gives it back in a user's own code. Its provenance (cache
+fingerprint, model, weights, tap, pooling, preprocessing, classes, versions) rides along as
+the fitted attribute `bottleneck_`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import sklearn
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold, train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+
+from bottleneck import report as reports
+from bottleneck.console import note
+from bottleneck.errors import BottleneckError
+from bottleneck.store import FeatureStore
+
+CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
+# The main hyperparameter of each, searched by --search.
+GRIDS = {
+    "logreg": {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]},
+    "svm": {"clf__C": [0.3, 1.0, 3.0, 10.0]},
+    "linear-svm": {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]},
+    "mlp": {"clf__alpha": [1e-3, 1e-2, 1e-1, 1.0], "clf__hidden_layer_sizes": [(256,), (1024,)]},
+    "knn": {"clf__n_neighbors": [1, 5, 11, 21]},
+}
+HOLDOUT_FRACTION = 0.25
+
+
+def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None) -> Pipeline:
+    """An unfitted Pipeline for one of CLASSIFIERS."""
+    if clf not in CLASSIFIERS:
+        raise BottleneckError(f"unknown classifier '{clf}'; choose one of {', '.join(CLASSIFIERS)}")
+    if class_weight not in (None, "balanced"):
+        raise BottleneckError(f"--class-weight must be 'balanced' or left out, not '{class_weight}'")
+    if clf == "logreg":
+        est = LogisticRegression(C=0.01, max_iter=3000, class_weight=class_weight)
+    elif clf == "svm":
+        est = SVC(C=1.0, probability=True, class_weight=class_weight, random_state=seed)
+    elif clf == "linear-svm":
+        # Calibrated so that predict_proba exists, as for every other classifier.
+        est = CalibratedClassifierCV(LinearSVC(C=0.001, class_weight=class_weight, random_state=seed), cv=3)
+    elif clf == "mlp":
+        # One hidden layer, L2 penalty and early stopping on a held-out tenth of the training data.
+        est = MLPClassifier(hidden_layer_sizes=(256,), alpha=0.01, early_stopping=True, validation_fraction=0.1,
+                            n_iter_no_change=10, max_iter=300, random_state=seed)
+    else:
+        return Pipeline([("scale", Normalizer()), ("clf", KNeighborsClassifier(n_neighbors=5))])
+    return Pipeline([("scale", StandardScaler()), ("clf", est)])
+
+
+def fit(features: str, clf: str = "logreg", layer: str | None = None, search: bool = False,
+        class_weight: str | None = None, seed: int = 0, out: str | None = None,
+        train_sizes: str | None = None) -> Path:
+    """Train a classifier on a cache's features; returns the path of its report.json.
+
+    `layer="all"` fits one classifier per tap (a layer probe); `train_sizes="10,50,all"`
+    refits on that many training images per class (a learning curve).
+    """
+    make_classifier(clf, seed, class_weight)  # validate before any work
+    with FeatureStore(features) as st:
+        taps = st.taps if layer == "all" else [layer or st.taps[-1]]
+        if layer not in (None, "all") and layer not in st.taps:
+            raise BottleneckError(f"{features} has no tap '{layer}'; it holds {', '.join(st.taps)} (or use all)")
+        out_dir = Path(out) if out else Path("runs") / "fit" / Path(features).stem
+        if train_sizes:
+            return learning_curve(st, taps[-1], clf, train_sizes, class_weight, seed, out_dir)
+        paths = [fit_one(st, tap, clf, search, class_weight, seed, out_dir / f"{tap}-{clf}") for tap in taps]
+        return paths[0] if layer != "all" else layer_probe(paths, out_dir)
+
+
+def split_data(st: FeatureStore, tap: str, seed: int) -> dict:
+    """Train/val/test arrays from the cache's splits; a seeded hold-out when it has only one."""
+    d = {s: (st.features(s, tap), st.labels(s)) for s in st.splits}
+    if "test" not in d:
+        x, y = d.pop("train") if "train" in d else d.pop(st.splits[0])
+        xa, xb, ya, yb = train_test_split(x, y, test_size=HOLDOUT_FRACTION, stratify=y, random_state=seed)
+        d["train"], d["test"] = (xa, ya), (xb, yb)
+        d["holdout"] = {"fraction": HOLDOUT_FRACTION, "seed": seed, "stratified": True}
+    if "train" not in d:
+        raise BottleneckError(f"{st.path} has no train split to fit on")
+    return d
+
+
+def fit_one(st: FeatureStore, tap: str, clf: str, search: bool, class_weight: str | None, seed: int,
+            out: Path) -> Path:
+    d = split_data(st, tap, seed)
+    (x, y), (x_test, y_test) = d["train"], d["test"]
+    pipe = make_classifier(clf, seed, class_weight)
+    started = time.perf_counter()
+    chosen = {}
+    if search:
+        pipe, chosen, x, y = search_params(pipe, clf, d, seed)
+    else:
+        pipe.fit(x, y)
+    fit_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    y_pred = pipe.predict(x_test)
+    predict_seconds = time.perf_counter() - started
+    pipe.bottleneck_ = provenance(st, tap, clf)
+    out.mkdir(parents=True, exist_ok=True)
+    joblib.dump(pipe, out / "model.joblib")
+    rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf,
+           "params": estimator_params(pipe),
+           "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in GRIDS[clf].items()},
+                      "chosen": chosen} if search else None,
+           "classes": st.classes, "split": "test", "holdout": d.get("holdout"),
+           "n_train": int(len(y)), "n_test": int(len(y_test)),
+           **reports.metrics(y_test, y_pred, st.classes),
+           "cost": {"fit_seconds": round(fit_seconds, 3), "predict_seconds": round(predict_seconds, 4),
+                    "extraction": st.attrs.get("cost", {})},
+           "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]}}
+    path = reports.write_report(out, rep)
+    note(f"{clf} on {tap}: test accuracy {rep['accuracy']:.3f}, balanced {rep['balanced_accuracy']:.3f} "
+         f"(fit {fit_seconds:.1f} s)")
+    return path
+
+
+def search_params(pipe: Pipeline, clf: str, d: dict, seed: int):
+    """Grid search on the validation split when there is one, else 5-fold CV on train."""
+    (x, y) = d["train"]
+    if "val" in d:
+        xv, yv = d["val"]
+        cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yv))])
+        x, y = np.concatenate([x, xv]), np.concatenate([y, yv])  # refit on train + val
+    else:
+        cv = StratifiedKFold(5, shuffle=True, random_state=seed)
+    grid = GridSearchCV(pipe, GRIDS[clf], cv=cv, n_jobs=-1, scoring="accuracy", refit=True)
+    grid.fit(x, y)
+    chosen = {k.removeprefix("clf__"): _plain(v) for k, v in grid.best_params_.items()}
+    chosen["cv"] = "validation split" if "val" in d else "5-fold stratified on train"
+    chosen["cv_accuracy"] = float(grid.best_score_)
+    return grid.best_estimator_, chosen, x, y
+
+
+def estimator_params(pipe: Pipeline) -> dict:
+    """The estimator's plain-valued parameters (nested ones flattened, objects left out)."""
+    params = {k.removeprefix("clf__"): _plain(v) for k, v in pipe.get_params().items() if k.startswith("clf__")}
+    return {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def provenance(st: FeatureStore, tap: str, clf: str) -> dict:
+    a = st.attrs
+    keys = ("model", "weights", "weights_arg", "pool", "preprocessing", "precision", "classes", "fingerprint")
+    return {k: a.get(k) for k in keys} | {"tap": tap, "clf": clf, "cache": str(st.path),
+                                          "versions": a.get("versions", {}) | {"sklearn": sklearn.__version__}}
+
+
+def _plain(v):
+    if isinstance(v, tuple):
+        return list(v)
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def layer_probe(paths: list[Path], out: Path) -> Path:
+    import json
+
+    rows = [json.loads(p.read_text()) for p in paths]
+    table = [{"tap": r["tap"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"],
+              "macro_f1": r["macro_f1"]} for r in rows]
+    reports.plot_curve([r["tap"] for r in table], [r["accuracy"] for r in table], "tap", out / "layers.png",
+                       title=f"{rows[0]['model']} {rows[0]['clf']}: test accuracy by layer")
+    return _write_table(out / "layers.json", table)
+
+
+def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weight: str | None, seed: int,
+                   out: Path) -> Path:
+    d = split_data(st, tap, seed)
+    (x, y), (x_test, y_test) = d["train"], d["test"]
+    try:
+        wanted = [None if s.strip() == "all" else int(s) for s in sizes.split(",")]
+    except ValueError:
+        raise BottleneckError(f"--train-sizes must be numbers per class or 'all', e.g. 10,50,all; not '{sizes}'") \
+            from None
+    rng = np.random.default_rng(seed)
+    order = {c: rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)}
+    table = []
+    for n in wanted:
+        idx = np.sort(np.concatenate([o[:n] if n else o for o in order.values()]))
+        pipe = make_classifier(clf, seed, class_weight).fit(x[idx], y[idx])
+        m = reports.metrics(y_test, pipe.predict(x_test), st.classes)
+        table.append({"per_class": n or "all", "n_train": int(len(idx)), "accuracy": m["accuracy"],
+                      "balanced_accuracy": m["balanced_accuracy"]})
+        note(f"{n or 'all'} per class ({len(idx)} images): test accuracy {m['accuracy']:.3f}")
+    out.mkdir(parents=True, exist_ok=True)
+    reports.plot_curve([r["n_train"] for r in table], [r["accuracy"] for r in table], "training images",
+                       out / f"learning_curve-{tap}-{clf}.png", title=f"{st.attrs['model']} {tap} {clf}", log_x=True)
+    return _write_table(out / f"learning_curve-{tap}-{clf}.json", table)
+
+
+def _write_table(path: Path, table: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1))
+    keys = list(table[0])
+    note("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in table:
+        note("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return path

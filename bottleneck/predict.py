@@ -1,0 +1,115 @@
+"""Use a trained classifier: re-score it on a cache (evaluate) or label new images (predict).
+
+`model.joblib` files are pickles: loading one runs code chosen by whoever wrote it. Only load
+classifiers you trained or trust (docs/reports.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+
+from bottleneck import backbones, data
+from bottleneck import report as reports
+from bottleneck.errors import BottleneckError
+from bottleneck.extract import resolve_device
+from bottleneck.store import FeatureStore
+
+COMPATIBLE_KEYS = ("model", "weights", "pool", "preprocessing", "classes")
+
+
+def load_classifier(path: str | os.PathLike):
+    """A fitted Pipeline written by 'bottleneck fit', with its provenance in `.bottleneck_`."""
+    if not Path(path).is_file():
+        raise BottleneckError(f"classifier file {path} does not exist")
+    try:
+        pipe = joblib.load(path)
+    except Exception as e:
+        raise BottleneckError(f"{path} is not a readable classifier file ({data.describe_error(e)}); "
+                              "fit it again with 'bottleneck fit'") from None
+    if not hasattr(pipe, "bottleneck_") or not hasattr(pipe, "predict_proba"):
+        raise BottleneckError(f"{path} was not written by 'bottleneck fit'")
+    return pipe
+
+
+def evaluate(model: str, features: str, split: str = "test") -> dict:
+    """Metrics of a saved classifier on one split of a compatible cache."""
+    pipe = load_classifier(model)
+    prov = pipe.bottleneck_
+    with FeatureStore(features) as st:
+        for key in COMPATIBLE_KEYS:
+            if st.attrs.get(key) != prov.get(key):
+                raise BottleneckError(f"{features} does not match {model}: its {key} is {st.attrs.get(key)!r}, "
+                                      f"the classifier was trained on {prov.get(key)!r}")
+        if prov["tap"] not in st.taps:
+            raise BottleneckError(f"{features} has no tap '{prov['tap']}', which {model} was trained on")
+        x, y = st.features(split, prov["tap"]), st.labels(split)
+    return {"stage": "evaluate", "model": prov["model"], "tap": prov["tap"], "clf": prov["clf"],
+            "classes": prov["classes"], "split": split, "n_test": int(len(y)),
+            "features": str(features), **reports.metrics(y, pipe.predict(x), prov["classes"])}
+
+
+def image_files(inputs: list[str]) -> list[str]:
+    """Files named directly, and every non-hidden file under named folders (sorted)."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for dirpath, dirnames, names in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files += [os.path.join(dirpath, n) for n in sorted(names) if not n.startswith(".")]
+        else:
+            files.append(item)
+    if not files:
+        raise BottleneckError("no images given")
+    return files
+
+
+def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool = False,
+            backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", batch_size: int = 32,
+            device: str = "auto") -> list[dict]:
+    """Label images with a saved classifier (or, with imagenet=True, the backbone's own ImageNet head).
+
+    Each row holds path, label, probability and the top-k; an unreadable file gets a row with
+    its error instead, and the others still get predictions.
+    """
+    if top_k < 1:
+        raise BottleneckError("--top-k must be at least 1")
+    dev = resolve_device(device)
+    if imagenet:
+        from torchvision.models import ResNet18_Weights
+
+        classes = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+        net, prep, precision, pipe = backbones.build_model(backbone, weights), backbones.preprocessing(backbone), \
+            "fp32", None
+    else:
+        if model is None:
+            raise BottleneckError("give a classifier (MODEL.joblib) or --imagenet")
+        pipe = load_classifier(model)
+        prov = pipe.bottleneck_
+        classes = [prov["classes"][c] for c in pipe.classes_]  # predict_proba's column order
+        prep, precision = prov["preprocessing"], prov["precision"]
+        net = backbones.FeatureExtractor(backbones.build_model(prov["model"], prov.get("weights_arg", "DEFAULT")),
+                                         prov["model"], [prov["tap"]], prov["pool"])
+    net = net.to(dev, memory_format=torch.channels_last)
+    files = image_files(images)
+    dataset = data.ImageDataset("", files, prep)
+    rows = []
+    for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        out = backbones.run_batch(net, images_u8, prep, dev, precision)
+        probs = out.float().softmax(-1).cpu().numpy() if pipe is None else \
+            pipe.predict_proba(out[prov["tap"]].cpu().numpy())
+        for p, reason in zip(probs, reasons):
+            rows.append(_row(files[len(rows)], p, reason, classes, top_k))
+    return rows
+
+
+def _row(path: str, probs: np.ndarray, reason: str, classes: list[str], k: int) -> dict:
+    if reason:
+        return {"path": path, "label": None, "probability": None, "top": [], "error": reason}
+    order = np.argsort(-probs)[:k]
+    top = [(classes[i], float(probs[i])) for i in order]
+    return {"path": path, "label": top[0][0], "probability": top[0][1], "top": top, "error": None}

@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+from conftest import make_tree, run_cli
+
+from bottleneck.classify import CLASSIFIERS, fit
+from bottleneck.errors import BottleneckError
+from bottleneck.extract import extract
+from bottleneck.predict import evaluate, predict
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clf")
+    tree = make_tree(root / "data", {"train": 16, "val": 4, "test": 6})
+    path = extract("efficientnet_lite0", str(tree), layer=["blocks.4", "pool"], out=str(root / "c"),
+                   batch_size=16, workers=0, progress=False)
+    return path, tree
+
+
+@pytest.mark.parametrize("clf", CLASSIFIERS)
+def test_every_classifier_fits_and_reports(cache, tmp_path, clf):
+    path = fit(str(cache[0]), clf=clf, out=str(tmp_path))
+    rep = json.loads(path.read_text())
+    assert rep["stage"] == "fit" and rep["clf"] == clf and rep["tap"] == "pool" and rep["split"] == "test"
+    assert (rep["n_train"], rep["n_test"]) == (32, 12)
+    assert rep["accuracy"] >= 0.75  # the two classes differ clearly in colour
+    assert np.array(rep["confusion_matrix"]).sum() == 12 and set(rep["per_class"]) == {"cats", "dogs"}
+    assert rep["cost"]["fit_seconds"] > 0 and rep["cost"]["extraction"]["images"] == 52
+    assert (path.parent / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_saved_pipeline_predicts_the_same_in_a_fresh_process(cache, tmp_path):
+    report = fit(str(cache[0]), clf="svm", out=str(tmp_path))
+    model = report.parent / "model.joblib"
+    pipe = joblib.load(model)
+    assert pipe.bottleneck_["model"] == "efficientnet_lite0" and pipe.bottleneck_["tap"] == "pool"
+    from bottleneck.store import FeatureStore
+
+    with FeatureStore(cache[0]) as st:
+        x = st.features("test", "pool")
+    np.save(tmp_path / "x.npy", x)
+    code = ("import joblib, numpy as np, sys; p = joblib.load(sys.argv[1]); "
+            "np.save(sys.argv[3], p.predict_proba(np.load(sys.argv[2])))")
+    subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "x.npy"), str(tmp_path / "p.npy")],
+                   check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), pipe.predict_proba(x))
+
+
+def test_search_uses_the_validation_split_and_records_its_choice(cache, tmp_path):
+    rep = json.loads(fit(str(cache[0]), clf="logreg", search=True, out=str(tmp_path)).read_text())
+    assert rep["search"]["chosen"]["cv"] == "validation split"
+    assert rep["search"]["chosen"]["C"] in rep["search"]["grid"]["clf__C"]
+    assert rep["n_train"] == 40  # refit on train + val
+
+
+def test_layer_probe_and_learning_curve(cache, tmp_path):
+    table = json.loads(fit(str(cache[0]), layer="all", out=str(tmp_path)).read_text())
+    assert [r["tap"] for r in table] == ["blocks.4", "pool"]
+    assert (tmp_path / "layers.png").is_file()
+    curve = json.loads(fit(str(cache[0]), train_sizes="2,8,all", out=str(tmp_path)).read_text())
+    assert [r["n_train"] for r in curve] == [4, 16, 32]
+
+
+def test_evaluate_matches_the_report_and_refuses_other_caches(cache, tmp_path):
+    rep = json.loads(fit(str(cache[0]), clf="logreg", out=str(tmp_path)).read_text())
+    model = tmp_path / "pool-logreg" / "model.joblib"
+    assert evaluate(str(model), str(cache[0]))["accuracy"] == rep["accuracy"]
+    other = extract("squeezenet1_1", str(cache[1]), weights="none", out=str(tmp_path / "c"), batch_size=16,
+                    workers=0, progress=False)
+    with pytest.raises(BottleneckError, match="does not match"):
+        evaluate(str(model), str(other))
+
+
+def test_predict_labels_images_and_reports_unreadable_ones(cache, tmp_path):
+    fit(str(cache[0]), clf="logreg", out=str(tmp_path))
+    model = str(tmp_path / "pool-logreg" / "model.joblib")
+    (tmp_path / "broken.jpg").write_text("not an image")
+    images = [str(cache[1] / "test" / "dogs" / "test_000.png"), str(tmp_path / "broken.jpg")]
+    rows = predict(model, images)
+    assert rows[0]["label"] == "dogs" and rows[0]["error"] is None and len(rows[0]["top"]) == 2
+    assert rows[1]["label"] is None and "cannot identify" in rows[1]["error"]
+    result = run_cli("predict", model, *images, "--format", "csv")
+    assert result.returncode == 0 and result.stdout.splitlines()[1].split(",")[1] == "dogs"
+
+
+def test_bad_classifier_inputs_are_clear_errors(cache, tmp_path):
+    (tmp_path / "model.joblib").write_bytes(b"\x80\x04garbage")
+    result = run_cli("evaluate", str(tmp_path / "model.joblib"), "--features", str(cache[0]))
+    assert result.returncode != 0 and "not a readable classifier" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("fit", "--features", str(cache[0]), "--clf", "forest")
+    assert result.returncode != 0 and "unknown classifier 'forest'" in result.stderr
+    result = run_cli("fit", "--features", str(cache[0]), "--layer", "fc9")
+    assert result.returncode != 0 and "no tap 'fc9'" in result.stderr
