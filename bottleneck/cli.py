@@ -23,7 +23,7 @@ data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -175,6 +175,8 @@ def data_elpv(out_dir: Annotated[Path, typer.Option("--out", help="Folder to wri
 @cache_app.command("ls")
 def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Path("cache")) -> None:
     """List the caches in a folder, finished and in progress."""
+    if not folder.is_dir():
+        raise BottleneckError(f"cache folder {folder} does not exist")
     table = Table("file", "model", "taps", "images", "MB", "state")
     for path in sorted(folder.glob("*.h5")):
         try:

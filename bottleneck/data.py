@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image, ImageFile, ImageOps
 from bottleneck.errors import BottleneckError
 
 SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 MIN_SIDE = 8  # smaller images carry no usable content (and 1×1 files are usually placeholders)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
 
@@ -52,7 +54,11 @@ def load_manifest(data: str | os.PathLike, val_fraction: float = 0.0, test_fract
         manifest = _from_csv(path, val_fraction, test_fraction, seed)
     else:
         subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if subdirs and set(subdirs) <= set(SPLITS):
+        if set(subdirs) & set(SPLITS):
+            others = sorted(set(subdirs) - set(SPLITS))
+            if others:
+                raise BottleneckError(f"{data} mixes split folders with other folders ({', '.join(others)}); "
+                                      "move or remove them")
             manifest = _from_split_folders(path, subdirs)
         else:
             samples, classes = _class_folders(path)
@@ -68,6 +74,10 @@ def load_manifest(data: str | os.PathLike, val_fraction: float = 0.0, test_fract
 
 def _class_folders(root: Path, prefix: str = "") -> tuple[list[tuple[str, int]], list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    if loose:
+        raise BottleneckError(f"{root} holds files outside class folders ({', '.join(loose[:3])}); "
+                              "images must be in {root}/<class>/")
     if not classes:
         raise BottleneckError(f"{root} has no class folders; expected {root}/<class>/<image files>")
     samples = []
@@ -102,17 +112,29 @@ def _from_split_folders(root: Path, present: list[str]) -> Manifest:
 
 
 def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Manifest:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
-    if rows and rows[0][:2] == ["path", "label"]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [[c.strip() for c in r] for r in csv.reader(f) if r and not r[0].startswith("#")]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise BottleneckError(f"{path} is neither an image folder nor a UTF-8 CSV manifest ({e})") from None
+    if rows and [c.lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
     if not rows:
         raise BottleneckError(f"manifest {path} lists no images; expected lines 'path,label[,split]'")
     bad = next((i for i, r in enumerate(rows) if len(r) not in (2, 3)), None)
     if bad is not None:
         raise BottleneckError(f"manifest {path} row {bad + 1} has {len(rows[bad])} columns, expected 2 or 3")
+    if any(not r[0] or not r[1] for r in rows):
+        raise BottleneckError(f"manifest {path} has a row with an empty path or label")
+    if len({len(r) for r in rows}) > 1:
+        raise BottleneckError(f"manifest {path} mixes rows with and without a split column")
+    seen = set()
+    for r in rows:
+        if r[0] in seen:
+            raise BottleneckError(f"manifest {path} lists {r[0]} twice")
+        seen.add(r[0])
     classes = sorted({r[1] for r in rows})
-    has_split = all(len(r) == 3 for r in rows)
+    has_split = len(rows[0]) == 3
     splits: dict[str, list] = {}
     for r in rows:
         split = r[2] if has_split else "train"
@@ -121,6 +143,11 @@ def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) 
         splits.setdefault(split, []).append((r[0], classes.index(r[1])))
     info = {"source": "csv", "split": "csv"} if has_split else {"source": "csv"}
     ordered = {s: sorted(splits[s]) for s in SPLITS if s in splits}
+    for split, samples in ordered.items():
+        missing = set(range(len(classes))) - {lab for _, lab in samples}
+        if has_split and missing:
+            raise BottleneckError(f"manifest {path}: split '{split}' has no images of "
+                                  f"{', '.join(classes[i] for i in sorted(missing))}; every split needs every class")
     return Manifest(str(path.parent.resolve()), classes, ordered, info)
 
 
@@ -144,6 +171,15 @@ def _split_by_fractions(m: Manifest, val_fraction: float, test_fraction: float, 
 def _check(m: Manifest) -> None:
     if m.count() == 0:
         raise BottleneckError(f"no images found under {m.root}")
+    names = [rel for samples in m.splits.values() for rel, _ in samples]
+    for rel in names:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BottleneckError(f"file name {rel.encode('utf-8', 'surrogateescape')!r} under {m.root} "
+                                  "is not valid UTF-8; rename it") from None
+    if not any(n.lower().endswith(IMAGE_SUFFIXES) for n in names):
+        raise BottleneckError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {m.root}")
     for split, samples in m.splits.items():
         if not samples:
             raise BottleneckError(f"split '{split}' of {m.root} holds no images")
@@ -157,7 +193,7 @@ def dataset_fingerprint(m: Manifest) -> str:
             try:
                 st = os.stat(os.path.join(m.root, rel))
                 stamp = (st.st_size, st.st_mtime_ns)
-            except OSError:
+            except (OSError, ValueError):
                 stamp = (-1, -1)
             h.update(f"{split}\0{rel}\0{label}\0{stamp[0]}\0{stamp[1]}\n".encode())
     return h.hexdigest()
@@ -183,9 +219,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit or float greys: scale to 8 bits by the type's range, not by clipping.
+        # 16-bit greys: scale to 8 bits by the type's range, not by clipping. 32-bit "I" and
+        # float images carry no range of their own: 16-bit unless every value fits in 8 bits.
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if a.max(initial=0) > 255 else 255.0
+        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -247,6 +284,9 @@ def write_elpv(out: str | os.PathLike, seed: int = 0) -> Manifest:
     # 25 % test, then 10 % of the remaining 75 % for validation (7.5 % of the whole).
     _split_by_fractions(m, val_fraction=0.075, test_fraction=0.25, seed=seed)
     out = Path(out)
+    for split in SPLITS:  # a rerun with another seed must not leave links of the old split behind
+        if (out / split).is_dir():
+            shutil.rmtree(out / split)
     for split, items in m.splits.items():
         for rel, label in items:
             target = out / split / classes[label] / Path(rel).name
@@ -260,6 +300,4 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.symlink(src, dst)
     except OSError:
-        import shutil
-
         shutil.copy2(src, dst)

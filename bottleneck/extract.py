@@ -39,6 +39,8 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
         raise BottleneckError(f"unknown pooling '{pool}'; choose one of {', '.join(backbones.POOLS)}")
     if batch_size < 1 or batch_size > 65536:
         raise BottleneckError(f"--batch-size must be between 1 and 65536, not {batch_size}")
+    if workers is not None and not 0 <= workers <= 256:
+        raise BottleneckError(f"--workers must be between 0 and 256, not {workers}")
     if dtype not in DTYPES:
         raise BottleneckError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     dev = resolve_device(device)
@@ -49,7 +51,7 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
     attrs = cache_attrs(model, ref, taps, pool, prec, dtype, manifest)
     path = cache_path(out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n)
 
-    if path.is_file() and not force and not store.verify(path):
+    if path.is_file() and not force and store.is_complete(path):
         note(f"reusing complete cache {path} (use --force to extract again)")
         return path
     with store.CacheLock(path):
@@ -57,7 +59,7 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
         if force:
             path.unlink(missing_ok=True)
             parts.remove()
-        elif path.is_file() and not store.verify(path):  # finished by another process meanwhile
+        elif path.is_file() and store.is_complete(path):  # finished by another process meanwhile
             return path
         block_rows = parts.start({"fingerprint": attrs["fingerprint"], "block_rows": batch_size})["block_rows"]
         if block_rows != batch_size:
@@ -74,13 +76,13 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
                        workers, progress)
         else:
             setup = 0.0
-        attrs |= {"shard": f"{shard_i}/{shard_n}", "dims": dims_of(parts, plan, taps, model, pool),
+        attrs |= {"shard": f"{shard_i}/{shard_n}", "block_rows": block_rows,
+                  "dims": dims_of(parts, plan, taps, model, pool),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         attrs["cost"] = extraction_cost(parts, plan, dev, prec, setup)
         blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
         store.write_cache(path, attrs, blocks, dtype)
         parts.remove()
-        Path(f"{path}.lock").unlink(missing_ok=True)
     return path
 
 

@@ -240,10 +240,11 @@ class FeatureStore:
         return self._split(split)["labels"][:]
 
     def paths(self, split: str) -> list[str]:
-        return [p.decode() for p in self._split(split)["paths"][:]]
+        return list(self._split(split)["paths"].asstr()[:])
 
     def skipped(self, split: str) -> list[tuple[str, str]]:
-        return [(p.decode(), r.decode()) for p, r in self._split(split)["skipped"][:]]
+        rows = self._split(split)["skipped"][:]
+        return [(p.decode("utf-8", "replace"), r.decode("utf-8", "replace")) for p, r in rows]
 
     def _split(self, split: str) -> h5py.Group:
         if split not in self.file:
@@ -265,6 +266,15 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value.decode() if isinstance(value, bytes) else value
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """A cheap check for reuse: the file opens, is ours and is marked complete."""
+    try:
+        FeatureStore(path).close()
+        return True
+    except BottleneckError:
+        return False
 
 
 def verify(path: str | os.PathLike) -> list[str]:
@@ -316,6 +326,8 @@ def merge(shards: list[str | os.PathLike], out: str | os.PathLike | None = None)
         first = stores[0]
         n = _shard_of(first)[1]
         found = [_shard_of(st) for st in stores]
+        if n == 1:
+            raise BottleneckError(f"{first.path} is a whole cache, not a shard; nothing to merge")
         if found != [(i, n) for i in range(n)]:
             raise BottleneckError(f"shards do not form one whole set: have {[f'{i}/{k}' for i, k in found]}, "
                                   f"need 0/{n} to {n - 1}/{n} exactly once")
@@ -323,12 +335,20 @@ def merge(shards: list[str | os.PathLike], out: str | os.PathLike | None = None)
             if st.attrs["fingerprint"] != first.attrs["fingerprint"]:
                 raise BottleneckError(f"{st.path} belongs to another extraction than {first.path} "
                                       "(model, weights, taps, pooling or data differ)")
+            if st.attrs.get("block_rows") != first.attrs.get("block_rows"):
+                raise BottleneckError(f"{st.path} was extracted with --batch-size {st.attrs.get('block_rows')}, "
+                                      f"{first.path} with {first.attrs.get('block_rows')}; shards split whole "
+                                      "batches, so all shards must use the same batch size")
         out = Path(out) if out else Path(str(first.path).split(".shard-")[0] + ".h5")
+        if any(out.resolve() == st.path.resolve() for st in stores):
+            raise BottleneckError(f"--out {out} is one of the shards; choose another file")
+        out.parent.mkdir(parents=True, exist_ok=True)
         attrs = {k: v for k, v in first.attrs.items() if k not in ("complete", "format")}
         attrs["shard"] = "0/1"
         attrs["cost"] = _sum_costs([st.attrs.get("cost", {}) for st in stores])
         splits = {s: _shard_blocks(stores, s) for s in first.splits}
-        return write_cache(out, attrs, splits, dtype=first.attrs.get("dtype", "float32"))
+        with CacheLock(out):
+            return write_cache(out, attrs, splits, dtype=first.attrs.get("dtype", "float32"))
     finally:
         for st in stores:
             st.close()
@@ -344,14 +364,14 @@ def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
         if split not in st.file:
             continue
         g = st.file[split]
-        skipped = g["skipped"][:]
+        skipped = st.skipped(split)
         for start in range(0, max(1, g["labels"].shape[0]), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             first_block = start == 0
             yield {"features": {t: g[f"features/{t}"][rows] for t in st.taps},
-                   "labels": g["labels"][rows], "paths": g["paths"][rows].astype(str),
-                   "skipped_paths": [p.decode() for p in skipped["path"]] if first_block else [],
-                   "skipped_reasons": [r.decode() for r in skipped["reason"]] if first_block else []}
+                   "labels": g["labels"][rows], "paths": list(g["paths"].asstr()[rows]),
+                   "skipped_paths": [p for p, _ in skipped] if first_block else [],
+                   "skipped_reasons": [r for _, r in skipped] if first_block else []}
 
 
 def _sum_costs(costs: list[dict]) -> dict:

@@ -47,6 +47,22 @@ def test_bad_extract_input_is_one_clear_error(tree, tmp_path, args, words):
     assert_clean_failure(run_cli("extract", *args, "--out", str(tmp_path / "c")), *words)
 
 
+def test_printed_paths_are_literal_even_with_brackets(tree, tmp_path):
+    out = tmp_path / "c[red]1"
+    result = run_cli("extract", "--model", "squeezenet1_1", "--weights", "none", "--data", str(tree),
+                     "--out", str(out), "--no-progress")
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1].startswith(str(out) + "/")
+
+
+def test_bad_weights_files_and_workers_are_clear_errors(tree, tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x04junk")
+    for args, word in [(["--weights", str(tmp_path / "garbage.pth")], "not a loadable state_dict"),
+                       (["--workers", "-1"], "--workers")]:
+        result = run_cli("extract", "--model", "squeezenet1_1", "--data", str(tree), "--out",
+                         str(tmp_path / "c"), *args)
+        assert_clean_failure(result, word)
+
+
 def test_offline_weights_are_one_clear_error(tree, tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch")}
     result = run_cli("extract", "--model", "resnet18", "--data", str(tree), "--out", str(tmp_path / "c"), env=env)

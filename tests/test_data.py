@@ -32,16 +32,27 @@ def test_class_folders_split_by_fraction_stratified_and_seeded(tmp_path):
 
 
 def test_csv_manifest_with_and_without_split_column(tmp_path):
-    make_image(tmp_path / "x" / "a.png", 0, 0)
-    make_image(tmp_path / "x" / "b.png", 1, 1)
-    (tmp_path / "m.csv").write_text("path,label,split\nx/a.png,cat,train\nx/b.png,dog,test\n")
+    for i in range(4):
+        make_image(tmp_path / "x" / f"{i}.png", i, i % 2)
+    (tmp_path / "m.csv").write_text("\ufeffPath,Label,split\nx/0.png, cat ,train\nx/1.png,dog,train\n"
+                                    "x/2.png,cat,test\nx/3.png,dog,test\n", encoding="utf-8")
     m = data.load_manifest(tmp_path / "m.csv")
-    assert m.splits == {"train": [("x/a.png", 0)], "test": [("x/b.png", 1)]} and m.classes == ["cat", "dog"]
-    (tmp_path / "n.csv").write_text("x/a.png,cat\nx/b.png,dog\n")
+    assert m.splits == {"train": [("x/0.png", 0), ("x/1.png", 1)], "test": [("x/2.png", 0), ("x/3.png", 1)]}
+    assert m.classes == ["cat", "dog"]
+    (tmp_path / "n.csv").write_text("x/0.png,cat\nx/1.png,dog\n")
     assert list(data.load_manifest(tmp_path / "n.csv").splits) == ["train"]
-    (tmp_path / "bad.csv").write_text("x/a.png,cat,train,extra\n")
-    with pytest.raises(BottleneckError, match="row 1 has 4 columns"):
-        data.load_manifest(tmp_path / "bad.csv")
+    bad = {"row 1 has 4 columns": "x/0.png,cat,train,extra\n",
+           "mixes rows": "x/0.png,cat,train\nx/1.png,dog\n",
+           "empty path or label": "x/0.png,\n",
+           "twice": "x/0.png,cat\nx/0.png,dog\n",
+           "has no images of dog": "x/0.png,cat,train\nx/1.png,dog,train\nx/2.png,cat,test\n"}
+    for message, text in bad.items():
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(BottleneckError, match=message):
+            data.load_manifest(tmp_path / "bad.csv")
+    (tmp_path / "latin.csv").write_bytes("x/0.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(BottleneckError, match="UTF-8 CSV"):
+        data.load_manifest(tmp_path / "latin.csv")
 
 
 def test_whole_input_problems_are_errors_before_work(tmp_path, tree):
@@ -54,6 +65,18 @@ def test_whole_input_problems_are_errors_before_work(tmp_path, tree):
     (empty / "birds").mkdir()
     with pytest.raises(BottleneckError, match="birds holds no files"):
         data.load_manifest(empty)
+    (tree / "train" / "lions").rename(tree / "train" / "cats")
+    (tree / "__MACOSX").mkdir()
+    with pytest.raises(BottleneckError, match="mixes split folders with other folders"):
+        data.load_manifest(tree)
+    (tree / "__MACOSX").rmdir()
+    make_image(tree / "train" / "loose.png", 0, 0)
+    with pytest.raises(BottleneckError, match="outside class folders"):
+        data.load_manifest(tree)
+    (tmp_path / "txt" / "a").mkdir(parents=True)
+    (tmp_path / "txt" / "a" / "notes.txt").write_text("x")
+    with pytest.raises(BottleneckError, match="no image files"):
+        data.load_manifest(tmp_path / "txt")
     (tmp_path / "none").mkdir()
     with pytest.raises(BottleneckError, match="no class folders"):
         data.load_manifest(tmp_path / "none")
@@ -149,5 +172,7 @@ def test_elpv_is_written_as_a_stratified_split_tree(tmp_path):
     assert m.classes == ["defective", "functional"]
     test_labels = [lab for _, lab in m.splits["test"]]
     assert abs(test_labels.count(0) / len(test_labels) - 821 / 2624) < 0.01
+    again = data.write_elpv(tmp_path / "elpv", seed=1)  # a rerun replaces the old split, never mixes
+    assert sum(1 for _ in (tmp_path / "elpv").rglob("*.png")) == 2624 and again.splits != m.splits
     assert (tmp_path / "elpv" / "train").is_dir() and os.path.islink(
-        tmp_path / "elpv" / m.splits["train"][0][0])
+        tmp_path / "elpv" / again.splits["train"][0][0])

@@ -75,9 +75,18 @@ def test_shards_merge_into_the_unsharded_cache(tree, tmp_path):
     assert store.contents_equal(whole, merged)
     with pytest.raises(BottleneckError, match="do not form one whole set"):
         store.merge(shards[:2], tmp_path / "partial.h5")
-    other = extract("squeezenet1_1", str(tree), shard="1/3", pool="max", **kw)
+    (tree / "train" / "cats" / "été.png").write_bytes((tree / "train" / "cats" / "train_000.png").read_bytes())
+    whole = extract("squeezenet1_1", str(tree), **kw)
+    shards = [extract("squeezenet1_1", str(tree), shard=f"{i}/2", **kw) for i in range(2)]
+    assert store.contents_equal(whole, store.merge(shards, tmp_path / "accents.h5"))
+    odd = extract("squeezenet1_1", str(tree), shard="1/2", **(kw | {"batch_size": 3, "out": str(tmp_path / "o")}))
+    with pytest.raises(BottleneckError, match="same batch size"):
+        store.merge([shards[0], odd], tmp_path / "odd.h5")
+    with pytest.raises(BottleneckError, match="not a shard"):
+        store.merge([whole], tmp_path / "one.h5")
+    other = extract("squeezenet1_1", str(tree), shard="1/2", pool="max", **kw)
     with pytest.raises(BottleneckError, match="belongs to another extraction"):
-        store.merge([shards[0], other, shards[2]], tmp_path / "mixed.h5")
+        store.merge([shards[0], other], tmp_path / "mixed.h5")
 
 
 def test_a_second_writer_is_refused_clearly(tree, tmp_path):
