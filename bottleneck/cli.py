@@ -23,7 +23,8 @@ data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
-out = Console(highlight=False, soft_wrap=True, markup=False)
+# Piped output is not cut to 80 columns: file names in tables must survive `| grep`.
+out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
 
 
 @app.command()
@@ -189,7 +190,13 @@ def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Pat
             table.add_row(path.name, "", "", "", "", f"unreadable: {e}")
     for parts in sorted(folder.glob("*.h5.parts")):
         blocks = len(list(parts.glob("*.npz")))
-        table.add_row(parts.name.removesuffix(".parts"), "", "", "", "", f"in progress ({blocks} blocks)")
+        cache = Path(str(parts).removesuffix(".parts"))
+        try:
+            with store.CacheLock(cache):
+                state = f"interrupted after {blocks} blocks: rerun its extract command to resume"
+        except BottleneckError:
+            state = f"being written ({blocks} blocks so far)"
+        table.add_row(cache.name, "", "", "", "", state)
     out.print(table)
 
 

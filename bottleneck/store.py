@@ -193,6 +193,8 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike, require_complete: bool = True):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise BottleneckError(f"{path} is a folder; give a cache file (.h5), see 'bottleneck cache ls {path}'")
         if not self.path.is_file():
             raise BottleneckError(f"feature cache {path} does not exist")
         try:
