@@ -92,6 +92,35 @@ REGISTRY: dict[str, BackboneSpec] = {
 }
 
 
+# The final classification layer of each network, replaced by a new one when fine-tuning.
+HEADS = {"vgg16": "classifier.6", "vgg19": "classifier.6", "alexnet": "classifier.6", "resnet18": "fc",
+         "resnet50": "fc", "resnet101": "fc", "resnet152": "fc", "inception_v3": "fc", "googlenet": "fc",
+         "densenet121": "classifier", "mobilenet_v2": "classifier.1", "mobilenet_v3_large": "classifier.3",
+         "efficientnet_b0": "classifier.1", "squeezenet1_1": "classifier.1", "xception": "fc",
+         "efficientnet_lite0": "classifier"}
+
+
+def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -> str:
+    """Swap the ImageNet classifier for a new one with `num_classes` outputs; returns its path."""
+    path = HEADS[get_spec(name).name]
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, leaf)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(old, nn.Conv2d):  # squeezenet classifies with a 1×1 convolution
+            new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        else:
+            new = nn.Linear(old.in_features, num_classes)
+    setattr(parent, leaf, new)
+    for aux in ("AuxLogits", "aux1", "aux2"):  # inception-style auxiliary heads are not trained
+        if hasattr(model, aux):
+            setattr(model, aux, None)
+    if hasattr(model, "aux_logits"):
+        model.aux_logits = False
+    return path
+
+
 def get_spec(name: str) -> BackboneSpec:
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=1)
@@ -371,12 +400,17 @@ class FeatureExtractor(nn.Module):
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_batch(module: nn.Module, images: torch.Tensor, prep: dict, device: torch.device, precision: str):
-    """Normalise a uint8 NCHW batch on `device` and run `module` under the chosen precision."""
+def normalise(images: torch.Tensor, prep: dict, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW images → the model's normalised float input on `device`, channels-last."""
     mean = torch.tensor(prep["mean"], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(prep["std"], device=device).view(1, 3, 1, 1) * 255
     x = images.to(device, non_blocking=True).float().sub_(mean).div_(std)
-    x = x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def run_batch(module: nn.Module, images: torch.Tensor, prep: dict, device: torch.device, precision: str):
+    """Normalise a uint8 NCHW batch on `device` and run `module` under the chosen precision."""
+    x = normalise(images, prep, device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=AUTOCAST.get(precision),
                                                 enabled=precision in AUTOCAST):
         return module(x)

@@ -82,6 +82,49 @@ def fit(
 
 
 @app.command()
+def finetune(
+    model: Annotated[str, typer.Option(help="Backbone name (see 'bottleneck models').")],
+    data_dir: Annotated[Path, typer.Option("--data", help="The same data as for extract.")],
+    weights: Annotated[str, typer.Option(help="Starting weights: DEFAULT, an enum name, a file.")] = "DEFAULT",
+    unfreeze: Annotated[str, typer.Option(help="all, N (last N blocks) or from:TAP.")] = "all",
+    head_epochs: Annotated[int, typer.Option(help="Epochs training the new head alone.")] = 1,
+    epochs: Annotated[int, typer.Option(help="Epochs with the unfrozen part training too.")] = 10,
+    lr: Annotated[float, typer.Option(help="Learning rate of the head.")] = 1e-3,
+    backbone_lr_mult: Annotated[float, typer.Option(help="Backbone learning rate = lr × this.")] = 0.1,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    schedule: Annotated[str, typer.Option(help="cosine or step (after a short warm-up).")] = "cosine",
+    augment: Annotated[str, typer.Option(help="none, light (flips) or strong (+ rotations, jitter).")] = "light",
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without improvement.")] = 3,
+    monitor: Annotated[str, typer.Option(help="Validation loss or accuracy for early stopping.")] = "loss",
+    batch_size: Annotated[int, typer.Option(help="Images per step (all processes together).")] = 32,
+    image_size: Annotated[int | None, typer.Option(help="Train on whole images resized to N×N "
+                                                   "[default: the model's resize and crop].")] = None,
+    tta: Annotated[bool, typer.Option(help="Average predictions over flips when scoring.")] = True,
+    restore_best: Annotated[bool, typer.Option("--restore-best/--keep-last", help="End with the weights of "
+                                               "the best validation epoch, or of the last.")] = True,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and the new head.")] = 0,
+    deterministic: Annotated[bool, typer.Option(help="Use deterministic algorithms only.")] = False,
+    max_images: Annotated[int | None, typer.Option(help="Use at most N images per split (quick trials).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding worker processes.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder [default: runs/finetune/MODEL]; "
+                                                 "rerunning with the same folder resumes.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Fine-tune the network on the same data and splits; prints the report's path last.
+
+    SIGTERM or SIGUSR1 save a checkpoint and exit with code 75; the same command resumes.
+    """
+    from bottleneck.finetune import finetune as run
+
+    path = run(model, str(data_dir), weights, unfreeze, head_epochs, epochs, lr, backbone_lr_mult, optimizer,
+               schedule, augment, patience, batch_size, precision, seed, str(out_dir) if out_dir else None,
+               workers, device, deterministic, image_size, max_images, monitor, tta, restore_best, progress)
+    out.print(str(path))
+
+
+@app.command()
 def evaluate(
     model: Annotated[Path, typer.Argument(help="model.joblib written by 'bottleneck fit'.")],
     features: Annotated[Path, typer.Option(help="A compatible feature cache.")],
@@ -95,7 +138,7 @@ def evaluate(
     if as_json:
         out.print(json.dumps(rep, indent=1))
         return
-    out.print(f"{rep['clf']} on {rep['model']} {rep['tap']}, {split} ({rep['n_test']} images): accuracy "
+    out.print(f"{rep['clf']} on {rep['model']} {rep['tap'] or ''}, {split} ({rep['n_test']} images): accuracy "
               f"{rep['accuracy']:.4f}, balanced {rep['balanced_accuracy']:.4f}, macro-F1 {rep['macro_f1']:.4f}")
 
 
@@ -241,6 +284,80 @@ def cache_merge(shards: Annotated[list[Path], typer.Argument(help="Shard files o
                                     "[default: the unsharded cache name].")] = None) -> None:
     """Join the shards written by 'extract --shard I/N' into one complete cache."""
     out.print(str(store.merge([str(s) for s in shards], out_path)))
+
+
+@app.command("run")
+def run_experiment(
+    experiment: Annotated[Path, typer.Argument(help="Experiment file, e.g. pipelines/elpv.toml.")],
+    slurm: Annotated[bool, typer.Option(help="Submit the stages as Slurm batch jobs instead.")] = False,
+    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
+    gres: Annotated[str | None, typer.Option(help="GPUs for extraction and fine-tuning, e.g. gpu:1.")] = None,
+    time: Annotated[str | None, typer.Option(help="Time limit per job, e.g. 02:00:00.")] = None,
+    mem: Annotated[str | None, typer.Option(help="Memory per job, e.g. 32G.")] = None,
+    array_size: Annotated[int, typer.Option(help="Extraction shards (tasks of the job array).")] = 4,
+    setup: Annotated[str | None, typer.Option(help="Shell lines run first in every job [default: "
+                                              "activate this venv].")] = None,
+    dry_run: Annotated[bool, typer.Option(help="With --slurm: write and print the scripts, submit nothing.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run an experiment: extract, fit, fine-tune, compare; finished stages are skipped."""
+    from bottleneck import pipeline
+    from bottleneck import slurm as batch
+
+    if not slurm:
+        given = [f for f, v in (("--partition", partition), ("--account", account), ("--gres", gres),
+                                ("--time", time), ("--mem", mem), ("--setup", setup)) if v is not None]
+        if given or dry_run or array_size != 4:
+            raise BottleneckError(f"{', '.join(given) or '--dry-run/--array-size'} only apply with --slurm")
+        out.print(pipeline.run(experiment, progress).read_text(), end="")
+        return
+    rows = batch.submit(experiment, partition, account, gres, time, mem, array_size, setup, dry_run)
+    run_dir = Path(rows[0]["script"]).parent.parent
+    if dry_run:
+        for r in rows:
+            out.print(f"# ----- {r['script']}\n{Path(r['script']).read_text()}")
+        out.print("# submission order (nothing was submitted):")
+        for r in rows:
+            out.print(r["sbatch"])
+        return
+    table = Table("stage", "job id", "log")
+    for r in rows:
+        table.add_row(r["stage"], r["job_id"], r["log"])
+    out.print(table)
+    out.print(f"watch with: bottleneck status {run_dir}   (or squeue --me; tail -f LOG)")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Folders to search for report.json files.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where comparison.{md,csv,json,png} go "
+                                                 "[default: the first folder].")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Compare fixed-feature classifiers and fine-tuning: accuracy and cost, as a table and comparison.png."""
+    from bottleneck.compare import compare as run
+
+    path = run([str(d) for d in run_dirs], str(out_dir) if out_dir else None)
+    suffix = ".json" if as_json else ".csv" if as_csv else ".md"
+    out.print(path.with_suffix(suffix).read_text(), end="" if suffix != ".json" else "\n")
+
+
+@app.command()
+def status(run_dir: Annotated[Path, typer.Argument(help="Run folder written by 'bottleneck run'.")],
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Each stage of a run: Slurm job id, state, output so far, log file."""
+    from bottleneck.slurm import status as run
+
+    rows = run(run_dir)
+    if as_json:
+        out.print(json.dumps(rows, indent=1))
+        return
+    table = Table("stage", "job id", "state", "output", "log")
+    for r in rows:
+        table.add_row(r["stage"], r["job_id"], r["state"], r["output"], r["log"])
+    out.print(table)
 
 
 def main() -> None:

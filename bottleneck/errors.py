@@ -17,3 +17,12 @@ class CacheBusy(BottleneckError):
     """Another process holds the write lock of a feature cache."""
 
     exit_code = 4
+
+
+class Interrupted(BottleneckError):
+    """A signal asked a long job to stop; its checkpoint is saved and a rerun resumes it.
+
+    The exit code 75 (EX_TEMPFAIL) tells a Slurm job script to requeue the job.
+    """
+
+    exit_code = 75

@@ -142,7 +142,7 @@ def versions() -> dict:
 
     from bottleneck import __version__
 
-    found = {"bottleneck": __version__, "python": platform.python_version(), "torch": torch.__version__,
+    found = {"bottleneck": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
              "torchvision": torchvision.__version__, "h5py": h5py.__version__, "numpy": np.__version__}
     try:
         import timm

@@ -37,7 +37,9 @@ def load_classifier(path: str | os.PathLike):
 
 
 def evaluate(model: str, features: str, split: str = "test") -> dict:
-    """Metrics of a saved classifier on one split of a compatible cache."""
+    """Metrics of a saved classifier (or fine-tuned network) on one split of a compatible cache."""
+    if str(model).endswith(".pt"):
+        return evaluate_finetuned(model, features, split)
     pipe = load_classifier(model)
     prov = pipe.bottleneck_
     with FeatureStore(features) as st:
@@ -51,6 +53,25 @@ def evaluate(model: str, features: str, split: str = "test") -> dict:
     return {"stage": "evaluate", "model": prov["model"], "tap": prov["tap"], "clf": prov["clf"],
             "classes": prov["classes"], "split": split, "n_test": int(len(y)),
             "features": str(features), **reports.metrics(y, pipe.predict(x), prov["classes"])}
+
+
+def evaluate_finetuned(model: str, features: str, split: str, device: str = "auto") -> dict:
+    """A fine-tuned network scored on the images a cache lists for `split` (read from disk)."""
+    from bottleneck.finetune import load_finetuned, predict_proba
+
+    net, meta = load_finetuned(model)
+    with FeatureStore(features) as st:
+        if st.classes != meta["classes"]:
+            raise BottleneckError(f"{features} has classes {st.classes}, {model} was trained on {meta['classes']}")
+        root, paths, y = st.attrs["data_root"], st.paths(split), st.labels(split)
+    dev = resolve_device(device)
+    loader = torch.utils.data.DataLoader(data.ImageDataset(root, paths, meta["preprocessing"]), batch_size=64)
+    images = torch.cat([batch for batch, _ in loader])
+    probs = predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"], dev,
+                          meta["precision"], meta["tta"])
+    return {"stage": "evaluate", "model": meta["arch"], "tap": None, "clf": "finetune", "classes": meta["classes"],
+            "split": split, "n_test": int(len(y)), "features": str(features),
+            **reports.metrics(y, probs.argmax(1).numpy(), meta["classes"])}
 
 
 def image_files(inputs: list[str]) -> list[str]:
@@ -85,9 +106,14 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
         classes = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
         net, prep, precision, pipe = backbones.build_model(backbone, weights), backbones.preprocessing(backbone), \
             "fp32", None
+    elif model is not None and str(model).endswith(".pt"):
+        from bottleneck.finetune import load_finetuned
+
+        net, meta = load_finetuned(model)
+        classes, prep, precision, pipe = meta["classes"], meta["preprocessing"], meta["precision"], None
     else:
         if model is None:
-            raise BottleneckError("give a classifier (MODEL.joblib) or --imagenet")
+            raise BottleneckError("give a classifier (MODEL.joblib or model.pt) or --imagenet")
         pipe = load_classifier(model)
         prov = pipe.bottleneck_
         classes = [prov["classes"][c] for c in pipe.classes_]  # predict_proba's column order

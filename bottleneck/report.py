@@ -86,3 +86,24 @@ def plot_curve(xs: list, ys: list[float], xlabel: str, path: Path, title: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_history(history: list[dict], path: Path, title: str = "") -> None:
+    """Per-epoch train/val loss and accuracy of a fine-tuning run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for key, style in (("train", "-o"), ("val", "--o")):
+        left.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key)
+        right.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, label=key)
+    left.set(xlabel="epoch", ylabel="loss")
+    right.set(xlabel="epoch", ylabel="accuracy")
+    left.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,500 @@
+"""Stage: fine-tune the pretrained network itself, on the same data and splits as extract.
+
+The recipe: replace the head for the dataset's classes; train the head alone with the
+backbone frozen (`head_epochs`); then unfreeze the chosen part and train it with a lower
+learning rate than the head. Frozen BatchNorm layers stay in eval mode. Augmentation touches
+the training split only. Early stopping watches the validation split and the best weights
+are restored at the end.
+
+Long jobs survive: a checkpoint (a plain dict) is written atomically after every epoch, and
+SIGTERM/SIGUSR1 (what Slurm sends before a time limit) save one mid-epoch and exit with
+code 75. Rerunning the same command in the same `out` resumes. Under `torchrun` training
+runs with DistributedDataParallel, each process taking its share of every batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bottleneck import backbones, data
+from bottleneck import report as reports
+from bottleneck.console import note, progress_bar
+from bottleneck.errors import BottleneckError, Interrupted
+from bottleneck.extract import device_name, resolve_device, resolve_precision, versions
+
+MODEL_FORMAT = "bottleneck-finetuned/1"
+MAX_IMAGE_BYTES = 8 << 30  # decoded training images are kept in memory: a small-data tool
+LABEL_SMOOTHING = 0.1
+VAL_FRACTION_IF_NONE = 0.1
+TEST_FRACTION_IF_NONE = 0.25
+
+
+def finetune(model: str, data_dir: str, weights: str = "DEFAULT", unfreeze: str = "all", head_epochs: int = 1,
+             epochs: int = 10, lr: float = 1e-3, backbone_lr_mult: float = 0.1, optimizer: str = "adamw",
+             schedule: str = "cosine", augment: str = "light", patience: int = 3, batch_size: int = 32,
+             precision: str = "auto", seed: int = 0, out: str | None = None, workers: int | None = None,
+             device: str = "auto", deterministic: bool = False, image_size: int | None = None,
+             max_images: int | None = None, monitor: str = "loss", tta: bool = True, restore_best: bool = True,
+             progress: bool = True) -> Path:
+    """Fine-tune `model` on `data_dir`; returns the path of OUT/report.json."""
+    args = {k: v for k, v in locals().items() if k not in ("out", "workers", "progress")}
+    validate(args)
+    out_dir = Path(out) if out else Path("runs") / "finetune" / model
+    if (out_dir / "report.json").is_file():
+        note(f"{out_dir} already holds a finished run; delete it to train again")
+        return out_dir / "report.json"
+    started = time.perf_counter()
+    rank, world = setup_distributed()
+    dev = resolve_device(device if device != "auto" or not torch.cuda.is_available() else f"cuda:{local_rank()}")
+    prec = resolve_precision(precision, dev)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    prep = input_pipeline(model, image_size)
+    splits, classes, split_info, root = load_splits(data_dir, seed, max_images)
+    images = {s: load_images(root, samples, prep, workers, progress and rank == 0)
+              for s, samples in splits.items()}
+    net = backbones.build_model(model, weights)
+    head = backbones.replace_head(net, model, len(classes), seed)
+    net = net.to(dev, memory_format=torch.channels_last)
+    run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
+    run.train(progress and rank == 0)
+    if rank != 0:
+        return out_dir / "report.json"
+    return run.finish(classes, split_info, time.perf_counter() - started)
+
+
+def validate(a: dict) -> None:
+    backbones.get_spec(a["model"])
+    choices = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step"), "augment": ("none", "light", "strong"),
+               "monitor": ("loss", "accuracy")}
+    for key, allowed in choices.items():
+        if a[key] not in allowed:
+            raise BottleneckError(f"unknown --{key} '{a[key]}'; choose one of {', '.join(allowed)}")
+    for key, low in (("epochs", 0), ("head_epochs", 0), ("batch_size", 1), ("patience", 1)):
+        if a[key] < low:
+            raise BottleneckError(f"--{key.replace('_', '-')} must be at least {low}, not {a[key]}")
+    if a["epochs"] + a["head_epochs"] == 0:
+        raise BottleneckError("nothing to train: --epochs and --head-epochs are both 0")
+    if not (a["lr"] > 0 and a["backbone_lr_mult"] >= 0):
+        raise BottleneckError("--lr must be positive and --backbone-lr-mult not negative")
+    u = a["unfreeze"]
+    if not (u == "all" or u.isdigit() or u.startswith("from:")):
+        raise BottleneckError(f"--unfreeze must be all, a number of blocks, or from:TAP; not '{u}'")
+    if u.startswith("from:"):
+        backbones.resolve_taps(a["model"], [u.removeprefix("from:")])
+
+
+def input_pipeline(model: str, image_size: int | None) -> dict:
+    """The model's preprocessing; --image-size N resizes the whole image to N×N (no crop)."""
+    prep = backbones.preprocessing(model)
+    if image_size:
+        prep |= {"size": image_size, "resize": image_size}
+    return prep
+
+
+# --------------------------------------------------------------------------- data
+
+def load_splits(data_dir: str, seed: int, max_images: int | None) -> tuple[dict, list[str], dict, str]:
+    """train/val/test sample lists: the data's own splits, or seeded stratified ones where missing."""
+    m = data.load_manifest(data_dir)
+    info = dict(m.split_info)
+    splits = dict(m.splits)
+    if "test" not in splits:
+        splits["train"], splits["test"] = _stratified_cut(splits["train"], TEST_FRACTION_IF_NONE, seed)
+        info["test_holdout"] = {"fraction": TEST_FRACTION_IF_NONE, "seed": seed}
+    if "val" not in splits:
+        splits["train"], splits["val"] = _stratified_cut(splits["train"], VAL_FRACTION_IF_NONE, seed)
+        info["val_holdout"] = {"fraction": VAL_FRACTION_IF_NONE, "seed": seed}
+    if max_images:  # for quick trials and tests: the first images of each split, in seeded order
+        rng = np.random.default_rng(seed)
+        splits = {s: sorted(v[i] for i in rng.permutation(len(v))[:max_images]) for s, v in splits.items()}
+    return splits, m.classes, info, m.root
+
+
+def _stratified_cut(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    keep, cut = [], []
+    for label in sorted({lab for _, lab in samples}):
+        members = [s for s in samples if s[1] == label]
+        n_cut = max(1, round(len(members) * fraction))
+        order = rng.permutation(len(members))
+        cut += [members[i] for i in order[:n_cut]]
+        keep += [members[i] for i in order[n_cut:]]
+    return sorted(keep), sorted(cut)
+
+
+def load_images(root: str, samples: list, prep: dict, workers: int | None, progress: bool):
+    """Decode a split once into a uint8 N×3×H×W tensor (bad files are dropped, with a warning)."""
+    n, size = len(samples), prep["size"]
+    if n * 3 * size * size > MAX_IMAGE_BYTES:
+        raise BottleneckError(f"fine-tuning keeps decoded images in memory and {n} images at {size} px need "
+                              f"{n * 3 * size * size / 2**30:.1f} GiB; pass --max-images or a smaller --image-size")
+    from bottleneck.extract import default_workers
+
+    dataset = data.ImageDataset(root, [p for p, _ in samples], prep)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=default_workers()
+                                         if workers is None else workers)
+    images, keep = torch.empty(n, 3, size, size, dtype=torch.uint8), []
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("decoding", total=n)
+        i = 0
+        for batch, reasons in loader:
+            images[i:i + len(batch)] = batch
+            for j, reason in enumerate(reasons):
+                if reason:
+                    note(f"skipped {samples[i + j][0]}: {reason}")
+                else:
+                    keep.append(i + j)
+            i += len(batch)
+            bar.advance(task, len(batch))
+    labels = torch.tensor([lab for _, lab in samples], dtype=torch.long)
+    return images[keep], labels[keep]
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Flips (light), plus 90° rotations and brightness/contrast jitter (strong); uint8 in, uint8 out."""
+    if mode == "none":
+        return x
+    n = len(x)
+    flip_h = torch.rand(n, generator=gen) < 0.5
+    flip_v = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
+    x = torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x)
+    if mode == "strong":
+        turn = torch.rand(n, generator=gen) < 0.5
+        if x.shape[2] == x.shape[3]:
+            x = torch.where(turn.view(-1, 1, 1, 1), x.transpose(2, 3), x)  # with the flips: all 8 symmetries
+        gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+        shift = (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 40
+        x = (x.float() * gain + shift).clamp_(0, 255).to(torch.uint8)
+    return x
+
+
+# --------------------------------------------------------------------------- distributed
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); under torchrun this joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", 0)), world
+
+
+# --------------------------------------------------------------------------- training
+
+class Run:
+    """One fine-tuning run: its model, optimiser, history and checkpoints."""
+
+    def __init__(self, args: dict, net: nn.Module, head: str, images: dict, prep: dict, dev: torch.device,
+                 precision: str, rank: int, world: int, out: Path):
+        self.args, self.net, self.head, self.images, self.prep = args, net, head, images, prep
+        self.dev, self.precision, self.rank, self.world, self.out = dev, precision, rank, world, out
+        self.model = net
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+        self.state = {"epoch": 0, "step": 0, "history": [], "best_score": None, "best_model": None,
+                      "bad_epochs": 0, "head_only": None, "train_seconds": 0.0, "train_images": 0}
+        self.opt = self.sched = self.opt_phase = None
+        self.stop_signal = None
+        self.total = args["head_epochs"] + args["epochs"]
+
+    # -- phases ---------------------------------------------------------------
+    def phase(self, epoch: int) -> str:
+        return "head" if epoch < self.args["head_epochs"] else "finetune"
+
+    def set_trainable(self, phase: str) -> None:
+        params = list(self.net.named_parameters())
+        first = len(params) if phase == "head" else first_unfrozen(self.net, self.args, self.head)
+        for i, (name, p) in enumerate(params):
+            p.requires_grad = name.startswith(self.head + ".") or i >= first
+
+    def make_optimizer(self, phase: str) -> None:
+        a = self.args
+        head = [p for n, p in self.net.named_parameters() if n.startswith(self.head + ".")]
+        body = [p for n, p in self.net.named_parameters() if p.requires_grad and not n.startswith(self.head + ".")]
+        groups = [{"params": head, "lr": a["lr"]}]
+        if body:
+            groups.append({"params": body, "lr": a["lr"] * a["backbone_lr_mult"]})
+        if a["optimizer"] == "adamw":
+            self.opt = torch.optim.AdamW(groups, weight_decay=0.05)
+        else:
+            self.opt = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        steps = self.steps_per_epoch() * (a["head_epochs"] if phase == "head" else a["epochs"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(a["schedule"], steps, phase))
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.images["train"][1]) / self.args["batch_size"])
+
+    # -- checkpoints ------------------------------------------------------------
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        ckpt = {"format": "bottleneck-checkpoint/1", "args": self.args, "model": self.net.state_dict(),
+                "optimizer": self.opt.state_dict(), "lr_scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(), "phase": self.opt_phase,
+                "rng": torch.get_rng_state(), "state": self.state}
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path().with_suffix(".pt.tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, self.checkpoint_path())
+
+    def load_checkpoint(self) -> dict | None:
+        path = self.checkpoint_path()
+        if not path.is_file():
+            return None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BottleneckError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to "
+                                  "start over") from None
+        if ckpt.get("format") != "bottleneck-checkpoint/1" or ckpt.get("args") != self.args:
+            changed = [k for k in self.args if ckpt.get("args", {}).get(k) != self.args[k]]
+            raise BottleneckError(f"{self.out} holds a run with other settings ({', '.join(changed) or 'format'}); "
+                                  "use another --out or delete it")
+        self.net.load_state_dict(ckpt["model"])
+        self.state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        note(f"resuming {self.out} at epoch {self.state['epoch'] + 1}, step {self.state['step']}")
+        return ckpt
+
+    # -- the loop ---------------------------------------------------------------
+    def train(self, progress: bool) -> None:
+        ckpt = self.load_checkpoint()
+        previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        try:
+            with progress_bar(enabled=progress) as bar:
+                self._loop(ckpt, bar)
+        finally:
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGUSR1, previous[1])
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    def _loop(self, ckpt: dict | None, bar) -> None:
+        current = None
+        note(f"training: {self.steps_per_epoch()} steps per epoch, {self.total} epochs at most")
+        while self.state["epoch"] < self.total:
+            epoch = self.state["epoch"]
+            phase = self.phase(epoch)
+            if phase != current:
+                self.start_phase(phase, ckpt)
+                current, ckpt = phase, None
+            self.train_epoch(epoch, bar)
+            self.end_epoch(epoch, phase)
+            if phase == "finetune" and self.state["bad_epochs"] >= self.args["patience"]:
+                note(f"early stop after epoch {epoch + 1}: no improvement in {self.args['patience']} epochs")
+                break
+        if self.args["restore_best"] and self.state["best_model"] is not None:
+            self.net.load_state_dict(self.state["best_model"])
+
+    def start_phase(self, phase: str, ckpt: dict | None) -> None:
+        if phase == "finetune" and self.args["head_epochs"] and self.state["head_only"] is None:
+            self.state["head_only"] = self.evaluate("test")  # the course's before/after comparison
+        self.set_trainable(phase)
+        if self.world > 1:  # wrapped after freezing: DDP syncs only the parameters that train
+            self.model = nn.parallel.DistributedDataParallel(self.net)
+        self.make_optimizer(phase)
+        self.opt_phase = phase  # the phase the optimiser state belongs to, for checkpoints
+        if ckpt is not None and ckpt["phase"] == phase:
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["lr_scheduler"])
+
+    def train_epoch(self, epoch: int, bar) -> None:
+        a = self.args
+        x_all, y_all = self.images["train"]
+        order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(a["seed"] * 100003 + epoch))
+        steps = self.steps_per_epoch()
+        task = bar.add_task(f"epoch {epoch + 1}/{self.total} ({self.phase(epoch)})", total=steps)
+        bar.advance(task, self.state["step"])
+        set_train_mode(self.net)
+        for step in range(self.state["step"], steps):
+            tick = time.perf_counter()
+            idx = order[step * a["batch_size"]:(step + 1) * a["batch_size"]]
+            gen = torch.Generator().manual_seed(a["seed"] * 7919 + epoch * 100003 + step)
+            # Augment the whole batch, then take this process's share: any number of processes
+            # sees the same augmented images as one process would.
+            x = augment_batch(x_all[idx], a["augment"], gen)[self.rank::self.world]
+            idx = idx[self.rank::self.world]
+            x = backbones.normalise(x, self.prep, self.dev)
+            y = y_all[idx].to(self.dev)
+            with torch.autocast(self.dev.type, dtype=backbones.AUTOCAST.get(self.precision),
+                                enabled=self.precision in backbones.AUTOCAST):
+                loss = F.cross_entropy(self.model(x).float(), y, label_smoothing=LABEL_SMOOTHING)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            self.state["step"] = step + 1
+            self.state["train_seconds"] += time.perf_counter() - tick
+            self.state["train_images"] += len(idx) * self.world
+            bar.advance(task)
+            if self.stop_signal:
+                self.save_checkpoint()
+                raise Interrupted(f"{self.stop_signal} received: checkpoint saved at epoch {epoch + 1}, step "
+                                  f"{step + 1} in {self.checkpoint_path()}; rerun the same command to resume")
+        bar.remove_task(task)
+
+    def end_epoch(self, epoch: int, phase: str) -> None:
+        train = self.evaluate("train", limit=len(self.images["val"][1]), tta=False)
+        val = self.evaluate("val", tta=False)
+        self.state["history"].append({"epoch": epoch + 1, "phase": phase, "train_loss": train["loss"],
+                                      "train_accuracy": train["accuracy"], "val_loss": val["loss"],
+                                      "val_accuracy": val["accuracy"]})
+        score = -val["loss"] if self.args["monitor"] == "loss" else val["accuracy"]
+        if self.state["best_score"] is None or score > self.state["best_score"]:
+            self.state |= {"best_score": score, "bad_epochs": 0, "best_epoch": epoch + 1,
+                           "best_model": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
+        else:
+            self.state["bad_epochs"] += 1
+        note(f"epoch {epoch + 1} ({phase}): train loss {train['loss']:.3f}, val loss {val['loss']:.3f}, "
+             f"val accuracy {val['accuracy']:.3f}")
+        self.state["epoch"], self.state["step"] = epoch + 1, 0
+        self.save_checkpoint()
+
+    @torch.no_grad()
+    def evaluate(self, split: str, limit: int | None = None, tta: bool | None = None) -> dict:
+        """Loss, accuracy and predictions on a split (flip test-time augmentation if asked)."""
+        x_all, y_all = self.images[split]
+        if limit:  # a fixed slice of the training split, to watch training loss cheaply
+            x_all, y_all = x_all[:limit], y_all[:limit]
+        probs = predict_proba(self.net, x_all, self.prep, self.dev, self.precision,
+                              self.args["tta"] if tta is None else tta, self.args["batch_size"] * 2)
+        y_pred = probs.argmax(1)
+        loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_all).item()
+        return {"loss": loss, "accuracy": float((y_pred == y_all).float().mean()), "y_pred": y_pred.tolist(),
+                "y_true": y_all.tolist()}
+
+    # -- the end -----------------------------------------------------------------
+    def finish(self, classes: list[str], split_info: dict, wall: float) -> Path:
+        final = self.evaluate("test")
+        rep = build_report(self, classes, split_info, final, wall)
+        torch.save({"format": MODEL_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
+                    "classes": classes, "preprocessing": self.prep, "precision": self.precision,
+                    "tta": self.args["tta"], "head": self.head, "weights": self.args["weights"],
+                    "versions": versions()}, self.out / "model.pt")
+        reports.plot_history(self.state["history"], self.out / "learning_curve.png", title=f"{self.args['model']}")
+        path = reports.write_report(self.out, rep)
+        self.checkpoint_path().unlink(missing_ok=True)
+        return path
+
+
+def first_unfrozen(net: nn.Module, args: dict, head: str) -> int:
+    """Index (in parameter order) of the first trainable backbone parameter in phase two."""
+    names = [n for n, _ in net.named_parameters()]
+    spec = args["unfreeze"]
+    if spec == "all":
+        return 0
+    if spec.startswith("from:"):
+        module = backbones.get_spec(args["model"]).taps[spec.removeprefix("from:")].module
+        return next(i for i, n in enumerate(names) if n.startswith(module + "."))
+    blocks = trunk_blocks(net, head)
+    n = min(int(spec), len(blocks))
+    if n == 0:
+        return len(names)
+    return next(i for i, name in enumerate(names) if name.startswith(blocks[-n] + "."))
+
+
+def trunk_blocks(net: nn.Module, head: str) -> list[str]:
+    """Top-level blocks holding parameters, containers opened one level (features.0, blocks.3)."""
+    found = []
+    for name, child in net.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)):
+            found += [f"{name}.{sub}" for sub, m in child.named_children() if any(True for _ in m.parameters())]
+        elif any(True for _ in child.parameters()):
+            found.append(name)
+    return [b for b in found if not (head + ".").startswith(b + ".")]
+
+
+def set_train_mode(net: nn.Module) -> None:
+    """Train mode, except BatchNorm layers whose parameters are frozen: their statistics stay put."""
+    net.train()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def lr_factor(schedule: str, steps: int, phase: str):
+    """Head phase: constant. Fine-tune phase: 5 % linear warm-up, then cosine to zero (or step ×0.1)."""
+    warm = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if phase == "head":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        done = (step - warm) / max(1, steps - warm)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return 0.1 ** int(done * 3)
+
+    return factor
+
+
+def predict_proba(net: nn.Module, images: torch.Tensor, prep: dict, dev: torch.device, precision: str,
+                  tta: bool, batch_size: int = 64) -> torch.Tensor:
+    """Softmax probabilities, averaged over horizontal and vertical flips when `tta`."""
+    net.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        views = [x, x.flip(3), x.flip(2)] if tta else [x]
+        p = sum(backbones.run_batch(net, v, prep, dev, precision).float().softmax(1) for v in views) / len(views)
+        out.append(p.cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wall: float) -> dict:
+    s, a = run.state, run.args
+    head_only = s["head_only"]
+    peak = (torch.cuda.max_memory_allocated(run.dev) if run.dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    speed = round(s["train_images"] / s["train_seconds"], 2) if s["train_seconds"] else None
+    return {"stage": "finetune", "model": a["model"], "tap": None, "clf": "finetune",
+            "params": {k: v for k, v in a.items() if k not in ("model", "data_dir")}, "classes": classes,
+            "split": "test", "split_info": split_info, "n_train": len(run.images["train"][1]),
+            "n_val": len(run.images["val"][1]), "n_test": len(final["y_true"]),
+            **reports.metrics(np.array(final["y_true"]), np.array(final["y_pred"]), classes),
+            "head_only": None if head_only is None else
+            reports.metrics(np.array(head_only["y_true"]), np.array(head_only["y_pred"]), classes),
+            "best_epoch": s.get("best_epoch"), "history": s["history"],
+            "cost": {"wall_seconds": round(wall, 1), "device": device_name(run.dev),
+                     "device_seconds": round(s["train_seconds"], 1),
+                     "images_per_second": speed,
+                     "epochs_run": len(s["history"]), "peak_memory_mb": round(peak / 2**20),
+                     "precision": run.precision, "processes": run.world},
+            "data": a["data_dir"]}
+
+
+def load_finetuned(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """A network saved by finetune (weights only, never code) and its metadata."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BottleneckError(f"{path} is not a readable fine-tuned model ({type(e).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
+        raise BottleneckError(f"{path} was not written by 'bottleneck finetune'")
+    net = backbones.build_model(saved["arch"], "none")
+    backbones.replace_head(net, saved["arch"], len(saved["classes"]))
+    net.load_state_dict(saved["model"])
+    return net.eval(), {k: v for k, v in saved.items() if k != "model"}

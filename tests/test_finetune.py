@@ -1,0 +1,137 @@
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import make_tree
+
+from bottleneck import backbones
+from bottleneck.errors import BottleneckError
+from bottleneck.finetune import finetune, load_finetuned
+
+LITE = "efficientnet_lite0"
+QUICK = dict(batch_size=4, workers=0, progress=False, precision="fp32", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("ft") / "data", {"train": 8, "val": 2, "test": 3})
+
+
+def _weights(path):
+    net, meta = load_finetuned(path)
+    return net.state_dict(), meta
+
+
+def test_head_phase_changes_only_the_head_and_reports_before_and_after(small, tmp_path):
+    report = finetune(LITE, str(small), head_epochs=1, epochs=1, unfreeze="from:blocks.5", restore_best=False,
+                      out=str(tmp_path), **QUICK)
+    tuned, meta = _weights(tmp_path / "model.pt")
+    start = backbones.build_model(LITE).state_dict()
+    assert meta["head"] == "classifier" and tuned["classifier.weight"].shape == (2, 1280)
+    frozen = [k for k in start if not k.startswith(("blocks.5", "blocks.6", "conv_head", "bn2", "classifier"))]
+    assert frozen and all(torch.equal(start[k], tuned[k]) for k in frozen)  # BN running stats included
+    assert not torch.equal(start["blocks.6.0.conv_pw.weight"], tuned["blocks.6.0.conv_pw.weight"])
+    import json
+
+    rep = json.loads(report.read_text())
+    assert rep["stage"] == "finetune" and rep["head_only"] is not None and "accuracy" in rep["head_only"]
+    assert rep["cost"]["epochs_run"] == 2 and rep["cost"]["images_per_second"] > 0
+    assert [h["phase"] for h in rep["history"]] == ["head", "finetune"]
+    assert (tmp_path / "learning_curve.png").is_file() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_unfreeze_zero_blocks_keeps_the_whole_backbone(small, tmp_path):
+    finetune(LITE, str(small), head_epochs=0, epochs=1, unfreeze="0", out=str(tmp_path), **QUICK)
+    tuned, _ = _weights(tmp_path / "model.pt")
+    start = backbones.build_model(LITE).state_dict()
+    assert all(torch.equal(start[k], tuned[k]) for k in start if not k.startswith("classifier"))
+
+
+def test_bad_settings_are_clear_errors(small, tmp_path):
+    with pytest.raises(BottleneckError, match="--unfreeze"):
+        finetune(LITE, str(small), unfreeze="half", out=str(tmp_path), **QUICK)
+    with pytest.raises(BottleneckError, match="no tap 'blocks.9'"):
+        finetune(LITE, str(small), unfreeze="from:blocks.9", out=str(tmp_path), **QUICK)
+    with pytest.raises(BottleneckError, match="unknown --optimizer"):
+        finetune(LITE, str(small), optimizer="lion", out=str(tmp_path), **QUICK)
+
+
+def _cmd(data, out, *extra):
+    return [sys.executable, "-m", "bottleneck", "finetune", "--model", LITE, "--data", str(data), "--out", str(out),
+            "--epochs", "2", "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--image-size", "64",
+            "--deterministic", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    subprocess.run(_cmd(small, out), check=True, capture_output=True)
+    return out
+
+
+def _assert_same_run(a, b):
+    wa, _ = _weights(a / "model.pt")
+    wb, _ = _weights(b / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    import json
+
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    assert ra["history"] == rb["history"] and ra["accuracy"] == rb["accuracy"]
+
+
+def _start_and_wait(cmd, until):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not until():
+        time.sleep(0.05)
+    return proc
+
+
+def test_killed_run_resumes_to_the_same_result(small, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start_and_wait(_cmd(small, out), lambda: (out / "checkpoint.pt").exists())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists() and (out / "checkpoint.pt").exists()
+    subprocess.run(_cmd(small, out), check=True, capture_output=True)
+    _assert_same_run(reference, out)
+
+
+def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_75(small, reference, tmp_path):
+    out = tmp_path / "term"
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(small, out), stdout=subprocess.PIPE, stderr=f, text=True)
+        deadline = time.monotonic() + 120
+        while "training:" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 75
+    assert "checkpoint saved" in log.read_text() and "Traceback" not in log.read_text()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] * 100 + ckpt["state"]["step"] > 0
+    subprocess.run(_cmd(small, out), check=True, capture_output=True)
+    _assert_same_run(reference, out)
+
+
+def test_two_processes_with_ddp_agree_with_one(small, tmp_path):
+    # resnet18 has no dropout before its head, so both runs see exactly the same batches;
+    # with the backbone frozen (BatchNorm in eval mode) the averaged gradients must agree.
+    args = ["--unfreeze", "0", "--head-epochs", "0", "--epochs", "1", "--model", "resnet18", "--weights", "none"]
+    single = tmp_path / "single"
+    subprocess.run(_cmd(small, single, *args), check=True, capture_output=True)
+    ddp = tmp_path / "ddp"
+    cmd = _cmd(small, ddp, *args)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    result = subprocess.run(launcher + cmd[2:], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, _ = _weights(single / "model.pt")
+    b, _ = _weights(ddp / "model.pt")
+    torch.testing.assert_close(a["fc.weight"], b["fc.weight"], rtol=1e-4, atol=1e-5)
+    import json
+
+    assert json.loads((ddp / "report.json").read_text())["cost"]["processes"] == 2
