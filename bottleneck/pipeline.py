@@ -1,0 +1,347 @@
+"""A whole experiment from one TOML file: extract → fit → finetune → compare.
+
+The file names a dataset, backbones with their taps, the classifiers to fit on every tap,
+fine-tuning runs and a run folder (`docs/pipelines.md`). `run` performs the stages in order
+on this machine; `bottleneck.slurm` turns the same stages into batch jobs. Each stage keeps
+its own way of skipping finished work: a complete cache is reused, a fit whose report was
+made from the same cache is kept, a finished fine-tune returns at once and an interrupted
+one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from bottleneck import backbones, data
+from bottleneck.console import note
+from bottleneck.errors import BottleneckError
+
+BUILTIN_DATA = ("elpv",)
+# key → type of every table; finetune's keys are finetune()'s own arguments.
+TOP_KEYS = {"name": str, "out": str, "cache": str}
+DATA_KEYS = {"path": str, "builtin": str, "val_fraction": float, "test_fraction": float, "seed": int}
+BACKBONE_KEYS = {"name": str, "model": str, "weights": str, "layers": list, "pool": str, "batch_size": int,
+                 "precision": str, "dtype": str, "device": str, "workers": int}
+FIT_KEYS = {"classifiers": list, "layers": list, "search": bool, "class_weight": str, "seed": int}
+# finetune()'s arguments as agreed for the fine-tune stage; used when it cannot be imported.
+FINETUNE_ARGS = ("model", "weights", "unfreeze", "head_epochs", "epochs", "lr", "backbone_lr_mult", "optimizer",
+                 "schedule", "augment", "patience", "batch_size", "precision", "seed", "workers", "device",
+                 "deterministic", "image_size", "max_images")
+TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": None}
+
+
+@dataclass
+class Experiment:
+    """A parsed, checked experiment file. Paths are relative to where the command runs."""
+
+    file: Path
+    name: str
+    out: Path
+    cache: Path
+    data: dict
+    backbones: list[dict] = field(default_factory=list)
+    fit: dict | None = None
+    finetunes: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reading
+
+def load(path: str | Path) -> Experiment:
+    """Read and check an experiment file; a problem is an error naming the key and its line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BottleneckError(f"experiment file {path} does not exist") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BottleneckError(f"{path} is not valid TOML: {e}") from None
+    where = _Locator(path, text)
+
+    for key in doc:
+        if key not in TOP_KEYS and key not in TABLES:
+            raise where.error(None, 0, key, f"unknown key; expected {', '.join([*TOP_KEYS, *TABLES])}")
+    for key, kind in TOP_KEYS.items():
+        if key in doc:
+            _check_type(where, None, 0, key, doc[key], kind)
+    name = doc.get("name", path.stem)
+    exp = Experiment(file=path, name=name, out=Path(doc.get("out", f"runs/{name}")),
+                     cache=Path(doc.get("cache", "cache")), data=_data_table(where, doc.get("data")))
+    exp.backbones = [_backbone(where, i, t) for i, t in enumerate(_array(where, doc, "backbone"))]
+    _unique_names(where, "backbone", exp.backbones)
+    if "fit" in doc:
+        exp.fit = _fit_table(where, doc["fit"], exp.backbones)
+    exp.finetunes = [_finetune(where, i, t) for i, t in enumerate(_array(where, doc, "finetune"))]
+    _unique_names(where, "finetune", exp.finetunes)
+    if not exp.backbones and not exp.finetunes:
+        raise where.error(None, 0, None, "defines no [[backbone]] and no [[finetune]]; nothing to run")
+    return exp
+
+
+def _data_table(where: _Locator, t) -> dict:
+    if not isinstance(t, dict):
+        raise where.error(None, 0, "data", "a [data] table with path = \"FOLDER\" is required")
+    _check_keys(where, "data", 0, t, DATA_KEYS)
+    if "path" not in t:
+        raise where.error("data", 0, None, "needs path = \"FOLDER\" (an image tree or CSV manifest)")
+    if t.get("builtin", BUILTIN_DATA[0]) not in BUILTIN_DATA:
+        raise where.error("data", 0, "builtin", f"unknown dataset '{t['builtin']}'; built in: "
+                          f"{', '.join(BUILTIN_DATA)}")
+    return {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0} | t
+
+
+def _backbone(where: _Locator, i: int, t: dict) -> dict:
+    _check_keys(where, "backbone", i, t, BACKBONE_KEYS)
+    if "model" not in t:
+        raise where.error("backbone", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
+    bb = {"pool": "avg", "weights": "DEFAULT", "batch_size": 64, "precision": "auto", "dtype": "float32",
+          "device": "auto", "workers": None} | t
+    bb["name"] = t.get("name", t["model"])
+    with where.blame("backbone", i, "model"):
+        backbones.get_spec(bb["model"])
+    with where.blame("backbone", i, "layers"):
+        bb["layers"] = backbones.resolve_taps(bb["model"], t.get("layers"))
+    if bb["pool"] not in backbones.POOLS:
+        raise where.error("backbone", i, "pool", f"unknown pooling '{bb['pool']}'; choose one of "
+                          f"{', '.join(backbones.POOLS)}")
+    return bb
+
+
+def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
+    from bottleneck.classify import CLASSIFIERS
+
+    if not isinstance(t, dict):
+        raise where.error(None, 0, "fit", "must be a table: [fit]")
+    _check_keys(where, "fit", 0, t, FIT_KEYS)
+    if not bbs:
+        raise where.error("fit", 0, None, "fits classifiers on cached features, but no [[backbone]] extracts any")
+    fit = {"classifiers": ["logreg"], "layers": None, "search": False, "class_weight": None, "seed": 0} | t
+    for clf in fit["classifiers"]:
+        if clf not in CLASSIFIERS:
+            raise where.error("fit", 0, "classifiers", f"unknown classifier '{clf}'; choose from "
+                              f"{', '.join(CLASSIFIERS)}")
+    for bb in bbs:
+        missing = [tap for tap in fit["layers"] or [] if tap not in bb["layers"]]
+        if missing:
+            raise where.error("fit", 0, "layers", f"backbone '{bb['name']}' does not extract "
+                              f"{', '.join(missing)}; add it to that backbone's layers")
+    return fit
+
+
+def finetune_args() -> list[str]:
+    """The settings a [[finetune]] table may hold: finetune()'s arguments but data and output."""
+    try:
+        from bottleneck.finetune import finetune
+    except ImportError:
+        return list(FINETUNE_ARGS)
+    return [p for p in inspect.signature(finetune).parameters if p not in ("data_dir", "out", "progress")]
+
+
+def _finetune(where: _Locator, i: int, t: dict) -> dict:
+    allowed = {k: None for k in finetune_args()} | {"name": str}
+    _check_keys(where, "finetune", i, t, allowed)
+    if "model" not in t:
+        raise where.error("finetune", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
+    with where.blame("finetune", i, "model"):
+        backbones.get_spec(t["model"])
+    return {"name": t["model"]} | t
+
+
+def _array(where: _Locator, doc: dict, key: str) -> list[dict]:
+    value = doc.get(key, [])
+    if isinstance(value, dict):
+        raise where.error(None, 0, key, f"write [[{key}]] (double brackets): there may be several")
+    return value
+
+
+def _unique_names(where: _Locator, table: str, tables: list[dict]) -> None:
+    seen = set()
+    for i, t in enumerate(tables):
+        if t["name"] in seen:
+            raise where.error(table, i, None, f"a second [[{table}]] named '{t['name']}'; give it its own "
+                              "name = \"...\" so its results get their own folder")
+        seen.add(t["name"])
+
+
+def _check_keys(where: _Locator, table: str, i: int, t: dict, allowed: dict) -> None:
+    for key, value in t.items():
+        if key not in allowed:
+            raise where.error(table, i, key, f"unknown key; expected one of {', '.join(allowed)}")
+        if allowed[key] is not None:
+            _check_type(where, table, i, key, value, allowed[key])
+
+
+def _check_type(where: _Locator, table: str | None, i: int, key: str, value, kind: type) -> None:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list of strings"}
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise where.error(table, i, key, f"must be {names[kind]}, not {value!r}")
+
+
+class _Locator:
+    """Finds the line of a key in the file's text, so an error can point at it."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.lines = path, text.splitlines()
+
+    def line(self, table: str | None, index: int, key: str | None) -> int | None:
+        current, seen = None, {}
+        for n, raw in enumerate(self.lines, 1):
+            line = raw.split("#", 1)[0].strip()
+            header = re.fullmatch(r"\[\[?\s*([\w.-]+)\s*\]\]?", line)
+            if header:
+                current = header.group(1)
+                seen[current] = seen.get(current, -1) + 1
+                if table is None and key == current:  # an unknown table is reported at its header
+                    return n
+                if key is None and current == table and seen[current] == index:
+                    return n
+                continue
+            if current == table and seen.get(table, 0) == index and key is not None \
+                    and re.match(rf'"?{re.escape(key)}"?\s*=', line):
+                return n
+        return None
+
+    def error(self, table: str | None, index: int, key: str | None, message: str) -> BottleneckError:
+        n = self.line(table, index, key)
+        at = f"{self.path}, line {n}" if n else str(self.path)
+        name = f"[{table}]" if table in ("data", "fit") else f"[[{table}]] #{index + 1}" if table else ""
+        what = " ".join(x for x in (name, key) if x)
+        return BottleneckError(f"{at}: {what + ': ' if what else ''}{message}")
+
+    def blame(self, table: str, index: int, key: str) -> _Blame:
+        return _Blame(self, table, index, key)
+
+
+class _Blame:
+    """Re-raises a BottleneckError from a check with the file, line and key in front of it."""
+
+    def __init__(self, where: _Locator, table: str, index: int, key: str):
+        self.where, self.table, self.index, self.key = where, table, index, key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if isinstance(e, BottleneckError):
+            raise self.where.error(self.table, self.index, self.key, str(e)) from None
+        return False
+
+
+# --------------------------------------------------------------------------- the stages
+
+def extract_args(exp: Experiment, bb: dict) -> dict:
+    """extract()'s arguments for one backbone."""
+    return {"model": bb["model"], "data_dir": exp.data["path"], "layer": bb["layers"], "pool": bb["pool"],
+            "weights": bb["weights"], "out": str(exp.cache), "batch_size": bb["batch_size"],
+            "workers": bb["workers"], "device": bb["device"], "precision": bb["precision"], "dtype": bb["dtype"],
+            "val_fraction": exp.data["val_fraction"], "test_fraction": exp.data["test_fraction"],
+            "seed": exp.data["seed"]}
+
+
+def fit_args(exp: Experiment, bb: dict) -> list[dict]:
+    """classify.fit()'s arguments (all but the cache) for every tap × classifier of one backbone."""
+    if not exp.fit:
+        return []
+    out = str(exp.out / "fit" / bb["name"])
+    return [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
+             "seed": exp.fit["seed"], "out": out}
+            for tap in exp.fit["layers"] or bb["layers"] for clf in exp.fit["classifiers"]]
+
+
+def fit_report(args: dict) -> Path:
+    return Path(args["out"]) / f"{args['layer']}-{args['clf']}" / "report.json"
+
+
+def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
+    """finetune()'s arguments for one [[finetune]] table."""
+    return {k: v for k, v in ft.items() if k != "name"} | {"data_dir": exp.data["path"],
+                                                           "out": str(finetune_dir(exp, ft))}
+
+
+def finetune_dir(exp: Experiment, ft: dict) -> Path:
+    return exp.out / "finetune" / ft["name"]
+
+
+def cache_record(exp: Experiment, bb: dict) -> Path:
+    """The file in the run folder that names the cache a backbone's extraction wrote."""
+    return exp.out / "caches" / f"{bb['name']}.path"
+
+
+def prepare_data(exp: Experiment) -> None:
+    """Write a built-in dataset to its path unless it is already there."""
+    builtin, path = exp.data.get("builtin"), Path(exp.data["path"])
+    if builtin == "elpv" and not (path / "train").is_dir():
+        note(f"writing the elpv images to {path}")
+        data.write_elpv(path, exp.data["seed"])
+
+
+def save_copy(exp: Experiment) -> None:
+    """Keep the experiment file beside its results; `bottleneck status` reads it from there."""
+    exp.out.mkdir(parents=True, exist_ok=True)
+    target = exp.out / "experiment.toml"
+    if not target.exists() or not target.samefile(exp.file):
+        shutil.copyfile(exp.file, target)
+
+
+def run(experiment: str | Path, progress: bool = True) -> Path:
+    """Run every stage of an experiment on this machine, skipping finished ones; returns comparison.md."""
+    from bottleneck.compare import compare
+    from bottleneck.extract import extract
+
+    exp = load(experiment)
+    prepare_data(exp)
+    save_copy(exp)
+    for bb in exp.backbones:
+        note(f"extract: {bb['model']} {', '.join(bb['layers'])}")
+        cache = extract(**extract_args(exp, bb), progress=progress)
+        cache_record(exp, bb).parent.mkdir(parents=True, exist_ok=True)
+        cache_record(exp, bb).write_text(f"{cache}\n")
+        for args in fit_args(exp, bb):
+            fit_once(cache, args)
+    for ft in exp.finetunes:
+        note(f"finetune: {ft['name']}")
+        run_finetune(exp, ft, progress)
+    return compare([str(exp.out)], out=str(exp.out))
+
+
+def fit_once(cache: Path, args: dict) -> Path:
+    """Fit unless a report made from this very cache with the same search setting exists."""
+    from bottleneck.classify import fit
+    from bottleneck.store import FeatureStore
+
+    path = fit_report(args)
+    if path.is_file():
+        with FeatureStore(cache) as st:
+            fingerprint = st.attrs["fingerprint"]
+        try:
+            rep = json.loads(path.read_text())
+            same = rep["cache"]["fingerprint"] == fingerprint and (rep["search"] is not None) == args["search"]
+        except (ValueError, KeyError, TypeError):
+            same = False
+        if same:
+            note(f"fit {args['clf']} on {args['layer']}: done before ({path})")
+            return path
+    return fit(str(cache), **args)
+
+
+def run_finetune(exp: Experiment, ft: dict, progress: bool) -> Path:
+    try:
+        from bottleneck.finetune import finetune
+    except ImportError:
+        raise BottleneckError(f"{exp.file} asks for fine-tuning, which this version of bottleneck cannot do; "
+                              "remove the [[finetune]] tables or update bottleneck") from None
+    return finetune(**finetune_kwargs(exp, ft), progress=progress)

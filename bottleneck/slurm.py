@@ -1,0 +1,362 @@
+"""An experiment as Slurm batch jobs: readable sbatch scripts in the run folder, submitted with dependencies.
+
+    extract (job array, one shard per task) ──afterok──▶ merge ──afterok──▶ fit ──┐
+    finetune (GPU, requeued from its checkpoint when time runs out) ──────────────┴─afterany─▶ compare
+
+The scripts hold the same `bottleneck` commands a user would type; how a stage skips work
+it already did is the command's own business. Jobs tell each other which cache they made
+through small files in RUN/caches/, because a cache's name depends on the compute node
+(its precision is resolved there). `docs/slurm.md` explains running this on a real cluster.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bottleneck import pipeline
+from bottleneck.errors import BottleneckError
+
+# bottleneck finetune exits with this after saving a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL).
+REQUEUE_EXIT = 75
+SIGNAL_LEAD_SECONDS = 300
+ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
+          "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+
+
+@dataclass
+class Options:
+    """sbatch settings shared by every job; gres goes only to the jobs that use a GPU."""
+
+    partition: str | None = None
+    account: str | None = None
+    gres: str | None = None
+    time: str | None = None
+    mem: str | None = None
+    array_size: int = 4
+    setup: str | None = None
+
+
+@dataclass
+class Job:
+    stage: str
+    script: str
+    log: str
+    after: list[str] = field(default_factory=list)
+    dependency: str = "afterok"
+
+
+# --------------------------------------------------------------------------- writing the scripts
+
+def plan(exp: pipeline.Experiment, opts: Options) -> list[Job]:
+    """Every job of an experiment in submission order."""
+    jobs = []
+    for bb in exp.backbones:
+        jobs += extract_jobs(exp, bb, opts)
+        if exp.fit:
+            jobs.append(fit_job(exp, bb, opts, after=jobs[-1].stage))
+    jobs += [finetune_job(exp, ft, opts) for ft in exp.finetunes]
+    ends = [j.stage for j in jobs if j.stage.startswith(("fit-", "finetune-"))]
+    jobs.append(Job("compare", script(exp, "compare", opts, "Put every report of the run side by side.",
+                                      [command("compare", {"run_dirs": [str(exp.out)]})]),
+                    log=log_pattern(exp, "compare"), after=ends or [j.stage for j in jobs], dependency="afterany"))
+    return jobs
+
+
+def extract_jobs(exp: pipeline.Experiment, bb: dict, opts: Options) -> list[Job]:
+    from bottleneck.extract import extract
+
+    args = _without_defaults(extract, pipeline.extract_args(exp, bb)) | {"progress": False}
+    record = pipeline.cache_record(exp, bb)
+    n = opts.array_size
+    what = f"{bb['model']} features ({', '.join(bb['layers'])})"
+    if n == 1:
+        lines = [f"mkdir -p {_q(record.parent)}", command("extract", args) + f" | tee {_q(record)}"]
+        return [Job(f"extract-{bb['name']}", script(exp, f"extract-{bb['name']}", opts, f"Extract {what}.",
+                                                    lines, gpu=True), log=log_pattern(exp, f"extract-{bb['name']}"))]
+    shard = record.with_name(f"{bb['name']}.shard-$SLURM_ARRAY_TASK_ID.path")
+    lines = [f"mkdir -p {_q(record.parent)}",
+             command("extract", args | {"shard": f"$SLURM_ARRAY_TASK_ID/{n}"}) + f" | tee {_q(shard)}"]
+    extract_job = Job(f"extract-{bb['name']}",
+                      script(exp, f"extract-{bb['name']}", opts, f"Extract {what}: task I of this array computes "
+                             f"shard I of {n}.", lines, gpu=True, array=n),
+                      log=log_pattern(exp, f"extract-{bb['name']}", array=True))
+    shards = record.with_name(f"{bb['name']}.shard-{{0..{n - 1}}}.path")
+    lines = [f"mapfile -t shards < <(cat {_q(shards)})",
+             f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(record)}"]
+    merge_job = Job(f"merge-{bb['name']}", script(exp, f"merge-{bb['name']}", opts,
+                                                  f"Join the {n} shards of the {bb['model']} cache into one file.",
+                                                  lines),
+                    log=log_pattern(exp, f"merge-{bb['name']}"), after=[extract_job.stage])
+    return [extract_job, merge_job]
+
+
+def fit_job(exp: pipeline.Experiment, bb: dict, opts: Options, after: str) -> Job:
+    from bottleneck.classify import fit
+
+    lines = [f"CACHE=$(cat {_q(pipeline.cache_record(exp, bb))})"]
+    for args in pipeline.fit_args(exp, bb):
+        lines.append(command("fit", {"features": "$CACHE"} | _without_defaults(fit, args)))
+    clfs = ", ".join(exp.fit["classifiers"])
+    return Job(f"fit-{bb['name']}", script(exp, f"fit-{bb['name']}", opts,
+                                           f"Fit {clfs} on each tap of the {bb['model']} cache.", lines),
+               log=log_pattern(exp, f"fit-{bb['name']}"), after=[after])
+
+
+def finetune_job(exp: pipeline.Experiment, ft: dict, opts: Options) -> Job:
+    kwargs = pipeline.finetune_kwargs(exp, ft)
+    try:
+        from bottleneck.finetune import finetune
+
+        kwargs = _without_defaults(finetune, kwargs)
+    except ImportError:
+        pass
+    run = command("finetune", kwargs | {"progress": False})
+    lines = [
+        f"# Slurm sends USR1 to this script {_lead(opts.time)} s before the time limit, `scontrol requeue`",
+        "# and preemption send TERM: either way bottleneck finetune saves a checkpoint and exits with",
+        f"# {REQUEUE_EXIT}, the job is requeued, and the same command resumes from {kwargs['out']}/checkpoint.pt.",
+        f"{run} &",
+        "pid=$!",
+        "trap 'kill -USR1 $pid 2>/dev/null' USR1",
+        "trap 'kill -TERM $pid 2>/dev/null' TERM",
+        "status=0; wait $pid || status=$?",
+        "while kill -0 $pid 2>/dev/null; do status=0; wait $pid || status=$?; done  # a trapped signal ends wait early",
+        f"if [ \"$status\" -eq {REQUEUE_EXIT} ]; then",
+        "    echo \"checkpoint saved; requeueing job $SLURM_JOB_ID to resume\"",
+        "    scontrol requeue \"$SLURM_JOB_ID\" || true  # already being requeued when Slurm sent the TERM",
+        "fi",
+        "exit $status",
+    ]
+    stage = f"finetune-{ft['name']}"
+    return Job(stage, script(exp, stage, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines, gpu=True,
+                             requeue=True), log=log_pattern(exp, stage))
+
+
+def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, lines: list[str], gpu: bool = False,
+           array: int | None = None, requeue: bool = False) -> str:
+    sbatch = {"job-name": f"{exp.name}-{stage}",
+              "output": log_pattern(exp, stage, array=array is not None),
+              "chdir": os.getcwd(),
+              "array": f"0-{array - 1}" if array else None,
+              "partition": opts.partition, "account": opts.account,
+              "gres": opts.gres if gpu else None, "time": opts.time, "mem": opts.mem,
+              "kill-on-invalid-dep": "yes"}
+    if requeue:
+        # append: a requeued job writes to the same log, so both runs stay readable
+        sbatch |= {"requeue": True, "signal": f"B:USR1@{_lead(opts.time)}", "open-mode": "append"}
+    head = ["#!/bin/bash", f"# {exp.name} ({exp.file}): {purpose}"]
+    head += [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}" for k, v in sbatch.items() if v is not None]
+    head += ["set -euo pipefail", *([opts.setup] if opts.setup else [])]
+    return "\n".join(head + lines) + "\n"
+
+
+def command(name: str, args: dict) -> str:
+    """The `bottleneck NAME --flag value ...` line for a library call's arguments."""
+    flags = {"data_dir": "--data", "out": "--out"}
+    words = ["bottleneck", *name.split()]
+    if name == "compare":
+        return " ".join(words + [_q(d) for d in args["run_dirs"]])
+    for key, value in args.items():
+        flag = flags.get(key, "--" + key.replace("_", "-"))
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            for v in value if isinstance(value, list) else [value]:
+                words += [flag, _q(v)]
+    return " ".join(words)
+
+
+def log_pattern(exp: pipeline.Experiment, stage: str, array: bool = False) -> str:
+    return str(exp.out / "slurm" / "logs" / f"{stage}-{'%A_%a' if array else '%j'}.out")
+
+
+def _q(value) -> str:
+    """Shell-quote, but leave $VARIABLES to the shell (in double quotes)."""
+    text = str(value)
+    if "$" in text:
+        return '"' + re.sub(r'(["\\`])', r"\\\1", text) + '"'
+    if "{" in text:  # brace expansion: quote only the parts around it
+        return re.sub(r"[^{},.\w/-]", lambda m: "\\" + m.group(0), text)
+    return shlex.quote(text)
+
+
+def _without_defaults(func, args: dict) -> dict:
+    """Leave out arguments equal to the function's defaults, so scripts show what was chosen."""
+    params = inspect.signature(func).parameters
+    return {k: v for k, v in args.items()
+            if k not in params or params[k].default is inspect.Parameter.empty or params[k].default != v}
+
+
+def _lead(time: str | None) -> int:
+    """Seconds of warning before the time limit: 5 minutes, or a tenth of a shorter limit."""
+    limit = _seconds(time) if time else None
+    return max(30, min(SIGNAL_LEAD_SECONDS, limit // 10)) if limit else SIGNAL_LEAD_SECONDS
+
+
+def _seconds(time: str) -> int | None:
+    """Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, rest = time.rpartition("-")
+    parts = [int(p) for p in rest.split(":")] if re.fullmatch(r"\d+(:\d+){0,2}", rest) else None
+    if parts is None or (days and not days.isdigit()):
+        return None
+    if days:
+        h, m, s = (parts + [0, 0])[:3]
+        return int(days) * 86400 + h * 3600 + m * 60 + s
+    m_s = {1: (0, parts[0], 0), 2: (0, parts[0], parts[1]), 3: tuple(parts)}[len(parts)]
+    return m_s[0] * 3600 + m_s[1] * 60 + m_s[2]
+
+
+# --------------------------------------------------------------------------- submitting
+
+def submit(experiment: str | Path, partition: str | None = None, account: str | None = None,
+           gres: str | None = None, time: str | None = None, mem: str | None = None, array_size: int = 4,
+           setup: str | None = None, dry_run: bool = False) -> list[dict]:
+    """Write the experiment's sbatch scripts into RUN/slurm/ and submit them; returns stage, job id, script, log."""
+    if array_size < 1:
+        raise BottleneckError(f"--array-size must be at least 1, not {array_size}")
+    if time and _seconds(time) is None:
+        raise BottleneckError(f"--time {time} is not a Slurm time; use e.g. 02:00:00 or 1-00:00:00")
+    if setup is None and sys.prefix != sys.base_prefix:  # run from a venv: use it on the compute nodes too
+        setup = f"source {shlex.quote(sys.prefix)}/bin/activate"
+    exp = pipeline.load(experiment)
+    jobs = plan(exp, Options(partition, account, gres, time, mem, array_size, setup))
+    if not dry_run:
+        if not shutil.which("sbatch"):
+            raise BottleneckError("sbatch is not on PATH; run this on a Slurm login node, or add --dry-run to "
+                                  "only write the scripts")
+        busy = [r["job_id"] for r in status(exp.out) if r["state"].split()[0] in ACTIVE] \
+            if _jobs_file(exp.out).is_file() else []
+        if busy:
+            raise BottleneckError(f"{exp.out} still has jobs queued or running ({', '.join(busy)}); wait for "
+                                  "them or cancel them with scancel before submitting again")
+        pipeline.prepare_data(exp)
+    pipeline.save_copy(exp)
+    folder = exp.out / "slurm"
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    ids: dict[str, str] = {}
+    rows = []
+    for i, job in enumerate(jobs, 1):
+        path = folder / f"{i:02d}-{job.stage}.sbatch"
+        path.write_text(job.script)
+        deps = f"{job.dependency}:" + ":".join(f"${_var(s)}" if dry_run else ids[s] for s in job.after) \
+            if job.after else None
+        argv = ["sbatch", "--parsable", *([f"--dependency={deps}"] if deps else []), str(path)]
+        ids[job.stage] = "" if dry_run else _sbatch(argv)
+        rows.append({"stage": job.stage, "job_id": ids[job.stage], "script": str(path),
+                     "sbatch": f"{_var(job.stage)}=$({' '.join(argv)})",
+                     "log": job.log.replace("%j", ids[job.stage] or "%j").replace("%A", ids[job.stage] or "%A")
+                                   .replace("%a", "*")})
+    if not dry_run:
+        _jobs_file(exp.out).write_text(json.dumps(
+            {"submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"), "jobs": rows}, indent=1))
+    return rows
+
+
+def _sbatch(argv: list[str]) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BottleneckError(f"sbatch refused {argv[-1]}: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout.strip().split(";")[0]
+
+
+def _var(stage: str) -> str:
+    return re.sub(r"\W", "_", stage).upper()
+
+
+def _jobs_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "slurm" / "jobs.json"
+
+
+# --------------------------------------------------------------------------- watching
+
+def status(run_dir: str | Path) -> list[dict]:
+    """Each stage of a run: its job id, Slurm state, whether its output exists, and its log."""
+    run_dir = Path(run_dir)
+    exp_file = run_dir / "experiment.toml"
+    if not exp_file.is_file():
+        raise BottleneckError(f"{run_dir} is not a run folder (no experiment.toml); give the folder "
+                              "'bottleneck run' wrote")
+    exp = pipeline.load(exp_file)
+    exp.out = run_dir  # the copy may have been moved with its folder
+    jobs = {}
+    if _jobs_file(run_dir).is_file():
+        jobs = {j["stage"]: j for j in json.loads(_jobs_file(run_dir).read_text())["jobs"]}
+    rows = []
+    for stage, output in outputs(exp).items():
+        job = jobs.get(stage)
+        state = job_state(job["job_id"]) if job else None
+        if state is None:
+            state = "not submitted" if not jobs else "unknown (no longer known to Slurm)"
+            if not jobs:
+                state = "done" if output.startswith("done") else "not run"
+        rows.append({"stage": stage, "job_id": job["job_id"] if job else "", "state": state, "output": output,
+                     "log": job["log"] if job else ""})
+    return rows
+
+
+def outputs(exp: pipeline.Experiment) -> dict[str, str]:
+    """What each stage has left on disk so far."""
+    found = {}
+    for bb in exp.backbones:
+        record = pipeline.cache_record(exp, bb)
+        made = record.read_text().strip() if record.is_file() else ""
+        cache = f"done: {made}" if made else "missing"
+        found[f"extract-{bb['name']}"] = cache
+        if _jobs_file(exp.out).is_file() and f"merge-{bb['name']}" in _planned_stages(exp):
+            shards = len(list(record.parent.glob(f"{bb['name']}.shard-*.path")))
+            found[f"extract-{bb['name']}"] = f"{shards} shards" if cache == "missing" else f"done: {shards} shards"
+            found[f"merge-{bb['name']}"] = cache
+        if exp.fit:
+            reports = [pipeline.fit_report(a) for a in pipeline.fit_args(exp, bb)]
+            n = sum(p.is_file() for p in reports)
+            found[f"fit-{bb['name']}"] = f"{'done: ' if n == len(reports) else ''}{n}/{len(reports)} reports"
+    for ft in exp.finetunes:
+        folder = pipeline.finetune_dir(exp, ft)
+        found[f"finetune-{ft['name']}"] = ("done: report.json" if (folder / "report.json").is_file() else
+                                           "checkpoint" if (folder / "checkpoint.pt").is_file() else "missing")
+    found["compare"] = "done: comparison.md" if (exp.out / "comparison.md").is_file() else "missing"
+    return found
+
+
+def _planned_stages(exp: pipeline.Experiment) -> set[str]:
+    return {j["stage"] for j in json.loads(_jobs_file(exp.out).read_text())["jobs"]}
+
+
+def job_state(job_id: str) -> str | None:
+    """A job's state from the controller, else from accounting; None when Slurm no longer knows it."""
+    try:
+        result = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = []
+    if result.returncode == 0:
+        for line in result.stdout.splitlines():
+            fields = dict(re.findall(r"(\w+)=(\S*)", line))
+            if "JobState" in fields:
+                reason = fields.get("Reason", "None")
+                states.append(fields["JobState"] + (f" ({reason})" if reason not in ("None", "") else ""))
+    if not states:
+        try:
+            result = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "State"], capture_output=True,
+                                    text=True, timeout=30)
+            states = [s.strip() for s in result.stdout.splitlines() if s.strip()] if result.returncode == 0 else []
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if not states:
+        return None
+    if len(set(states)) == 1:
+        return states[0]
+    counts = {s: states.count(s) for s in dict.fromkeys(states)}
+    return ", ".join(f"{s} ×{n}" for s, n in counts.items())

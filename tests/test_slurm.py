@@ -1,0 +1,172 @@
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_tree, run_cli
+from slurm_cluster import SlurmCluster, Unavailable
+
+from bottleneck import pipeline, slurm, store
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real single-node Slurm cluster on localhost with two fake GPUs, for the whole session."""
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+    except Unavailable as e:
+        pytest.skip(str(e))
+    except BaseException:
+        c.stop()
+        raise
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = c.env["SLURM_CONF"]  # for slurm.status() called in this process
+    yield c
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("slurm-data") / "data", {"train": 6, "val": 2, "test": 3})
+
+
+def experiment(folder: Path, data: Path, name: str, extract: bool = True, finetune: str | None = None) -> Path:
+    text = f'name = "{name}"\nout = "{folder / name}"\ncache = "{folder / name}-cache"\n\n[data]\npath = "{data}"\n'
+    if extract:
+        text += ('\n[[backbone]]\nmodel = "efficientnet_lite0"\nlayers = ["blocks.4", "pool"]\nbatch_size = 4\n'
+                 'workers = 0\n\n[fit]\nclassifiers = ["logreg", "knn"]\n')
+    if finetune:
+        text += f'\n[[finetune]]\nmodel = "squeezenet1_1"\nweights = "none"\nbatch_size = 4\nimage_size = 64\n' \
+                f'workers = 0\n{finetune}'
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def submit(cluster, path: Path, *options: str) -> list[dict]:
+    result = run_cli("run", str(path), "--slurm", "--partition", "gpu", "--gres", "gpu:1", "--time", "00:10:00",
+                     *options, env=cluster.env)
+    assert result.returncode == 0, result.stderr
+    assert "watch with: bottleneck status" in result.stdout
+    jobs = json.loads((pipeline.load(path).out / "slurm" / "jobs.json").read_text())["jobs"]
+    assert all(j["job_id"] in result.stdout for j in jobs)
+    return jobs
+
+
+def wait_until_done(run_dir: Path, seconds: float = 240) -> dict[str, dict]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        rows = {r["stage"]: r for r in slurm.status(run_dir)}
+        if not any(r["state"].split()[0] in slurm.ACTIVE for r in rows.values()):
+            return rows
+        time.sleep(1)
+    raise TimeoutError(f"jobs of {run_dir} still running after {seconds} s: {rows}")
+
+
+def test_dry_run_prints_scripts_and_order_and_submits_nothing(tmp_path, data):
+    path = experiment(tmp_path, data, "dry", finetune="epochs = 1\n")
+    result = run_cli("run", str(path), "--slurm", "--dry-run", "--array-size", "3", "--gres", "gpu:1",
+                     "--time", "1:00:00", "--setup", "module load cuda")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "#SBATCH --array=0-2" in out and '--shard "$SLURM_ARRAY_TASK_ID/3"' in out and "module load cuda" in out
+    assert "#SBATCH --requeue" in out and "#SBATCH --signal=B:USR1@300" in out and out.count("--gres=gpu:1") == 2
+    order = out.split("# submission order (nothing was submitted):\n")[1].splitlines()
+    assert [line.split("=")[0] for line in order] == ["EXTRACT_EFFICIENTNET_LITE0", "MERGE_EFFICIENTNET_LITE0",
+                                                      "FIT_EFFICIENTNET_LITE0", "FINETUNE_SQUEEZENET1_1", "COMPARE"]
+    assert "--dependency=afterok:$EXTRACT_EFFICIENTNET_LITE0 " in order[1]
+    assert "--dependency=afterany:$FIT_EFFICIENTNET_LITE0:$FINETUNE_SQUEEZENET1_1 " in order[4]
+    assert len(list((tmp_path / "dry" / "slurm").glob("*.sbatch"))) == 5
+    assert not (tmp_path / "dry" / "slurm" / "jobs.json").exists()
+
+
+def test_pipeline_on_slurm_equals_a_local_run(cluster, tmp_path, data):
+    finetune = "head_epochs = 0\nepochs = 1\n" if _can_finetune() else None
+    path = experiment(tmp_path, data, "batch", finetune=finetune)
+    jobs = submit(cluster, path, "--array-size", "2")
+    assert [j["stage"] for j in jobs][:3] == ["extract-efficientnet_lite0", "merge-efficientnet_lite0",
+                                              "fit-efficientnet_lite0"]
+    rows = wait_until_done(tmp_path / "batch")
+    assert all(r["state"] == "COMPLETED" for r in rows.values()), rows
+    assert all(r["output"].startswith("done") for r in rows.values()), rows
+    assert rows["extract-efficientnet_lite0"]["output"].startswith("done: 2 shards")
+
+    local = pipeline.load(experiment(tmp_path, data, "here", finetune=finetune))
+    pipeline.run(local.file, progress=False)
+    merged = Path((tmp_path / "batch" / "caches" / "efficientnet_lite0.path").read_text().strip())
+    here = Path((tmp_path / "here" / "caches" / "efficientnet_lite0.path").read_text().strip())
+    assert merged.name == here.name and merged.parent != here.parent
+    assert store.contents_equal(merged, here) and store.verify(merged) == []
+    for report in sorted((tmp_path / "here" / "fit").rglob("report.json")):
+        theirs = json.loads((tmp_path / "batch" / report.relative_to(tmp_path / "here")).read_text())
+        mine = json.loads(report.read_text())
+        assert {k: theirs[k] for k in ("accuracy", "confusion_matrix", "per_class", "params")} == \
+            {k: mine[k] for k in ("accuracy", "confusion_matrix", "per_class", "params")}
+    table = (tmp_path / "batch" / "comparison.md").read_text()
+    assert table.count("| fixed features |") == 4 and table.count("| fine-tune |") == (1 if finetune else 0)
+
+    status = run_cli("status", str(tmp_path / "batch"), env=cluster.env)
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == len(jobs)
+    log = Path(rows["fit-efficientnet_lite0"]["log"])
+    assert log.is_file() and "logreg on blocks.4: test accuracy" in log.read_text()
+
+
+def test_a_failed_job_and_its_cancelled_dependents_show_in_status(cluster, tmp_path, data):
+    path = experiment(tmp_path, data, "broken")
+    submit(cluster, path, "--array-size", "2", "--setup", "echo 'no such module' >&2; exit 3")
+    rows = wait_until_done(tmp_path / "broken", seconds=60)
+    assert rows["extract-efficientnet_lite0"]["state"].startswith("FAILED")
+    assert rows["merge-efficientnet_lite0"]["state"].startswith("CANCELLED")
+    assert rows["fit-efficientnet_lite0"]["state"].startswith("CANCELLED")
+    log = next(Path(rows["extract-efficientnet_lite0"]["log"]).parent.glob("extract-*_0.out"))
+    assert "no such module" in log.read_text()
+
+
+def test_requeued_finetune_job_resumes_from_its_checkpoint(cluster, tmp_path):
+    pytest.importorskip("bottleneck.finetune")
+    data = make_tree(tmp_path / "data", {"train": 8, "val": 2, "test": 2})
+    path = experiment(tmp_path, data, "requeue", extract=False, finetune="head_epochs = 0\nepochs = 12\n"
+                                                                          "patience = 100\n")
+    jobs = submit(cluster, path)
+    job = next(j for j in jobs if j["stage"] == "finetune-squeezenet1_1")
+    checkpoint = tmp_path / "requeue" / "finetune" / "squeezenet1_1" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert checkpoint.exists(), "the fine-tune never saved a checkpoint"
+    cluster.run("scontrol", "requeue", job["job_id"], check=True)
+    # Slurm holds a requeued job back for two minutes (BeginTime); let it start again at once.
+    assert wait_for_state(cluster, job["job_id"], "PENDING")
+    cluster.run("scontrol", "update", f"JobId={job['job_id']}", "StartTime=now", check=True)
+    rows = wait_until_done(tmp_path / "requeue", seconds=300)
+    assert rows["finetune-squeezenet1_1"]["state"] == "COMPLETED"
+    restarts = re.search(r"Restarts=(\d+)", cluster.run("scontrol", "show", "job", job["job_id"]).stdout)
+    assert int(restarts.group(1)) == 1
+    log = Path(job["log"]).read_text()
+    assert re.search(r"resuming \S+ at epoch \d+", log), log  # from the checkpoint, not from the start
+    report = json.loads((checkpoint.parent / "report.json").read_text())
+    assert report["stage"] == "finetune" and not checkpoint.exists()
+
+
+def wait_for_state(cluster, job_id: str, state: str, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if f"JobState={state}" in cluster.run("scontrol", "show", "job", job_id).stdout:
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def _can_finetune() -> bool:
+    try:
+        import bottleneck.finetune  # noqa: F401
+    except ImportError:
+        return False
+    return True
