@@ -17,11 +17,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
 from bottleneck import backbones, data
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 BUILTIN_DATA = ("elpv",)
 # key → type of every table; finetune's keys are finetune()'s own arguments.
