@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The embedded default experiment: elpv, fixed Lite0 features + 3 classifiers vs fine-tuning.
 demo: install
-	$(BIN)/bottleneck data elpv --out data/elpv
-	$(BIN)/bottleneck extract --model efficientnet_lite0 --data data/elpv
+	$(BIN)/bottleneck run pipelines/elpv.toml
 
 test: install
 	$(PY) -m pytest -q

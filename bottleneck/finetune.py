@@ -356,8 +356,8 @@ class Run:
         bar.remove_task(task)
 
     def end_epoch(self, epoch: int, phase: str) -> None:
-        train = self.evaluate("train", limit=len(self.images["val"][1]), tta=False)
-        val = self.evaluate("val", tta=False)
+        train = self.evaluate("train", limit=len(self.images["val"][1]), views="none")
+        val = self.evaluate("val", views="none")
         self.state["history"].append({"epoch": epoch + 1, "phase": phase, "train_loss": train["loss"],
                                       "train_accuracy": train["accuracy"], "val_loss": val["loss"],
                                       "val_accuracy": val["accuracy"]})
@@ -373,13 +373,16 @@ class Run:
         self.save_checkpoint()
 
     @torch.no_grad()
-    def evaluate(self, split: str, limit: int | None = None, tta: bool | None = None) -> dict:
-        """Loss, accuracy and predictions on a split (flip test-time augmentation if asked)."""
+    def tta_views(self) -> str:
+        return tta_views(self.args["tta"], self.args["augment"])
+
+    def evaluate(self, split: str, limit: int | None = None, views: str | None = None) -> dict:
+        """Loss, accuracy and predictions on a split (with the run's test-time augmentation by default)."""
         x_all, y_all = self.images[split]
         if limit:  # a fixed slice of the training split, to watch training loss cheaply
             x_all, y_all = x_all[:limit], y_all[:limit]
         probs = predict_proba(self.net, x_all, self.prep, self.dev, self.precision,
-                              self.args["tta"] if tta is None else tta, self.args["batch_size"] * 2)
+                              views or self.tta_views(), self.args["batch_size"] * 2)
         y_pred = probs.argmax(1)
         loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_all).item()
         return {"loss": loss, "accuracy": float((y_pred == y_all).float().mean()), "y_pred": y_pred.tolist(),
@@ -391,7 +394,7 @@ class Run:
         rep = build_report(self, classes, split_info, final, wall)
         torch.save({"format": MODEL_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
                     "classes": classes, "preprocessing": self.prep, "precision": self.precision,
-                    "tta": self.args["tta"], "head": self.head, "weights": self.args["weights"],
+                    "tta": self.tta_views(), "head": self.head, "weights": self.args["weights"],
                     "versions": versions()}, self.out / "model.pt")
         reports.plot_history(self.state["history"], self.out / "learning_curve.png", title=f"{self.args['model']}")
         path = reports.write_report(self.out, rep)
@@ -451,15 +454,33 @@ def lr_factor(schedule: str, steps: int, phase: str):
     return factor
 
 
+def tta_views(tta: bool, augment: str) -> str:
+    """Test-time views: the symmetries training augmented with (all 8 of the square's for 'strong')."""
+    if not tta:
+        return "none"
+    return {"none": "hflip", "light": "flips", "strong": "dihedral"}[augment]
+
+
+def views_of(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    if mode == "none":
+        return [x]
+    if mode == "hflip":
+        return [x, x.flip(3)]
+    flips = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+    if mode == "dihedral" and x.shape[2] == x.shape[3]:
+        flips += [v.transpose(2, 3) for v in flips]
+    return flips
+
+
 def predict_proba(net: nn.Module, images: torch.Tensor, prep: dict, dev: torch.device, precision: str,
-                  tta: bool, batch_size: int = 64) -> torch.Tensor:
-    """Softmax probabilities, averaged over horizontal and vertical flips when `tta`."""
+                  views: str = "none", batch_size: int = 64) -> torch.Tensor:
+    """Softmax probabilities, averaged over the test-time `views` (none, hflip, flips, dihedral)."""
     net.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
-        views = [x, x.flip(3), x.flip(2)] if tta else [x]
-        p = sum(backbones.run_batch(net, v, prep, dev, precision).float().softmax(1) for v in views) / len(views)
+        views_x = views_of(x, views)
+        p = sum(backbones.run_batch(net, v, prep, dev, precision).float().softmax(1) for v in views_x) / len(views_x)
         out.append(p.cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
 

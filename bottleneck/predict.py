@@ -100,6 +100,7 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
     if top_k < 1:
         raise BottleneckError("--top-k must be at least 1")
     dev = resolve_device(device)
+    tta = None
     if imagenet:
         from torchvision.models import ResNet18_Weights
 
@@ -111,6 +112,7 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
 
         net, meta = load_finetuned(model)
         classes, prep, precision, pipe = meta["classes"], meta["preprocessing"], meta["precision"], None
+        tta = meta["tta"]
     else:
         if model is None:
             raise BottleneckError("give a classifier (MODEL.joblib or model.pt) or --imagenet")
@@ -125,9 +127,15 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
     dataset = data.ImageDataset("", files, prep)
     rows = []
     for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        out = backbones.run_batch(net, images_u8, prep, dev, precision)
-        probs = out.float().softmax(-1).cpu().numpy() if pipe is None else \
-            pipe.predict_proba(out[prov["tap"]].cpu().numpy())
+        if pipe is not None:
+            feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]]
+            probs = pipe.predict_proba(feats.cpu().numpy())
+        elif tta:  # a fine-tuned network, scored as its report scored it
+            from bottleneck.finetune import predict_proba
+
+            probs = predict_proba(net, images_u8, prep, dev, precision, tta).numpy()
+        else:
+            probs = backbones.run_batch(net, images_u8, prep, dev, precision).float().softmax(-1).cpu().numpy()
         for p, reason in zip(probs, reasons):
             rows.append(_row(files[len(rows)], p, reason, classes, top_k))
     return rows
