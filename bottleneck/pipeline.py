@@ -33,10 +33,6 @@ DATA_KEYS = {"path": str, "builtin": str, "val_fraction": float, "test_fraction"
 BACKBONE_KEYS = {"name": str, "model": str, "weights": str, "layers": list, "pool": str, "batch_size": int,
                  "precision": str, "dtype": str, "device": str, "workers": int}
 FIT_KEYS = {"classifiers": list, "layers": list, "search": bool, "class_weight": str, "seed": int}
-# finetune()'s arguments as agreed for the fine-tune stage; used when it cannot be imported.
-FINETUNE_ARGS = ("model", "weights", "unfreeze", "head_epochs", "epochs", "lr", "backbone_lr_mult", "optimizer",
-                 "schedule", "augment", "patience", "batch_size", "precision", "seed", "workers", "device",
-                 "deterministic", "image_size", "max_images")
 TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": None}
 
 
@@ -141,10 +137,8 @@ def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
 
 def finetune_args() -> list[str]:
     """The settings a [[finetune]] table may hold: finetune()'s arguments but data and output."""
-    try:
-        from bottleneck.finetune import finetune
-    except ImportError:
-        return list(FINETUNE_ARGS)
+    from bottleneck.finetune import finetune
+
     return [p for p in inspect.signature(finetune).parameters if p not in ("data_dir", "out", "progress")]
 
 

@@ -120,7 +120,6 @@ def test_changed_fit_settings_fit_again(tmp_path):
 
 
 def test_run_fine_tunes_and_compares_it_with_the_classifiers(tmp_path):
-    pytest.importorskip("bottleneck.finetune")
     data = make_tree(tmp_path / "data", {"train": 6, "val": 2, "test": 3})
     path = experiment(tmp_path, data, finetune="""
 [[finetune]]

@@ -130,7 +130,6 @@ def test_a_failed_job_and_its_cancelled_dependents_show_in_status(cluster, tmp_p
 
 
 def test_requeued_finetune_job_resumes_from_its_checkpoint(cluster, tmp_path):
-    pytest.importorskip("bottleneck.finetune")
     data = make_tree(tmp_path / "data", {"train": 8, "val": 2, "test": 2})
     path = experiment(tmp_path, data, "requeue", extract=False, finetune="head_epochs = 0\nepochs = 12\n"
                                                                           "patience = 100\n")
