@@ -1,0 +1,122 @@
+"""What fine-tuning does to images: splits, decoding into memory, augmentation, test-time views.
+
+Training images are decoded once and kept as one uint8 tensor per split (a small-data tool:
+elpv at 224 px is 0.4 GB), so epochs cost only the network. Augmentation and test-time views
+work on uint8 batches and are drawn from explicitly seeded generators, so a resumed run sees
+exactly the images an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bottleneck import backbones, data
+from bottleneck.console import note, progress_bar
+from bottleneck.errors import BottleneckError
+
+MAX_IMAGE_BYTES = 8 << 30  # decoded training images are kept in memory
+VAL_FRACTION_IF_NONE = 0.1
+TEST_FRACTION_IF_NONE = 0.25
+
+
+def input_pipeline(model: str, image_size: int | None) -> dict:
+    """The model's preprocessing; --image-size N resizes the whole image to N×N (no crop)."""
+    prep = backbones.preprocessing(model)
+    if image_size:
+        prep |= {"size": image_size, "resize": image_size}
+    return prep
+
+
+def load_splits(data_dir: str, seed: int, max_images: int | None) -> tuple[dict, list[str], dict, str]:
+    """train/val/test sample lists: the data's own splits, or seeded stratified ones where missing."""
+    m = data.load_manifest(data_dir)
+    info = dict(m.split_info)
+    splits = dict(m.splits)
+    if "test" not in splits:
+        splits["train"], splits["test"] = _stratified_cut(splits["train"], TEST_FRACTION_IF_NONE, seed)
+        info["test_holdout"] = {"fraction": TEST_FRACTION_IF_NONE, "seed": seed}
+    if "val" not in splits:
+        splits["train"], splits["val"] = _stratified_cut(splits["train"], VAL_FRACTION_IF_NONE, seed)
+        info["val_holdout"] = {"fraction": VAL_FRACTION_IF_NONE, "seed": seed}
+    if max_images:  # for quick trials and tests: the first images of each split, in seeded order
+        rng = np.random.default_rng(seed)
+        splits = {s: sorted(v[i] for i in rng.permutation(len(v))[:max_images]) for s, v in splits.items()}
+    return splits, m.classes, info, m.root
+
+
+def _stratified_cut(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    keep, cut = [], []
+    for label in sorted({lab for _, lab in samples}):
+        members = [s for s in samples if s[1] == label]
+        n_cut = max(1, round(len(members) * fraction))
+        order = rng.permutation(len(members))
+        cut += [members[i] for i in order[:n_cut]]
+        keep += [members[i] for i in order[n_cut:]]
+    return sorted(keep), sorted(cut)
+
+
+def load_images(root: str, samples: list, prep: dict, workers: int | None, progress: bool):
+    """Decode a split once into a uint8 N×3×H×W tensor (bad files are dropped, with a warning)."""
+    n, size = len(samples), prep["size"]
+    if n * 3 * size * size > MAX_IMAGE_BYTES:
+        raise BottleneckError(f"fine-tuning keeps decoded images in memory and {n} images at {size} px need "
+                              f"{n * 3 * size * size / 2**30:.1f} GiB; pass --max-images or a smaller --image-size")
+    from bottleneck.extract import default_workers
+
+    dataset = data.ImageDataset(root, [p for p, _ in samples], prep)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=default_workers()
+                                         if workers is None else workers)
+    images, keep = torch.empty(n, 3, size, size, dtype=torch.uint8), []
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("decoding", total=n)
+        i = 0
+        for batch, reasons in loader:
+            images[i:i + len(batch)] = batch
+            for j, reason in enumerate(reasons):
+                if reason:
+                    note(f"skipped {samples[i + j][0]}: {reason}")
+                else:
+                    keep.append(i + j)
+            i += len(batch)
+            bar.advance(task, len(batch))
+    labels = torch.tensor([lab for _, lab in samples], dtype=torch.long)
+    return images[keep], labels[keep]
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Flips (light), plus 90° rotations and brightness/contrast jitter (strong); uint8 in, uint8 out."""
+    if mode == "none":
+        return x
+    n = len(x)
+    flip_h = torch.rand(n, generator=gen) < 0.5
+    flip_v = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
+    x = torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x)
+    if mode == "strong":
+        turn = torch.rand(n, generator=gen) < 0.5
+        if x.shape[2] == x.shape[3]:
+            x = torch.where(turn.view(-1, 1, 1, 1), x.transpose(2, 3), x)  # with the flips: all 8 symmetries
+        gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+        shift = (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 40
+        x = (x.float() * gain + shift).clamp_(0, 255).to(torch.uint8)
+    return x
+
+
+def tta_views(tta: bool, augment: str) -> str:
+    """Test-time views: the symmetries training augmented with (all 8 of the square's for 'strong')."""
+    if not tta:
+        return "none"
+    return {"none": "hflip", "light": "flips", "strong": "dihedral"}[augment]
+
+
+def views_of(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    if mode == "none":
+        return [x]
+    if mode == "hflip":
+        return [x, x.flip(3)]
+    flips = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+    if mode == "dihedral" and x.shape[2] == x.shape[3]:
+        flips += [v.transpose(2, 3) for v in flips]
+    return flips
