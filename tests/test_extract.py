@@ -153,3 +153,25 @@ def test_readers_refuse_incomplete_and_damaged_caches(tree, tmp_path):
     damaged[offset + 100] ^= 0xFF
     path.write_bytes(bytes(damaged))
     assert any("checksum" in p for p in store.verify(path))
+
+
+def test_twenty_random_kills_still_end_with_the_same_cache(tmp_path):
+    """SIGKILL at 20 seeded random moments across the whole run (start-up, blocks, assembly)."""
+    import random
+
+    tree = make_tree(tmp_path / "data", {"train": 12, "test": 4})
+    started = time.monotonic()
+    reference = subprocess.run(_extract_cmd(tree, tmp_path / "ref"), capture_output=True, text=True, check=True)
+    duration = time.monotonic() - started
+    out = tmp_path / "killed"
+    rng = random.Random(20)
+    for _ in range(20):
+        proc = subprocess.Popen(_extract_cmd(tree, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0.5, duration))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    final = subprocess.run(_extract_cmd(tree, out), capture_output=True, text=True, check=True)
+    assert store.contents_equal(reference.stdout.strip().splitlines()[-1], final.stdout.strip().splitlines()[-1])
+    assert store.verify(final.stdout.strip().splitlines()[-1]) == []

@@ -135,3 +135,19 @@ def test_two_processes_with_ddp_agree_with_one(small, tmp_path):
     import json
 
     assert json.loads((ddp / "report.json").read_text())["cost"]["processes"] == 2
+
+
+def test_five_random_kills_resume_and_finish(small, reference, tmp_path):
+    import random
+
+    out = tmp_path / "five"
+    rng = random.Random(5)
+    for _ in range(5):
+        proc = subprocess.Popen(_cmd(small, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(3, 25))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    subprocess.run(_cmd(small, out), check=True, capture_output=True)
+    _assert_same_run(reference, out)
