@@ -195,6 +195,9 @@ class FeatureStore:
         self.path = Path(path)
         if self.path.is_dir():
             raise BottleneckError(f"{path} is a folder; give a cache file (.h5), see 'bottleneck cache ls {path}'")
+        if not self.path.is_file() and Path(f"{path}.parts").is_dir():
+            raise BottleneckError(f"feature cache {path} is not finished: its extraction is running or was "
+                                  "interrupted; wait for it, or rerun its 'bottleneck extract' command to resume")
         if not self.path.is_file():
             raise BottleneckError(f"feature cache {path} does not exist")
         try:

@@ -128,6 +128,9 @@ def test_killed_anywhere_it_resumes_to_the_same_cache(tmp_path):
         proc.wait()
     assert not list(out.glob("*.h5")), "the run finished before it could be killed"
     assert list(out.glob("*.parts/*.npz"))
+    unfinished = str(next(out.glob("*.parts"))).removesuffix(".parts")
+    with pytest.raises(BottleneckError, match="is not finished"):  # what fit sees meanwhile
+        store.FeatureStore(unfinished)
     resumed = subprocess.run(_extract_cmd(tree, out), capture_output=True, text=True, check=True)
     path = resumed.stdout.strip().splitlines()[-1]
     assert store.contents_equal(ref_path, path)
