@@ -416,6 +416,31 @@ def run_batch(module: nn.Module, images: torch.Tensor, prep: dict, device: torch
         return module(x)
 
 
+def views_of(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """Test-time views of an NCHW batch: none, hflip, flips (h, v, both) or dihedral (those, transposed)."""
+    if mode == "none":
+        return [x]
+    if mode == "hflip":
+        return [x, x.flip(3)]
+    flips = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+    if mode == "dihedral" and x.shape[2] == x.shape[3]:
+        flips += [v.transpose(2, 3) for v in flips]
+    return flips
+
+
+def predict_proba(net: nn.Module, images: torch.Tensor, prep: dict, dev: torch.device, precision: str,
+                  views: str = "none", batch_size: int = 64) -> torch.Tensor:
+    """Softmax probabilities, averaged over the test-time `views` (none, hflip, flips, dihedral)."""
+    net.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        views_x = views_of(x, views)
+        p = sum(run_batch(net, v, prep, dev, precision).float().softmax(1) for v in views_x) / len(views_x)
+        out.append(p.cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
 def describe(name: str, pool: str = "avg") -> dict:
     """Taps with their dimensions, input size and parameter count, without loading weights."""
     spec = get_spec(name)

@@ -31,7 +31,7 @@ from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError, Interrupted
 from bottleneck.extract import device_name, resolve_device, resolve_precision, versions
-from bottleneck.finetune_data import augment_batch, input_pipeline, load_images, load_splits, tta_views, views_of
+from bottleneck.finetune_data import augment_batch, input_pipeline, load_images, load_splits, tta_views
 
 MODEL_FORMAT = "bottleneck-finetuned/1"
 LABEL_SMOOTHING = 0.1
@@ -294,7 +294,7 @@ class Run:
         x_all, y_all = self.images[split]
         if limit:  # a fixed slice of the training split, to watch training loss cheaply
             x_all, y_all = x_all[:limit], y_all[:limit]
-        probs = predict_proba(self.net, x_all, self.prep, self.dev, self.precision,
+        probs = backbones.predict_proba(self.net, x_all, self.prep, self.dev, self.precision,
                               views or self.tta_views(), self.args["batch_size"] * 2)
         y_pred = probs.argmax(1)
         loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_all).item()
@@ -366,19 +366,6 @@ def lr_factor(schedule: str, steps: int, phase: str):
 
     return factor
 
-
-
-def predict_proba(net: nn.Module, images: torch.Tensor, prep: dict, dev: torch.device, precision: str,
-                  views: str = "none", batch_size: int = 64) -> torch.Tensor:
-    """Softmax probabilities, averaged over the test-time `views` (none, hflip, flips, dihedral)."""
-    net.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        views_x = views_of(x, views)
-        p = sum(backbones.run_batch(net, v, prep, dev, precision).float().softmax(1) for v in views_x) / len(views_x)
-        out.append(p.cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wall: float) -> dict:

@@ -109,14 +109,3 @@ def tta_views(tta: bool, augment: str) -> str:
     if not tta:
         return "none"
     return {"none": "hflip", "light": "flips", "strong": "dihedral"}[augment]
-
-
-def views_of(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    if mode == "none":
-        return [x]
-    if mode == "hflip":
-        return [x, x.flip(3)]
-    flips = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
-    if mode == "dihedral" and x.shape[2] == x.shape[3]:
-        flips += [v.transpose(2, 3) for v in flips]
-    return flips

@@ -57,7 +57,7 @@ def evaluate(model: str, features: str, split: str = "test") -> dict:
 
 def evaluate_finetuned(model: str, features: str, split: str, device: str = "auto") -> dict:
     """A fine-tuned network scored on the images a cache lists for `split` (read from disk)."""
-    from bottleneck.finetune import load_finetuned, predict_proba
+    from bottleneck.finetune import load_finetuned
 
     net, meta = load_finetuned(model)
     with FeatureStore(features) as st:
@@ -67,8 +67,8 @@ def evaluate_finetuned(model: str, features: str, split: str, device: str = "aut
     dev = resolve_device(device)
     loader = torch.utils.data.DataLoader(data.ImageDataset(root, paths, meta["preprocessing"]), batch_size=64)
     images = torch.cat([batch for batch, _ in loader])
-    probs = predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"], dev,
-                          meta["precision"], meta["tta"])
+    probs = backbones.predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"],
+                                    dev, meta["precision"], meta["tta"])
     return {"stage": "evaluate", "model": meta["arch"], "tap": None, "clf": "finetune", "classes": meta["classes"],
             "split": split, "n_test": int(len(y)), "features": str(features),
             **reports.metrics(y, probs.argmax(1).numpy(), meta["classes"])}
@@ -100,7 +100,7 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
     if top_k < 1:
         raise BottleneckError("--top-k must be at least 1")
     dev = resolve_device(device)
-    tta = None
+    views = "none"  # test-time views of a whole network's predictions (a fine-tuned one's own)
     if imagenet:
         from torchvision.models import ResNet18_Weights
 
@@ -112,7 +112,7 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
 
         net, meta = load_finetuned(model)
         classes, prep, precision, pipe = meta["classes"], meta["preprocessing"], meta["precision"], None
-        tta = meta["tta"]
+        views = meta["tta"]
     else:
         if model is None:
             raise BottleneckError("give a classifier (MODEL.joblib or model.pt) or --imagenet")
@@ -130,12 +130,8 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
         if pipe is not None:
             feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]]
             probs = pipe.predict_proba(feats.cpu().numpy())
-        elif tta:  # a fine-tuned network, scored as its report scored it
-            from bottleneck.finetune import predict_proba
-
-            probs = predict_proba(net, images_u8, prep, dev, precision, tta).numpy()
         else:
-            probs = backbones.run_batch(net, images_u8, prep, dev, precision).float().softmax(-1).cpu().numpy()
+            probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
         for p, reason in zip(probs, reasons):
             rows.append(_row(files[len(rows)], p, reason, classes, top_k))
     return rows
