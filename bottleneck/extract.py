@@ -108,6 +108,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
+def apply_precision(precision: str) -> None:
+    """fp32 means fp32: no TF32 shortcuts in GPU convolutions and matrix products."""
+    if precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def parse_shard(shard: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in shard.split("/"))
@@ -174,9 +181,7 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
                rows: int, parts: store.Parts, prep: dict, device: torch.device, precision: str,
                workers: int, progress: bool) -> None:
     """Compute the missing blocks, saving each as soon as it is done."""
-    if precision == "fp32":  # fp32 means fp32: no TF32 shortcuts in GPU convolutions and matmuls
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    apply_precision(precision)
     extractor = extractor.to(device, memory_format=torch.channels_last)
     total = sum(min(rows, len(manifest.splits[s]) - k * rows) for s, ks in todo.items() for k in ks)
     with progress_bar(enabled=progress) as bar:

@@ -30,7 +30,7 @@ from bottleneck import backbones
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError, Interrupted
-from bottleneck.extract import device_name, resolve_device, resolve_precision, versions
+from bottleneck.extract import apply_precision, device_name, resolve_device, resolve_precision, versions
 from bottleneck.finetune_data import augment_batch, input_pipeline, load_images, load_splits, tta_views
 
 MODEL_FORMAT = "bottleneck-finetuned/1"
@@ -53,8 +53,9 @@ def finetune(model: str, data_dir: str, weights: str = "DEFAULT", unfreeze: str 
         return out_dir / "report.json"
     started = time.perf_counter()
     rank, world = setup_distributed()
-    dev = resolve_device(device if device != "auto" or not torch.cuda.is_available() else f"cuda:{local_rank()}")
+    dev = resolve_device(f"cuda:{local_rank()}" if device == "auto" and torch.cuda.is_available() else device)
     prec = resolve_precision(precision, dev)
+    apply_precision(prec)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     prep = input_pipeline(model, image_size)
@@ -90,7 +91,6 @@ def validate(a: dict) -> None:
         raise BottleneckError(f"--unfreeze must be all, a number of blocks, or from:TAP; not '{u}'")
     if u.startswith("from:"):
         backbones.resolve_taps(a["model"], [u.removeprefix("from:")])
-
 
 
 # --------------------------------------------------------------------------- distributed
@@ -285,10 +285,10 @@ class Run:
         self.state["epoch"], self.state["step"] = epoch + 1, 0
         self.save_checkpoint()
 
-    @torch.no_grad()
     def tta_views(self) -> str:
         return tta_views(self.args["tta"], self.args["augment"])
 
+    @torch.no_grad()
     def evaluate(self, split: str, limit: int | None = None, views: str | None = None) -> dict:
         """Loss, accuracy and predictions on a split (with the run's test-time augmentation by default)."""
         x_all, y_all = self.images[split]
@@ -365,7 +365,6 @@ def lr_factor(schedule: str, steps: int, phase: str):
         return 0.1 ** int(done * 3)
 
     return factor
-
 
 
 def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wall: float) -> dict:
