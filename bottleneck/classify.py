@@ -8,6 +8,7 @@ the fitted attribute `bottleneck_`.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -166,8 +167,6 @@ def _plain(v):
 
 
 def layer_probe(paths: list[Path], out: Path) -> Path:
-    import json
-
     rows = [json.loads(p.read_text()) for p in paths]
     table = [{"tap": r["tap"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"],
               "macro_f1": r["macro_f1"]} for r in rows]
@@ -202,8 +201,6 @@ def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weigh
 
 
 def _write_table(path: Path, table: list[dict]) -> Path:
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1))
     keys = list(table[0])

@@ -336,9 +336,6 @@ def fit_once(cache: Path, args: dict) -> Path:
 
 
 def run_finetune(exp: Experiment, ft: dict, progress: bool) -> Path:
-    try:
-        from bottleneck.finetune import finetune
-    except ImportError:
-        raise BottleneckError(f"{exp.file} asks for fine-tuning, which this version of bottleneck cannot do; "
-                              "remove the [[finetune]] tables or update bottleneck") from None
+    from bottleneck.finetune import finetune
+
     return finetune(**finetune_kwargs(exp, ft), progress=progress)

@@ -113,13 +113,9 @@ def fit_job(exp: pipeline.Experiment, bb: dict, opts: Options, after: str) -> Jo
 
 
 def finetune_job(exp: pipeline.Experiment, ft: dict, opts: Options) -> Job:
-    kwargs = pipeline.finetune_kwargs(exp, ft)
-    try:
-        from bottleneck.finetune import finetune
+    from bottleneck.finetune import finetune
 
-        kwargs = _without_defaults(finetune, kwargs)
-    except ImportError:
-        pass
+    kwargs = _without_defaults(finetune, pipeline.finetune_kwargs(exp, ft))
     run = command("finetune", kwargs | {"progress": False})
     lines = [
         f"# Slurm sends USR1 to this script {_lead(opts.time)} s before the time limit, `scontrol requeue`",
