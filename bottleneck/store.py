@@ -162,27 +162,35 @@ def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dim
     labels = group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(CHUNK_ROWS,))
     paths = group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(CHUNK_ROWS,))
     skipped_rows: list[tuple[str, str]] = []
+    # Checksums are taken as the rows stream in, so the written file is not read back.
+    hashes = {ds.name: hashlib.sha256() for ds in [labels, paths, *feats.values()]}
     for block in blocks:
         n, n_new = labels.shape[0], len(block["labels"])
-        for ds, values in [(labels, block["labels"]), (paths, np.asarray(block["paths"], dtype=object)),
+        for ds, values in [(labels, block["labels"]), (paths, block["paths"]),
                            *[(feats[t], block["features"][t]) for t in taps]]:
             ds.resize(n + n_new, axis=0)
             if n_new:
-                ds[n:] = values.astype(dtype) if ds.ndim == 2 else values
+                rows = np.asarray(values, dtype=object if ds is paths else ds.dtype)
+                ds[n:] = rows
+                hashes[ds.name].update(_row_bytes(rows))
         skipped_rows += zip(map(str, block["skipped_paths"]), map(str, block["skipped_reasons"]))
     skipped = np.array(skipped_rows, dtype=[("path", text), ("reason", text)])
     group.create_dataset("skipped", data=skipped, dtype=skipped.dtype)
     for ds in [labels, paths, *feats.values()]:
-        ds.attrs["sha256"] = _digest(ds)
+        ds.attrs["sha256"] = hashes[ds.name].hexdigest()
+
+
+def _row_bytes(rows: np.ndarray) -> bytes:
+    """What a checksum covers: the raw values, or each string followed by a newline."""
+    if rows.dtype.kind == "O":
+        return "".join((r.decode() if isinstance(r, bytes) else r) + "\n" for r in rows).encode()
+    return np.ascontiguousarray(rows).tobytes()
 
 
 def _digest(ds: h5py.Dataset) -> str:
     h = hashlib.sha256()
     for start in range(0, ds.shape[0], CHUNK_ROWS):
-        rows = ds[start:start + CHUNK_ROWS]
-        if rows.dtype.kind == "O":
-            rows = "\n".join(r.decode() if isinstance(r, bytes) else r for r in rows).encode() + b"\n"
-        h.update(np.ascontiguousarray(rows).tobytes() if not isinstance(rows, bytes) else rows)
+        h.update(_row_bytes(ds[start:start + CHUNK_ROWS]))
     return h.hexdigest()
 
 
