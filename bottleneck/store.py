@@ -12,17 +12,19 @@ then renamed to its name. A killed run leaves whole blocks behind and resumes fr
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from bottleneck.errors import BottleneckError, CacheBusy
+from bottleneck.errors import BottleneckError, CacheBusy, write_error
 
 FORMAT = "bottleneck-features/1"
 JSON_ATTRS = ("taps", "preprocessing", "classes", "versions", "split_info", "cost", "dims")
@@ -59,6 +61,17 @@ class CacheLock:
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
+
+
+def writer_running(cache: Path) -> bool | None:
+    """True while an extract holds the cache's lock, False when none does, None if it cannot be told."""
+    try:
+        with CacheLock(cache):
+            return False
+    except CacheBusy:
+        return True
+    except OSError:  # a read-only folder: no lock file can be opened
+        return None
 
 
 # --------------------------------------------------------------------------- blocks
@@ -136,31 +149,57 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 # --------------------------------------------------------------------------- writing
 
-def write_cache(path: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype: str = "float32") -> Path:
-    """Stream blocks into `<path>.tmp`, mark it complete, then rename it to `path`."""
+def write_cache(path: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype: str = "float32",
+                rows: dict[str, int] | None = None) -> Path:
+    """Stream blocks into `<path>.tmp`, mark it complete, then rename it to `path`.
+
+    `rows` (an upper bound of each split's rows) keeps the HDF5 chunks of small splits small.
+    """
     tmp = Path(f"{path}.tmp")
     tmp.unlink(missing_ok=True)
+    # A failed write (full disk, quota) leaves h5py objects that complain when they are freed;
+    # the error raised below says it all, so they are freed while their complaints are silenced.
+    previous_hook, failure = sys.unraisablehook, None
+    sys.unraisablehook = lambda _: None
+    try:
+        _write_file(tmp, attrs, splits, dtype, rows or {})
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        failure = write_error(e, tmp)
+    if failure:  # outside the except block, whose traceback kept the h5py objects alive
+        gc.collect()
+        tmp.unlink(missing_ok=True)
+    sys.unraisablehook = previous_hook
+    if failure:
+        raise failure
+    return path
+
+
+def _write_file(tmp: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype: str, rows: dict) -> None:
     with h5py.File(tmp, "w") as f:
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
         f.attrs["format"] = FORMAT
         f.attrs["complete"] = False
         for split, blocks in splits.items():
-            _write_split(f.create_group(split), blocks, attrs["taps"], attrs["dims"], dtype)
+            _write_split(f.create_group(split), blocks, attrs["taps"], attrs["dims"], dtype,
+                         rows.get(split, CHUNK_ROWS))
         f.attrs["complete"] = True
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
 
 
-def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dims: dict, dtype: str) -> None:
+def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dims: dict, dtype: str,
+                 rows: int) -> None:
     text = h5py.string_dtype()
-    feats = {t: group.create_dataset(f"features/{t}", shape=(0, dims[t]), maxshape=(None, dims[t]),
-                                     dtype=dtype, chunks=(min(CHUNK_ROWS, max(1, 2**22 // (4 * dims[t]))), dims[t]))
+    # Chunks of at most 4 MB, and no larger than the split: HDF5 allocates whole chunks, so a
+    # 16-image cache would otherwise take 12 MB on disk.
+    rows = max(1, min(rows, CHUNK_ROWS))
+    feats = {t: group.create_dataset(f"features/{t}", shape=(0, dims[t]), maxshape=(None, dims[t]), dtype=dtype,
+                                     chunks=(max(1, min(rows, 2**22 // (4 * dims[t]))), dims[t]))
              for t in taps}
-    labels = group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(CHUNK_ROWS,))
-    paths = group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(CHUNK_ROWS,))
+    labels = group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(rows,))
+    paths = group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(rows,))
     skipped_rows: list[tuple[str, str]] = []
     # Checksums are taken as the rows stream in, so the written file is not read back.
     hashes = {ds.name: hashlib.sha256() for ds in [labels, paths, *feats.values()]}
@@ -204,8 +243,11 @@ class FeatureStore:
         if self.path.is_dir():
             raise BottleneckError(f"{path} is a folder; give a cache file (.h5), see 'bottleneck cache ls {path}'")
         if not self.path.is_file() and Path(f"{path}.parts").is_dir():
-            raise BottleneckError(f"feature cache {path} is not finished: its extraction is running or was "
-                                  "interrupted; wait for it, or rerun its 'bottleneck extract' command to resume")
+            state = {True: "is still being extracted; wait for that 'bottleneck extract' to finish",
+                     False: "was interrupted; rerun its 'bottleneck extract' command to resume it",
+                     None: "is being extracted or was interrupted; wait for it, or rerun its "
+                           "'bottleneck extract' command to resume"}[writer_running(self.path)]
+            raise BottleneckError(f"feature cache {path} is not finished: its extraction {state}")
         if not self.path.is_file():
             raise BottleneckError(f"feature cache {path} does not exist")
         try:
@@ -361,7 +403,8 @@ def merge(shards: list[str | os.PathLike], out: str | os.PathLike | None = None)
         attrs["cost"] = _sum_costs([st.attrs.get("cost", {}) for st in stores])
         splits = {s: _shard_blocks(stores, s) for s in first.splits}
         with CacheLock(out):
-            return write_cache(out, attrs, splits, dtype=first.attrs.get("dtype", "float32"))
+            rows = {s: sum(st.file[s]["labels"].shape[0] for st in stores if s in st.file) for s in first.splits}
+            return write_cache(out, attrs, splits, dtype=first.attrs.get("dtype", "float32"), rows=rows)
     finally:
         for st in stores:
             st.close()
