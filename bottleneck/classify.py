@@ -34,12 +34,26 @@ CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
 # The main hyperparameter of each, searched by --search.
 GRIDS = {
     "logreg": {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]},
-    "svm": {"clf__C": [0.3, 1.0, 3.0, 10.0]},
+    "svm": {"clf__estimator__C": [0.3, 1.0, 3.0, 10.0]},
     "linear-svm": {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]},
     "mlp": {"clf__alpha": [1e-3, 1e-2, 1e-1, 1.0], "clf__hidden_layer_sizes": [(256,), (1024,)]},
     "knn": {"clf__n_neighbors": [1, 5, 11, 21]},
 }
 HOLDOUT_FRACTION = 0.25
+
+
+class PlattSVC(CalibratedClassifierCV):
+    """An SVM that labels by its own decision function, with Platt-scaled probabilities.
+
+    Probabilities come from sigmoids fitted to 3-fold cross-validated decision values, then one
+    SVM is fitted on all the data (`ensemble=False`). SVC(probability=True) did the same with
+    5 folds inside libsvm: the same labels at 2.4 times the fitting time (docs/benchmarks.md),
+    and scikit-learn 1.11 removes it. Labels stay the SVM's own, not the argmax of the
+    calibrated probabilities, which can disagree with it.
+    """
+
+    def predict(self, X):
+        return self.calibrated_classifiers_[0].estimator.predict(X)
 
 
 def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None) -> Pipeline:
@@ -51,7 +65,7 @@ def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None) ->
     if clf == "logreg":
         est = LogisticRegression(C=0.01, max_iter=3000, class_weight=class_weight)
     elif clf == "svm":
-        est = SVC(C=1.0, probability=True, class_weight=class_weight, random_state=seed)
+        est = PlattSVC(SVC(C=1.0, class_weight=class_weight, random_state=seed), cv=3, ensemble=False)
     elif clf == "linear-svm":
         # Calibrated so that predict_proba exists, as for every other classifier.
         est = CalibratedClassifierCV(LinearSVC(C=0.001, class_weight=class_weight, random_state=seed), cv=3)

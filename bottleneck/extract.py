@@ -188,28 +188,32 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
     apply_precision(precision)
     extractor = extractor.to(device, memory_format=torch.channels_last)
     total = sum(min(rows, len(manifest.splits[s]) - k * rows) for s, ks in todo.items() for k in ks)
+    # One loader over every split's missing blocks, each batch exactly one block: the decoding
+    # workers are forked once, from a small process, rather than again for each split from one
+    # grown by the split before (their copy-on-write pages then add up).
+    jobs = [(split, k) for split, blocks in todo.items() for k in blocks]
+    paths: list[str] = []
+    batches = []
+    for split, k in jobs:
+        chosen = manifest.splits[split][k * rows:(k + 1) * rows]
+        batches.append(list(range(len(paths), len(paths) + len(chosen))))
+        paths += [p for p, _ in chosen]
+    loader = torch.utils.data.DataLoader(
+        data.ImageDataset(manifest.root, paths, prep), batch_sampler=batches, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("extracting", total=total)
-        for split, blocks in todo.items():
-            if not blocks:
-                continue
-            samples = manifest.splits[split]
-            chosen = [samples[i] for k in blocks for i in range(k * rows, min((k + 1) * rows, len(samples)))]
-            dataset = data.ImageDataset(manifest.root, [p for p, _ in chosen], prep)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=rows, num_workers=workers, pin_memory=device.type == "cuda",
-                persistent_workers=False, prefetch_factor=4 if workers else None)
-            tick = time.perf_counter()
-            for k, (images, reasons) in zip(blocks, loader):
-                feats = backbones.run_batch(extractor, images, prep, device, precision)
-                block = make_block(feats, reasons, samples[k * rows:(k + 1) * rows])
-                for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
-                    warn(f"skipped {path}: {reason}")
-                now = time.perf_counter()
-                block["seconds"] = now - tick
-                tick = now
-                parts.write(split, k, block)
-                bar.advance(task, len(reasons))
+        tick = time.perf_counter()
+        for (split, k), (images, reasons) in zip(jobs, loader):
+            feats = backbones.run_batch(extractor, images, prep, device, precision)
+            block = make_block(feats, reasons, manifest.splits[split][k * rows:(k + 1) * rows])
+            for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
+                warn(f"skipped {path}: {reason}")
+            now = time.perf_counter()
+            block["seconds"] = now - tick
+            tick = now
+            parts.write(split, k, block)
+            bar.advance(task, len(reasons))
 
 
 def make_block(feats: dict[str, torch.Tensor], reasons: list[str], samples: list[tuple[str, int]]) -> dict:

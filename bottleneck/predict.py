@@ -130,18 +130,23 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
     rows = []
     for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         if pipe is not None:
-            feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]]
-            probs = pipe.predict_proba(feats.cpu().numpy())
+            feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]].cpu().numpy()
+            probs = pipe.predict_proba(feats)
+            # The classifier's own label, as evaluate scores it: an SVM decides by its decision
+            # function, which its calibrated probabilities can disagree with near the boundary.
+            chosen = np.searchsorted(pipe.classes_, pipe.predict(feats))
         else:
             probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
-        for p, reason in zip(probs, reasons):
-            rows.append(_row(files[len(rows)], p, reason, classes, top_k))
+            chosen = probs.argmax(axis=1)
+        for p, c, reason in zip(probs, chosen, reasons):
+            rows.append(_row(files[len(rows)], p, int(c), reason, classes, top_k))
     return rows
 
 
-def _row(path: str, probs: np.ndarray, reason: str, classes: list[str], k: int) -> dict:
+def _row(path: str, probs: np.ndarray, chosen: int, reason: str, classes: list[str], k: int) -> dict:
     if reason:
         return {"path": path, "label": None, "probability": None, "top": [], "error": reason}
     order = np.argsort(-probs)[:k]
     top = [(classes[i], float(probs[i])) for i in order]
-    return {"path": path, "label": top[0][0], "probability": top[0][1], "top": top, "error": None}
+    return {"path": path, "label": classes[chosen], "probability": float(probs[chosen]), "top": top,
+            "error": None}

@@ -328,3 +328,16 @@ def test_a_model_whose_weights_do_not_match_its_metadata_is_refused(tree, tmp_pa
     result = run_cli("predict", str(tmp_path / "model.pt"), str(tree))
     assert result.returncode == 1 and "do not match its metadata" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tree, tmp_path):
+    import torch
+
+    (tmp_path / "ft").mkdir()
+    ckpt = tmp_path / "ft" / "checkpoint.pt"
+    torch.save({"format": "bottleneck-checkpoint/1", "args": {"model": "efficientnet_lite0", "lr": 0.5}}, ckpt)
+    before = ckpt.read_bytes()
+    result = run_cli("finetune", "--model", "efficientnet_lite0", "--data", str(tree), "--out", str(tmp_path / "ft"),
+                     "--no-progress")
+    assert result.returncode == 1 and "holds a run with other settings" in result.stderr and "lr" in result.stderr
+    assert "Traceback" not in result.stderr and ckpt.read_bytes() == before
