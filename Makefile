@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(BIN)/ruff check bottleneck tests
+	$(BIN)/ruff check bottleneck tests benchmarks
 
 clean-cache:
 	rm -rf cache/*.h5 cache/*.parts cache/*.lock cache/*.tmp
