@@ -23,7 +23,6 @@ import numpy as np
 from scaling import write_subset
 
 from bottleneck.classify import fit
-from bottleneck.data import write_cifar10
 from bottleneck.extract import extract
 from bottleneck.store import FeatureStore
 
@@ -39,11 +38,8 @@ def main() -> None:
     parser.add_argument("--data", default="data/cifar10")
     parser.add_argument("--out", default="runs/bench-precision")
     args = parser.parse_args()
-    data, out = Path(args.data), Path(args.out)
-    if not data.is_dir():
-        write_cifar10(data)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = write_subset(data, args.images, out)
+    out = Path(args.out)
+    manifest = write_subset(Path(args.data), args.images, out)
     results = {}
     for name, (precision, dtype) in WAYS.items():
         cache = extract(args.model, str(manifest), out=str(out / "cache"), precision=precision, dtype=dtype,

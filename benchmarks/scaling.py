@@ -30,7 +30,11 @@ from bottleneck.data import load_manifest, write_cifar10
 
 
 def write_subset(data: Path, n: int, into: Path) -> Path:
-    """A CSV manifest of the first n images: 5/6 train, 1/6 test, absolute paths."""
+    """A CSV manifest of the first n images: 5/6 train, 1/6 test, absolute paths (CIFAR-10 is
+    written to `data` first if it is not there)."""
+    if not data.is_dir():
+        write_cifar10(data)
+    into.mkdir(parents=True, exist_ok=True)
     m = load_manifest(data)
     n_test = n // 6
     rows = [(os.path.join(m.root, rel), m.classes[label], split)
@@ -101,9 +105,6 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-scaling")
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out)
-    if not data.is_dir():
-        write_cifar10(data)
-    out.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores; model {args.model}; "
              f"median of {args.repeats} runs", "",

@@ -48,8 +48,8 @@ class PlattSVC(CalibratedClassifierCV):
     Probabilities come from sigmoids fitted to 3-fold cross-validated decision values, then one
     SVM is fitted on all the data (`ensemble=False`). SVC(probability=True) did the same with
     5 folds inside libsvm: the same labels at 1.6 times the fitting time on 5,000 CIFAR-10
-    feature vectors (docs/benchmarks.md), and scikit-learn 1.11 removes it. Labels stay the SVM's own, not the argmax of the
-    calibrated probabilities, which can disagree with it.
+    feature vectors (docs/benchmarks.md), and scikit-learn 1.11 removes it. Labels stay the
+    SVM's own, not the argmax of the calibrated probabilities, which can disagree with it.
     """
 
     def predict(self, X):

@@ -80,7 +80,7 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         attrs["cost"] = extraction_cost(parts, plan, dev, prec, setup)
         blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
-        rows = {s: sum(min(block_rows, len(manifest.splits[s]) - k * block_rows) for k in ks) for s, ks in plan.items()}
+        rows = {s: sum(len(block_samples(manifest, s, k, block_rows)) for k in ks) for s, ks in plan.items()}
         store.write_cache(path, attrs, blocks, dtype, rows)
         parts.remove()
         with store.FeatureStore(path) as st:
@@ -181,13 +181,17 @@ def block_plan(manifest: data.Manifest, rows: int, shard_i: int, shard_n: int) -
     return plan
 
 
+def block_samples(manifest: data.Manifest, split: str, k: int, rows: int) -> list[tuple[str, int]]:
+    """The (path, label) pairs of block k of a split."""
+    return manifest.splits[split][k * rows:(k + 1) * rows]
+
+
 def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, todo: dict[str, list[int]],
                rows: int, parts: store.Parts, prep: dict, device: torch.device, precision: str,
                workers: int, progress: bool) -> None:
     """Compute the missing blocks, saving each as soon as it is done."""
     apply_precision(precision)
     extractor = extractor.to(device, memory_format=torch.channels_last)
-    total = sum(min(rows, len(manifest.splits[s]) - k * rows) for s, ks in todo.items() for k in ks)
     # One loader over every split's missing blocks, each batch exactly one block: the decoding
     # workers are forked once, from a small process, rather than again for each split from one
     # grown by the split before (their copy-on-write pages then add up).
@@ -195,18 +199,18 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
     paths: list[str] = []
     batches = []
     for split, k in jobs:
-        chosen = manifest.splits[split][k * rows:(k + 1) * rows]
+        chosen = block_samples(manifest, split, k, rows)
         batches.append(list(range(len(paths), len(paths) + len(chosen))))
         paths += [p for p, _ in chosen]
     loader = torch.utils.data.DataLoader(
         data.ImageDataset(manifest.root, paths, prep), batch_sampler=batches, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("extracting", total=total)
+        task = bar.add_task("extracting", total=len(paths))
         tick = time.perf_counter()
         for (split, k), (images, reasons) in zip(jobs, loader):
             feats = backbones.run_batch(extractor, images, prep, device, precision)
-            block = make_block(feats, reasons, manifest.splits[split][k * rows:(k + 1) * rows])
+            block = make_block(feats, reasons, block_samples(manifest, split, k, rows))
             for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
                 warn(f"skipped {path}: {reason}")
             now = time.perf_counter()

@@ -190,16 +190,16 @@ def _write_file(tmp: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype
 
 
 def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dims: dict, dtype: str,
-                 rows: int) -> None:
+                 split_rows: int) -> None:
     text = h5py.string_dtype()
     # Chunks of at most 4 MB, and no larger than the split: HDF5 allocates whole chunks, so a
     # 16-image cache would otherwise take 12 MB on disk.
-    rows = max(1, min(rows, CHUNK_ROWS))
+    chunk = max(1, min(split_rows, CHUNK_ROWS))
     feats = {t: group.create_dataset(f"features/{t}", shape=(0, dims[t]), maxshape=(None, dims[t]), dtype=dtype,
-                                     chunks=(max(1, min(rows, 2**22 // (4 * dims[t]))), dims[t]))
+                                     chunks=(max(1, min(chunk, 2**22 // (4 * dims[t]))), dims[t]))
              for t in taps}
-    labels = group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(rows,))
-    paths = group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(rows,))
+    labels = group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(chunk,))
+    paths = group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(chunk,))
     skipped_rows: list[tuple[str, str]] = []
     # Checksums are taken as the rows stream in, so the written file is not read back.
     hashes = {ds.name: hashlib.sha256() for ds in [labels, paths, *feats.values()]}
