@@ -105,7 +105,8 @@ def finetune(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and the new head.")] = 0,
-    deterministic: Annotated[bool, typer.Option(help="Use deterministic algorithms only.")] = False,
+    deterministic: Annotated[bool, typer.Option(
+        help="Bit-identical reruns and resumes on one machine (deterministic torch, oneDNN, MKL).")] = False,
     max_images: Annotated[int | None, typer.Option(help="Use at most N images per split (quick trials).")] = None,
     workers: Annotated[int | None, typer.Option(help="Decoding worker processes.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder [default: runs/finetune/MODEL]; "
