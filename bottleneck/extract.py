@@ -8,6 +8,8 @@ killed at any moment resumes where it stopped and ends with the same file.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -207,7 +209,7 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("extracting", total=len(paths))
-        tick = time.perf_counter()
+        tick = trimmed = time.perf_counter()
         for (split, k), (images, reasons) in zip(jobs, loader):
             feats = backbones.run_batch(extractor, images, prep, device, precision)
             block = make_block(feats, reasons, block_samples(manifest, split, k, rows))
@@ -218,6 +220,32 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
             tick = now
             parts.write(split, k, block)
             bar.advance(task, len(reasons))
+            if now - trimmed > TRIM_SECONDS:
+                release_freed_memory()
+                trimmed = now
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed by the last block back to the system (glibc only).
+
+    A block's activations are freed when it is done, but glibc keeps the pages, and over a
+    long run the kept pages had grown the process by half a gigabyte. Trimming after every
+    block cost 8 % in speed (the next block faults the pages in again); every TRIM_SECONDS
+    bounds the growth for a fraction of that."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
+TRIM_SECONDS = 10.0
 
 
 def make_block(feats: dict[str, torch.Tensor], reasons: list[str], samples: list[tuple[str, int]]) -> dict:
