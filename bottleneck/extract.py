@@ -9,7 +9,6 @@ killed at any moment resumes where it stopped and ends with the same file.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
@@ -238,10 +237,10 @@ def release_freed_memory() -> None:
 
 def _load_libc():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
+        libc = ctypes.CDLL(None)  # the C library the interpreter already uses
+    except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc has it; macOS and musl have nothing to trim
 
 
 _LIBC = _load_libc()
