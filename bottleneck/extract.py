@@ -225,7 +225,7 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
 
 
 def release_freed_memory() -> None:
-    """Give the heap pages freed by the last block back to the system (glibc only).
+    """Give the heap pages that finished blocks freed back to the system (glibc only).
 
     A block's activations are freed when it is done, but glibc keeps the pages, and over a
     long run the kept pages had grown the process by half a gigabyte. Trimming after every
