@@ -18,13 +18,14 @@ import numpy as np
 import sklearn
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold, train_test_split
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from bottleneck import data
 from bottleneck import report as reports
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
@@ -39,7 +40,6 @@ GRIDS = {
     "mlp": {"clf__alpha": [1e-3, 1e-2, 1e-1, 1.0], "clf__hidden_layer_sizes": [(256,), (1024,)]},
     "knn": {"clf__n_neighbors": [1, 5, 11, 21]},
 }
-HOLDOUT_FRACTION = 0.25
 
 
 class PlattSVC(CalibratedClassifierCV):
@@ -80,11 +80,13 @@ def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None) ->
 
 def fit(features: str, clf: str = "logreg", layer: str | None = None, search: bool = False,
         class_weight: str | None = None, seed: int = 0, out: str | None = None,
-        train_sizes: str | None = None) -> Path:
+        train_sizes: str | None = None, force: bool = False) -> Path:
     """Train a classifier on a cache's features; returns the path of its report.json.
 
     `layer="all"` fits one classifier per tap (a layer probe); `train_sizes="10,50,all"`
-    refits on that many training images per class (a learning curve).
+    refits on that many training images per class (a learning curve). Each result gets a
+    folder named by what distinguishes it; one holding a result of other settings is
+    refused unless `force`.
     """
     make_classifier(clf, seed, class_weight)  # validate before any work
     with FeatureStore(features) as st:
@@ -94,13 +96,20 @@ def fit(features: str, clf: str = "logreg", layer: str | None = None, search: bo
         out_dir = Path(out) if out else Path("runs") / "fit" / Path(features).stem
         if train_sizes:
             return learning_curve(st, taps[-1], clf, train_sizes, class_weight, seed, out_dir)
-        paths = [fit_one(st, tap, clf, search, class_weight, seed, out_dir / f"{tap}-{clf}") for tap in taps]
-        return paths[0] if layer != "all" else layer_probe(paths, out_dir)
+        settings = {"clf": clf, "search": search, "class_weight": class_weight, "seed": seed}
+        paths = [fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), force) for tap in taps]
+        return paths[0] if layer != "all" else layer_probe(paths, out_dir, folder_name("layers", **settings))
+
+
+def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed: int) -> str:
+    """The folder of one fit: tap and classifier, then each setting that differs from the default."""
+    parts = [tap, clf] + (["search"] if search else []) + ([f"cw-{class_weight}"] if class_weight else [])
+    return "-".join(parts + ([f"seed{seed}"] if seed else []))
 
 
 def save_classifier(pipe: Pipeline, path: Path) -> None:
     """joblib.dump under a temporary name, then rename: a full disk never leaves half a model."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         joblib.dump(pipe, tmp)
         os.replace(tmp, path)
@@ -110,57 +119,104 @@ def save_classifier(pipe: Pipeline, path: Path) -> None:
 
 
 def split_data(st: FeatureStore, tap: str, seed: int) -> dict:
-    """Train/val/test arrays from the cache's splits; a seeded hold-out when it has only one."""
-    d = {s: (st.features(s, tap), st.labels(s)) for s in st.splits}
+    """{split: (features, labels, paths)} from the cache; data.split_samples holds out a test
+    split when the cache has none, exactly as finetune would on the same data."""
+    d = {s: (st.features(s, tap), st.labels(s), st.paths(s)) for s in st.splits}
     if "test" not in d:
-        x, y = d.pop("train") if "train" in d else d.pop(st.splits[0])
-        xa, xb, ya, yb = train_test_split(x, y, test_size=HOLDOUT_FRACTION, stratify=y, random_state=seed)
-        d["train"], d["test"] = (xa, ya), (xb, yb)
-        d["holdout"] = {"fraction": HOLDOUT_FRACTION, "seed": seed, "stratified": True}
+        source = "train" if "train" in d else st.splits[0]
+        x, y, paths = d.pop(source)
+        split_seed = st.attrs.get("split_info", {}).get("seed", 0)  # the split's seed, never the classifier's
+        parts = data.split_samples(list(zip(paths, y.tolist())), 0.0, data.DEFAULT_TEST_FRACTION, split_seed)
+        row = {p: i for i, p in enumerate(paths)}
+        for name in ("train", "test"):
+            idx = np.array([row[p] for p, _ in parts[name]], dtype=int)
+            d[name] = (x[idx], y[idx], [paths[i] for i in idx])
+        d["holdout"] = {"from": source, "test_fraction": data.DEFAULT_TEST_FRACTION, "seed": split_seed,
+                        "by": "bottleneck.data.split_samples"}
+        if not len(d["test"][1]):
+            raise BottleneckError(f"{st.path} has no test split and too few images per class to hold one out")
     if "train" not in d:
         raise BottleneckError(f"{st.path} has no train split to fit on")
     return d
 
 
-def fit_one(st: FeatureStore, tap: str, clf: str, search: bool, class_weight: str | None, seed: int,
-            out: Path) -> Path:
+def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> None:
+    """Refuse to replace a result made with other settings or from another cache, unless forced."""
+    path = out / "report.json"
+    if force or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+        before = {"settings": old.get("settings"), "cache": old.get("cache", {}).get("fingerprint")}
+    except (OSError, ValueError, AttributeError):
+        before = {}
+    now = {"settings": settings, "cache": fingerprint}
+    changed = [k for k in now if before.get(k) != now[k]]
+    if changed:
+        raise BottleneckError(f"{out} already holds a fit with other {' and '.join(changed)}; pass --force "
+                              "to replace it, or --out another folder")
+
+
+def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool = False) -> Path:
+    clf, search, class_weight, seed = (settings[k] for k in ("clf", "search", "class_weight", "seed"))
     d = split_data(st, tap, seed)
-    (x, y), (x_test, y_test) = d["train"], d["test"]
+    (x, y, _), (x_test, y_test, test_paths) = d["train"], d["test"]
+    settings = settings | {"tap": tap}
+    check_previous(out, settings, st.attrs["fingerprint"], force)
     pipe = make_classifier(clf, seed, class_weight)
     started = time.perf_counter()
-    chosen = {}
+    chosen, trained_on = {}, ["train"]
     if search:
         pipe, chosen, x, y = search_params(pipe, clf, d, seed)
+        trained_on += ["val"] if "val" in d else []
     else:
         pipe.fit(x, y)
     fit_seconds = time.perf_counter() - started
     started = time.perf_counter()
     y_pred = pipe.predict(x_test)
+    probs = class_probabilities(pipe, x_test, len(st.classes))
     predict_seconds = time.perf_counter() - started
-    pipe.bottleneck_ = provenance(st, tap, clf)
-    out.mkdir(parents=True, exist_ok=True)
-    save_classifier(pipe, out / "model.joblib")
-    rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf,
+    pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout")}
+    rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf, "settings": settings,
            "params": estimator_params(pipe),
            "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in GRIDS[clf].items()},
                       "chosen": chosen} if search else None,
-           "classes": st.classes, "split": "test", "holdout": d.get("holdout"),
+           "classes": st.classes, "split": "test", "holdout": d.get("holdout"), "trained_on": trained_on,
+           "test_set": reports.test_set("test", test_paths, y_test, st.classes),
+           "data_root": st.attrs.get("data_root"),
            "n_train": int(len(y)), "n_test": int(len(y_test)),
            **reports.metrics(y_test, y_pred, st.classes),
-           "cost": {"fit_seconds": round(fit_seconds, 3), "predict_seconds": round(predict_seconds, 4),
+           "cost": {"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
                     "extraction": st.attrs.get("cost", {})},
            "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]}}
+    out.mkdir(parents=True, exist_ok=True)
+    # Model and predictions first, the report last: a report always describes the files beside it.
+    save_classifier(pipe, out / "model.joblib")
+    reports.write_predictions(out, test_paths, y_test, y_pred, probs, st.classes)
     path = reports.write_report(out, rep)
-    note(f"{clf} on {tap}: test accuracy {rep['accuracy']:.3f}, balanced {rep['balanced_accuracy']:.3f} "
-         f"(fit {fit_seconds:.1f} s)")
+    lo, hi = rep["accuracy_ci"]
+    note(f"{clf} on {tap}: test accuracy {rep['accuracy']:.3f} (95 % CI {lo:.3f}-{hi:.3f}), balanced "
+         f"{rep['balanced_accuracy']:.3f} (fit {_duration(fit_seconds)})")
     return path
+
+
+def class_probabilities(pipe: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class of the cache, in its order (predict_proba's own
+    columns are only the classes seen in training)."""
+    full = np.zeros((len(x), n_classes))
+    full[:, np.asarray(pipe.classes_, dtype=int)] = pipe.predict_proba(x)
+    return full
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def search_params(pipe: Pipeline, clf: str, d: dict, seed: int):
     """Grid search on the validation split when there is one, else 5-fold CV on train."""
-    (x, y) = d["train"]
+    (x, y, _) = d["train"]
     if "val" in d:
-        xv, yv = d["val"]
+        xv, yv, _ = d["val"]
         cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yv))])
         x, y = np.concatenate([x, xv]), np.concatenate([y, yv])  # refit on train + val
     else:
@@ -181,7 +237,8 @@ def estimator_params(pipe: Pipeline) -> dict:
 
 def provenance(st: FeatureStore, tap: str, clf: str) -> dict:
     a = st.attrs
-    keys = ("model", "weights", "weights_arg", "pool", "preprocessing", "precision", "classes", "fingerprint")
+    keys = ("model", "weights", "weights_arg", "pool", "preprocessing", "precision", "classes", "fingerprint",
+            "dataset_fingerprint", "split_info")
     return {k: a.get(k) for k in keys} | {"tap": tap, "clf": clf, "cache": str(st.path),
                                           "versions": a.get("versions", {}) | {"sklearn": sklearn.__version__}}
 
@@ -192,24 +249,26 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def layer_probe(paths: list[Path], out: Path) -> Path:
+def layer_probe(paths: list[Path], out: Path, name: str = "layers") -> Path:
     rows = [json.loads(p.read_text()) for p in paths]
     table = [{"tap": r["tap"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"],
               "macro_f1": r["macro_f1"]} for r in rows]
-    reports.plot_curve([r["tap"] for r in table], [r["accuracy"] for r in table], "tap", out / "layers.png",
+    reports.plot_curve([r["tap"] for r in table], [r["accuracy"] for r in table], "tap", out / f"{name}.png",
                        title=f"{rows[0]['model']} {rows[0]['clf']}: test accuracy by layer")
-    return _write_table(out / "layers.json", table)
+    return _write_table(out / f"{name}.json", table)
 
 
 def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weight: str | None, seed: int,
                    out: Path) -> Path:
     d = split_data(st, tap, seed)
-    (x, y), (x_test, y_test) = d["train"], d["test"]
+    (x, y, _), (x_test, y_test, _) = d["train"], d["test"]
     try:
         wanted = [None if s.strip() == "all" else int(s) for s in sizes.split(",")]
+        if any(n is not None and n < 1 for n in wanted):  # 0 once meant "all", -25 was accepted
+            raise ValueError
     except ValueError:
-        raise BottleneckError(f"--train-sizes must be numbers per class or 'all', e.g. 10,50,all; not '{sizes}'") \
-            from None
+        raise BottleneckError(f"--train-sizes must be positive numbers per class or 'all', e.g. 10,50,all; "
+                              f"not '{sizes}'") from None
     rng = np.random.default_rng(seed)
     order = {c: rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)}
     table = []

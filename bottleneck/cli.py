@@ -23,6 +23,10 @@ data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
+# The split options of extract and finetune: one function (data.split_samples) decides for both.
+VAL_FRACTION_HELP = "Validation fraction carved from train [default: 0.1 for data without splits, else none]."
+TEST_FRACTION_HELP = "Test fraction carved from train [default: 0.25 for data without splits, else none]."
+SPLIT_SEED_HELP = "Seed of the stratified split (the same for extract and finetune gives the same test images)."
 # Piped output is not cut to 80 columns: file names in tables must survive `| grep`.
 out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
 
@@ -46,16 +50,18 @@ def extract(
     dtype: Annotated[str, typer.Option(help="Storage type: float32 or float16.")] = "float32",
     shard: Annotated[str, typer.Option(help="Compute shard I of N (0-based), e.g. 0/4.")] = "0/1",
     force: Annotated[bool, typer.Option(help="Extract again even if a complete cache exists.")] = False,
-    val_fraction: Annotated[float, typer.Option(help="Validation fraction for data without splits.")] = 0.0,
-    test_fraction: Annotated[float, typer.Option(help="Test fraction for data without splits.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 0,
+    val_fraction: Annotated[float | None, typer.Option(help=VAL_FRACTION_HELP)] = None,
+    test_fraction: Annotated[float | None, typer.Option(help=TEST_FRACTION_HELP)] = None,
+    split_seed: Annotated[int, typer.Option("--split-seed", "--seed", help=SPLIT_SEED_HELP)] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Extract features of a folder of labelled images into an HDF5 cache; prints its path last."""
     from bottleneck.extract import extract as run
 
-    path = run(model, str(data_dir), layer, pool, weights, str(out_dir), batch_size, workers, device,
-               precision, dtype, shard, force, val_fraction, test_fraction, seed, progress)
+    path = run(model, str(data_dir), layer=layer, pool=pool, weights=weights, out=str(out_dir),
+               batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype, shard=shard,
+               force=force, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+               progress=progress)
     out.print(str(path))
 
 
@@ -72,12 +78,15 @@ def fit(
                                                     "[default: runs/fit/<cache name>].")] = None,
     train_sizes: Annotated[str | None, typer.Option(help="Learning curve: images per class, "
                                                        "e.g. 10,25,50,100,all.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace a result of other settings in the same folder.")] = False,
 ) -> None:
-    """Train a classifier on cached features; writes model.joblib and report.json, prints its path last."""
+    """Train a classifier on cached features; writes model.joblib, predictions.csv and report.json.
+
+    Prints the report's path last."""
     from bottleneck.classify import fit as run
 
-    path = run(str(features), clf, layer, search, class_weight, seed, str(out_dir) if out_dir else None,
-               train_sizes)
+    path = run(str(features), clf, layer=layer, search=search, class_weight=class_weight, seed=seed,
+               out=str(out_dir) if out_dir else None, train_sizes=train_sizes, force=force)
     out.print(str(path))
 
 
@@ -104,10 +113,14 @@ def finetune(
                                                "the best validation epoch, or of the last.")] = True,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and the new head.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and the new head (not of the "
+                                      "split: see --split-seed).")] = 0,
     deterministic: Annotated[bool, typer.Option(
         help="Bit-identical reruns and resumes on one machine (deterministic torch, oneDNN, MKL).")] = False,
     max_images: Annotated[int | None, typer.Option(help="Use at most N images per split (quick trials).")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help=VAL_FRACTION_HELP)] = None,
+    test_fraction: Annotated[float | None, typer.Option(help=TEST_FRACTION_HELP)] = None,
+    split_seed: Annotated[int, typer.Option(help=SPLIT_SEED_HELP)] = 0,
     workers: Annotated[int | None, typer.Option(help="Decoding worker processes.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder [default: runs/finetune/MODEL]; "
                                                  "rerunning with the same folder resumes.")] = None,
@@ -119,9 +132,12 @@ def finetune(
     """
     from bottleneck.finetune import finetune as run
 
-    path = run(model, str(data_dir), weights, unfreeze, head_epochs, epochs, lr, backbone_lr_mult, optimizer,
-               schedule, augment, patience, batch_size, precision, seed, str(out_dir) if out_dir else None,
-               workers, device, deterministic, image_size, max_images, monitor, tta, restore_best, progress)
+    path = run(model, str(data_dir), weights=weights, unfreeze=unfreeze, head_epochs=head_epochs, epochs=epochs,
+               lr=lr, backbone_lr_mult=backbone_lr_mult, optimizer=optimizer, schedule=schedule, augment=augment,
+               patience=patience, batch_size=batch_size, precision=precision, seed=seed,
+               out=str(out_dir) if out_dir else None, workers=workers, device=device, deterministic=deterministic,
+               image_size=image_size, max_images=max_images, monitor=monitor, tta=tta, restore_best=restore_best,
+               val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, progress=progress)
     out.print(str(path))
 
 
@@ -130,17 +146,23 @@ def evaluate(
     model: Annotated[Path, typer.Argument(help="model.joblib written by 'bottleneck fit'.")],
     features: Annotated[Path, typer.Option(help="A compatible feature cache.")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Also write report.json and predictions.csv "
+                                                 "here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Re-score a saved classifier on a compatible cache."""
     from bottleneck.predict import evaluate as run
 
-    rep = run(str(model), str(features), split)
+    rep = run(str(model), str(features), split, out=str(out_dir) if out_dir else None)
     if as_json:
         out.print(json.dumps(rep, indent=1))
         return
+    lo, hi = rep["accuracy_ci"]
     out.print(f"{rep['clf']} on {rep['model']} {rep['tap'] or ''}, {split} ({rep['n_test']} images): accuracy "
-              f"{rep['accuracy']:.4f}, balanced {rep['balanced_accuracy']:.4f}, macro-F1 {rep['macro_f1']:.4f}")
+              f"{rep['accuracy']:.4f} (95 % CI {lo:.4f}-{hi:.4f}), balanced {rep['balanced_accuracy']:.4f}, "
+              f"macro-F1 {rep['macro_f1']:.4f}")
+    if rep.get("caveat"):
+        err.print(f"note: {rep['caveat']}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -167,9 +189,11 @@ def predict(
         import csv
 
         w = csv.writer(sys.stdout)
-        w.writerow(["path", "label", "probability", "error"])
+        w.writerow(["path", "label", "probability", "error", f"top {top_k}"])
         for r in rows:
-            w.writerow([r["path"], r["label"] or "", f"{r['probability']:.4f}" if r["label"] else "", r["error"] or ""])
+            top = "; ".join(f"{c} {p:.4f}" for c, p in r["top"])  # --top-k once showed only the label here
+            w.writerow([r["path"], r["label"] or "", f"{r['probability']:.4f}" if r["label"] else "", r["error"] or "",
+                        top])
     else:
         table = Table("image", "prediction", f"top {top_k}")
         for r in rows:
@@ -201,8 +225,16 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 def weights_fetch(names: Annotated[list[str], typer.Argument(help="Model names.")],
                   weights: Annotated[str, typer.Option(help="Which weights.")] = "DEFAULT") -> None:
     """Download pretrained weights into the torch/timm caches (TORCH_HOME is honoured)."""
+    from bottleneck.errors import WeightsUnavailable
+
     for name in names:
-        ref = backbones.fetch_weights(backbones.resolve_weights(name, weights))
+        ref = backbones.resolve_weights(name, weights)
+        try:
+            backbones.fetch_weights(ref)
+        except WeightsUnavailable:  # its advice is to run this very command: give the next step instead
+            raise WeightsUnavailable(f"cannot download the weights for {name}: this machine is offline; run this "
+                                     f"command on a machine with internet, then copy {ref.path} to the same "
+                                     "path here (or set TORCH_HOME to where it is)") from None
         out.print(f"{name}: {ref.path or 'no file needed'}")
 
 
@@ -342,15 +374,19 @@ def run_experiment(
 @app.command()
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Folders to search for report.json files.")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Where comparison.{md,csv,json,png} go "
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where comparison.{md,csv,json,png} and report.html go "
                                                  "[default: the first folder].")] = None,
+    reference: Annotated[str | None, typer.Option(help="Row every other is measured against: its id (the "
+                                                  "report's folder under the run folder) [default: the best "
+                                                  "fixed-feature row].")] = None,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Compare fixed-feature classifiers and fine-tuning: accuracy and cost, as a table and comparison.png."""
+    """Compare fixed-feature classifiers and fine-tuning on the same test images: accuracy with 95 % intervals,
+    paired differences, cost and a verdict; writes comparison.{md,csv,json,png} and report.html."""
     from bottleneck.compare import compare as run
 
-    path = run([str(d) for d in run_dirs], str(out_dir) if out_dir else None)
+    path = run([str(d) for d in run_dirs], str(out_dir) if out_dir else None, reference=reference)
     suffix = ".json" if as_json else ".csv" if as_csv else ".md"
     out.print(path.with_suffix(suffix).read_text(), end="" if suffix != ".json" else "\n")
 

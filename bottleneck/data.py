@@ -43,16 +43,28 @@ class Manifest:
         return sum(len(v) for v in self.splits.values())
 
 
-def load_manifest(data: str | os.PathLike, val_fraction: float = 0.0, test_fraction: float = 0.0,
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_TEST_FRACTION = 0.25
+
+
+def load_manifest(data: str | os.PathLike, val_fraction: float | None = None, test_fraction: float | None = None,
                   seed: int = 0) -> Manifest:
-    """Read an ImageFolder tree (with or without split folders) or a CSV manifest."""
+    """Read an ImageFolder tree (with or without split folders) or a CSV manifest, with its splits.
+
+    Data that defines no splits is split by `split_samples` with the given fractions, or
+    DEFAULT_VAL_FRACTION and DEFAULT_TEST_FRACTION where they are None. Data with its own
+    splits keeps them; a fraction given for a split it lacks carves that split from train.
+    """
     path = Path(data)
     if not path.exists():
         raise BottleneckError(f"data path {data} does not exist")
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise BottleneckError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if value is not None and not 0 <= value < 1:
+            raise BottleneckError(f"{name} must be in [0, 1), not {value}")
+    if (val_fraction or 0) + (test_fraction or 0) >= 1:
+        raise BottleneckError("--val-fraction and --test-fraction must sum below 1")
     if path.is_file():
-        manifest = _from_csv(path, val_fraction, test_fraction, seed)
+        manifest = _from_csv(path)
     else:
         subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
         if set(subdirs) & set(SPLITS):
@@ -65,12 +77,77 @@ def load_manifest(data: str | os.PathLike, val_fraction: float = 0.0, test_fract
             samples, classes = _class_folders(path)
             manifest = Manifest(str(path.resolve()), classes, {"train": samples},
                                 {"source": "class-folders"})
-    if val_fraction > 0 or test_fraction > 0:
-        if manifest.split_info["source"] == "folders" or "split" in manifest.split_info:
-            raise BottleneckError(f"{data} already defines its splits; drop --val-fraction/--test-fraction")
-        _split_by_fractions(manifest, val_fraction, test_fraction, seed)
+    if "split" in manifest.split_info or manifest.split_info["source"] == "folders":
+        given = [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f and s in manifest.splits]
+        if given:
+            raise BottleneckError(f"{data} already has a {given[0]} split; drop --{given[0]}-fraction")
+        # Data with its own splits keeps them, but is never left without test images to score on.
+        missing_test = "test" not in manifest.splits and test_fraction is None
+        carve = {"val": val_fraction or 0.0, "test": DEFAULT_TEST_FRACTION if missing_test else test_fraction or 0.0}
+    else:
+        carve = {"val": DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+                 "test": DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction}
+    if any(carve.values()):
+        carve_splits(manifest, carve, seed)
     _check(manifest)
     return manifest
+
+
+def ensure_splits(m: Manifest, needed: tuple[str, ...], seed: int) -> Manifest:
+    """Carve each needed split the data lacks from train, at its default fraction (finetune needs val)."""
+    defaults = {"val": DEFAULT_VAL_FRACTION, "test": DEFAULT_TEST_FRACTION}
+    missing = {s: defaults[s] for s in needed if s not in m.splits}
+    if missing:
+        carve_splits(m, missing, seed)
+    for split in needed:
+        if split not in m.splits:
+            raise BottleneckError(f"{m.root} has too few images per class to hold out a {split} split; add images "
+                                  f"or give {split}/ folders")
+    return m
+
+
+def carve_splits(m: Manifest, fractions: dict[str, float], seed: int) -> None:
+    """Move `fractions` of each class of train into new splits, recording how in `split_info`."""
+    if "train" not in m.splits:
+        raise BottleneckError(f"{m.root} has no train split to take {' and '.join(fractions)} images from")
+    parts = split_samples(m.splits.pop("train"), fractions.get("val", 0.0), fractions.get("test", 0.0), seed)
+    merged = m.splits | {s: v for s, v in parts.items() if v}
+    m.splits = {s: sorted(merged[s]) for s in SPLITS if merged.get(s)}
+    m.split_info |= {"split": "stratified", "seed": seed,
+                     **{f"{s}_fraction": f for s, f in fractions.items() if f}}
+
+
+def split_samples(samples: list[tuple[str, int]], val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, list[tuple[str, int]]]:
+    """The one place a split is decided: per class, a seeded order puts the first images in test,
+    the next in val, the rest in train. Every stage calls this, so extract's, fit's and
+    finetune's test images are the same files."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list] = {"train": [], "val": [], "test": []}
+    samples = sorted(samples)
+    for label in sorted({lab for _, lab in samples}):
+        members = [s for s in samples if s[1] == label]
+        n_test, n_val = _share(len(members), test_fraction), _share(len(members), val_fraction)
+        n_test = min(n_test, len(members) - 1)  # every class keeps at least one training image
+        n_val = min(n_val, max(0, len(members) - 1 - n_test))
+        order = rng.permutation(len(members))
+        for rank, i in enumerate(order):
+            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            parts[split].append(members[i])
+    return {s: sorted(v) for s, v in parts.items()}
+
+
+def _share(n: int, fraction: float) -> int:
+    # At least one image of a class of three or more, so every class is scored.
+    return max(1, round(n * fraction)) if fraction > 0 and n >= 3 else round(n * fraction)
+
+
+def split_digest(pairs: list[tuple[str, str]]) -> str:
+    """sha256 of sorted (relative path, class name) pairs: equal digests, equal test images."""
+    h = hashlib.sha256()
+    for rel, label in sorted(pairs):
+        h.update(f"{rel}\0{label}\n".encode())
+    return h.hexdigest()
 
 
 def _class_folders(root: Path, prefix: str = "") -> tuple[list[tuple[str, int]], list[str]]:
@@ -78,7 +155,7 @@ def _class_folders(root: Path, prefix: str = "") -> tuple[list[tuple[str, int]],
     loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     if loose:
         raise BottleneckError(f"{root} holds files outside class folders ({', '.join(loose[:3])}); "
-                              "images must be in {root}/<class>/")
+                              f"images must be in {root}/<class>/")
     if not classes:
         raise BottleneckError(f"{root} has no class folders; expected {root}/<class>/<image files>")
     samples = []
@@ -112,7 +189,7 @@ def _from_split_folders(root: Path, present: list[str]) -> Manifest:
     return Manifest(str(root.resolve()), classes, splits, {"source": "folders"})
 
 
-def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Manifest:
+def _from_csv(path: Path) -> Manifest:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [[c.strip() for c in r] for r in csv.reader(f) if r and not r[0].startswith("#")]
@@ -150,23 +227,6 @@ def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) 
             raise BottleneckError(f"manifest {path}: split '{split}' has no images of "
                                   f"{', '.join(classes[i] for i in sorted(missing))}; every split needs every class")
     return Manifest(str(path.parent.resolve()), classes, ordered, info)
-
-
-def _split_by_fractions(m: Manifest, val_fraction: float, test_fraction: float, seed: int) -> None:
-    samples = m.splits.pop("train")
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list] = {"train": [], "val": [], "test": []}
-    for label in range(len(m.classes)):
-        members = [s for s in samples if s[1] == label]
-        order = rng.permutation(len(members))
-        n_test = round(len(members) * test_fraction)
-        n_val = round(len(members) * val_fraction)
-        for rank, i in enumerate(order):
-            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-            parts[split].append(members[i])
-    m.splits = {s: sorted(v) for s, v in parts.items() if v}
-    m.split_info |= {"split": "stratified",
-                     "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
 
 
 def _check(m: Manifest) -> None:
@@ -287,7 +347,7 @@ def write_elpv(out: str | os.PathLike, seed: int = 0) -> Manifest:
     samples = [(r[0], 0 if float(r[1]) >= 0.5 else 1) for r in rows]
     m = Manifest(str(src), classes, {"train": sorted(samples)}, {"source": "elpv"})
     # 25 % test, then 10 % of the remaining 75 % for validation (7.5 % of the whole).
-    _split_by_fractions(m, val_fraction=0.075, test_fraction=0.25, seed=seed)
+    carve_splits(m, {"val": 0.075, "test": 0.25}, seed)
     out = Path(out)
     for split in SPLITS:  # a rerun with another seed must not leave links of the old split behind
         if (out / split).is_dir():

@@ -31,9 +31,13 @@ DTYPES = ("float32", "float16")
 def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str = "avg",
             weights: str = "DEFAULT", out: str = "cache", batch_size: int = 64, workers: int | None = None,
             device: str = "auto", precision: str = "auto", dtype: str = "float32", shard: str = "0/1",
-            force: bool = False, val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0,
-            progress: bool = True) -> Path:
-    """Extract features of every image under `data_dir`; returns the cache's path."""
+            force: bool = False, val_fraction: float | None = None, test_fraction: float | None = None,
+            split_seed: int = 0, progress: bool = True) -> Path:
+    """Extract features of every image under `data_dir`; returns the cache's path.
+
+    Data without its own splits is split by `data.split_samples` (fractions default to 0.1 and
+    0.25), the same function finetune and fit use, so all three score the same test images.
+    """
     started = time.perf_counter()
     taps = backbones.resolve_taps(model, layer)
     if pool not in backbones.POOLS:
@@ -47,7 +51,7 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     shard_i, shard_n = parse_shard(shard)
-    manifest = data.load_manifest(data_dir, val_fraction, test_fraction, seed)
+    manifest = data.load_manifest(data_dir, val_fraction, test_fraction, split_seed)
     ref = backbones.resolve_weights(model, weights)
     attrs = cache_attrs(model, ref, taps, pool, prec, dtype, manifest)
     path = cache_path(out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n)

@@ -14,6 +14,7 @@ runs with DistributedDataParallel, each process taking its share of every batch.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -44,14 +45,19 @@ def finetune(model: str, data_dir: str, weights: str = "DEFAULT", unfreeze: str 
              precision: str = "auto", seed: int = 0, out: str | None = None, workers: int | None = None,
              device: str = "auto", deterministic: bool = False, image_size: int | None = None,
              max_images: int | None = None, monitor: str = "loss", tta: bool = True, restore_best: bool = True,
+             val_fraction: float | None = None, test_fraction: float | None = None, split_seed: int = 0,
              progress: bool = True) -> Path:
-    """Fine-tune `model` on `data_dir`; returns the path of OUT/report.json."""
+    """Fine-tune `model` on `data_dir`; returns the path of OUT/report.json.
+
+    The splits come from the same function, fractions and `split_seed` as extract's, so both
+    paths are scored on the same test images; `seed` drives only training (order, augmentation,
+    the new head), so repeats over seeds keep the test set.
+    """
     args = {k: v for k, v in locals().items() if k not in ("out", "workers", "progress")}
     validate(args)
     out_dir = Path(out) if out else Path("runs") / "finetune" / model
     if (out_dir / "report.json").is_file():
-        note(f"{out_dir} already holds a finished run; delete it to train again")
-        return out_dir / "report.json"
+        return finished_run(out_dir, args)
     started = time.perf_counter()
     rank, world = setup_distributed()
     dev = resolve_device(f"cuda:{local_rank()}" if device == "auto" and torch.cuda.is_available() else device)
@@ -60,9 +66,11 @@ def finetune(model: str, data_dir: str, weights: str = "DEFAULT", unfreeze: str 
     prec = resolve_precision(precision, dev)
     apply_precision(prec)
     prep = input_pipeline(model, image_size)
-    splits, classes, split_info, root = load_splits(data_dir, seed, max_images)
-    images = {s: load_images(root, samples, prep, workers, progress and rank == 0)
-              for s, samples in splits.items()}
+    splits, classes, split_info, root = load_splits(data_dir, val_fraction, test_fraction, split_seed, max_images)
+    images, paths = {}, {}
+    for split, samples in splits.items():
+        x, y, paths[split] = load_images(root, samples, prep, workers, progress and rank == 0)
+        images[split] = (x, y)
     net = backbones.build_model(model, weights)
     head = backbones.replace_head(net, model, len(classes), seed)
     net = net.to(dev, memory_format=torch.channels_last)
@@ -70,7 +78,23 @@ def finetune(model: str, data_dir: str, weights: str = "DEFAULT", unfreeze: str 
     run.train(progress and rank == 0)
     if rank != 0:
         return out_dir / "report.json"
-    return run.finish(classes, split_info, time.perf_counter() - started)
+    return run.finish(classes, split_info, root, paths["test"], time.perf_counter() - started)
+
+
+def finished_run(out: Path, args: dict) -> Path:
+    """The report of a finished run in `out` made with these very settings; any other is refused."""
+    path = out / "report.json"
+    try:
+        rep = json.loads(path.read_text())
+        before = rep["params"] | {"model": rep["model"], "data_dir": rep["data"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BottleneckError(f"{path} is not a readable fine-tuning report; delete {out} to train again") from None
+    changed = [k for k in args if before.get(k) != args[k]]
+    if changed:
+        raise BottleneckError(f"{out} holds a finished run with other settings ({', '.join(changed)}); use another "
+                              "--out, or delete it to train again")
+    note(f"{out} already holds this finished run; delete it to train again")
+    return path
 
 
 def validate(a: dict) -> None:
@@ -217,7 +241,7 @@ class Run:
     def _loop(self, ckpt: dict | None, bar) -> None:
         current = None
         note(f"training: {self.steps_per_epoch()} steps per epoch, {self.total} epochs at most")
-        while self.state["epoch"] < self.total:
+        while self.state["epoch"] < self.total and not self.stopped_early():
             epoch = self.state["epoch"]
             phase = self.phase(epoch)
             if phase != current:
@@ -225,15 +249,20 @@ class Run:
                 current, ckpt = phase, None
             self.train_epoch(epoch, bar)
             self.end_epoch(epoch, phase)
-            if phase == "finetune" and self.state["bad_epochs"] >= self.args["patience"]:
+            if self.stopped_early():
                 note(f"early stop after epoch {epoch + 1}: no improvement in {self.args['patience']} epochs")
-                break
         if self.args["restore_best"] and self.state["best_model"] is not None:
             self.net.load_state_dict(self.state["best_model"])
 
+    def stopped_early(self) -> bool:
+        """Whether the last finished epoch, a fine-tuning one, ran out of patience. Read from the
+        state, not decided in the loop, so a run resumed after its early stop stops there too."""
+        return self.state["epoch"] > self.args["head_epochs"] and self.state["bad_epochs"] >= self.args["patience"]
+
     def start_phase(self, phase: str, ckpt: dict | None) -> None:
         if phase == "finetune" and self.args["head_epochs"] and self.state["head_only"] is None:
-            self.state["head_only"] = self.evaluate("test")  # the course's before/after comparison
+            head_only = self.evaluate("test")  # the course's before/after comparison
+            self.state["head_only"] = {k: v for k, v in head_only.items() if k != "probs"}
         self.set_trainable(phase)
         if self.world > 1:  # wrapped after freezing: DDP syncs only the parameters that train
             self.model = nn.parallel.DistributedDataParallel(self.net)
@@ -310,15 +339,19 @@ class Run:
         y_pred = probs.argmax(1)
         loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_all).item()
         return {"loss": loss, "accuracy": float((y_pred == y_all).float().mean()), "y_pred": y_pred.tolist(),
-                "y_true": y_all.tolist()}
+                "y_true": y_all.tolist(), "probs": probs}
 
     # -- the end -----------------------------------------------------------------
-    def finish(self, classes: list[str], split_info: dict, wall: float) -> Path:
+    def finish(self, classes: list[str], split_info: dict, root: str, test_paths: list[str], wall: float) -> Path:
         final = self.evaluate("test")
-        rep = build_report(self, classes, split_info, final, wall)
+        rep = build_report(self, classes, split_info, final, wall) | {"data_root": root}
+        rep["test_set"] = reports.test_set("test", test_paths, final["y_true"], classes)
+        reports.write_predictions(self.out, test_paths, final["y_true"], final["y_pred"], final["probs"].numpy(),
+                                  classes)
         save_atomic({"format": MODEL_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
                      "classes": classes, "preprocessing": self.prep, "precision": self.precision,
                      "tta": self.tta_views(), "head": self.head, "weights": self.args["weights"],
+                     "trained_on": ["train", "val"],  # val chose the epoch: its score is optimistic too
                      "versions": versions()}, self.out / "model.pt")
         reports.plot_history(self.state["history"], self.out / "learning_curve.png", title=f"{self.args['model']}")
         path = reports.write_report(self.out, rep)
@@ -397,7 +430,8 @@ def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wa
     speed = round(s["train_images"] / s["train_seconds"], 2) if s["train_seconds"] else None
     return {"stage": "finetune", "model": a["model"], "tap": None, "clf": "finetune",
             "params": {k: v for k, v in a.items() if k not in ("model", "data_dir")}, "classes": classes,
-            "split": "test", "split_info": split_info, "n_train": len(run.images["train"][1]),
+            "split": "test", "split_info": split_info, "trained_on": ["train", "val"],
+            "n_train": len(run.images["train"][1]),
             "n_val": len(run.images["val"][1]), "n_test": len(final["y_true"]),
             **reports.metrics(np.array(final["y_true"]), np.array(final["y_pred"]), classes),
             "head_only": None if head_only is None else

@@ -16,8 +16,6 @@ from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError
 
 MAX_IMAGE_BYTES = 8 << 30  # decoded training images are kept in memory
-VAL_FRACTION_IF_NONE = 0.1
-TEST_FRACTION_IF_NONE = 0.25
 
 
 def input_pipeline(model: str, image_size: int | None) -> dict:
@@ -28,37 +26,21 @@ def input_pipeline(model: str, image_size: int | None) -> dict:
     return prep
 
 
-def load_splits(data_dir: str, seed: int, max_images: int | None) -> tuple[dict, list[str], dict, str]:
-    """train/val/test sample lists: the data's own splits, or seeded stratified ones where missing."""
-    m = data.load_manifest(data_dir)
-    info = dict(m.split_info)
+def load_splits(data_dir: str, val_fraction: float | None, test_fraction: float | None, split_seed: int,
+                max_images: int | None) -> tuple[dict, list[str], dict, str]:
+    """train/val/test sample lists, split by data.load_manifest exactly as extract splits them;
+    a validation split the data lacks is carved from train by the same function."""
+    m = data.ensure_splits(data.load_manifest(data_dir, val_fraction, test_fraction, split_seed), ("val", "test"),
+                           split_seed)
     splits = dict(m.splits)
-    if "test" not in splits:
-        splits["train"], splits["test"] = _stratified_cut(splits["train"], TEST_FRACTION_IF_NONE, seed)
-        info["test_holdout"] = {"fraction": TEST_FRACTION_IF_NONE, "seed": seed}
-    if "val" not in splits:
-        splits["train"], splits["val"] = _stratified_cut(splits["train"], VAL_FRACTION_IF_NONE, seed)
-        info["val_holdout"] = {"fraction": VAL_FRACTION_IF_NONE, "seed": seed}
     if max_images:  # for quick trials and tests: the first images of each split, in seeded order
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(split_seed)
         splits = {s: sorted(v[i] for i in rng.permutation(len(v))[:max_images]) for s, v in splits.items()}
-    return splits, m.classes, info, m.root
-
-
-def _stratified_cut(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    rng = np.random.default_rng(seed)
-    keep, cut = [], []
-    for label in sorted({lab for _, lab in samples}):
-        members = [s for s in samples if s[1] == label]
-        n_cut = max(1, round(len(members) * fraction))
-        order = rng.permutation(len(members))
-        cut += [members[i] for i in order[:n_cut]]
-        keep += [members[i] for i in order[n_cut:]]
-    return sorted(keep), sorted(cut)
+    return splits, m.classes, dict(m.split_info), m.root
 
 
 def load_images(root: str, samples: list, prep: dict, workers: int | None, progress: bool):
-    """Decode a split once into a uint8 N×3×H×W tensor (bad files are dropped, with a warning)."""
+    """Decode a split once into a uint8 N×3×H×W tensor, labels and paths (bad files are dropped, with a warning)."""
     n, size = len(samples), prep["size"]
     if n * 3 * size * size > MAX_IMAGE_BYTES:
         raise BottleneckError(f"fine-tuning keeps decoded images in memory and {n} images at {size} px need "
@@ -82,7 +64,7 @@ def load_images(root: str, samples: list, prep: dict, workers: int | None, progr
             i += len(batch)
             bar.advance(task, len(batch))
     labels = torch.tensor([lab for _, lab in samples], dtype=torch.long)
-    return images[keep], labels[keep]
+    return images[keep], labels[keep], [samples[i][0] for i in keep]
 
 
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:

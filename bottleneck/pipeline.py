@@ -32,7 +32,7 @@ TOP_KEYS = {"name": str, "out": str, "cache": str}
 DATA_KEYS = {"path": str, "builtin": str, "val_fraction": float, "test_fraction": float, "seed": int}
 BACKBONE_KEYS = {"name": str, "model": str, "weights": str, "layers": list, "pool": str, "batch_size": int,
                  "precision": str, "dtype": str, "device": str, "workers": int}
-FIT_KEYS = {"classifiers": list, "layers": list, "search": bool, "class_weight": str, "seed": int}
+FIT_KEYS = {"classifiers": list, "layers": list, "search": bool, "class_weight": str, "seed": int, "seeds": None}
 TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": None}
 
 
@@ -72,13 +72,14 @@ def load(path: str | Path) -> Experiment:
         if key in doc:
             _check_type(where, None, 0, key, doc[key], kind)
     name = doc.get("name", path.stem)
+    _check_name(where, None, 0, name)
     exp = Experiment(file=path, name=name, out=Path(doc.get("out", f"runs/{name}")),
                      cache=Path(doc.get("cache", "cache")), data=_data_table(where, doc.get("data")))
     exp.backbones = [_backbone(where, i, t) for i, t in enumerate(_array(where, doc, "backbone"))]
     _unique_names(where, "backbone", exp.backbones)
     if "fit" in doc:
         exp.fit = _fit_table(where, doc["fit"], exp.backbones)
-    exp.finetunes = [_finetune(where, i, t) for i, t in enumerate(_array(where, doc, "finetune"))]
+    exp.finetunes = [ft for i, t in enumerate(_array(where, doc, "finetune")) for ft in _finetune(where, i, t)]
     _unique_names(where, "finetune", exp.finetunes)
     if not exp.backbones and not exp.finetunes:
         raise where.error(None, 0, None, "defines no [[backbone]] and no [[finetune]]; nothing to run")
@@ -94,7 +95,7 @@ def _data_table(where: _Locator, t) -> dict:
     if t.get("builtin", BUILTIN_DATA[0]) not in BUILTIN_DATA:
         raise where.error("data", 0, "builtin", f"unknown dataset '{t['builtin']}'; built in: "
                           f"{', '.join(BUILTIN_DATA)}")
-    return {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0} | t
+    return {"val_fraction": None, "test_fraction": None, "seed": 0} | t
 
 
 def _backbone(where: _Locator, i: int, t: dict) -> dict:
@@ -104,6 +105,7 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
     bb = {"pool": "avg", "weights": "DEFAULT", "batch_size": 64, "precision": "auto", "dtype": "float32",
           "device": "auto", "workers": None} | t
     bb["name"] = t.get("name", t["model"])
+    _check_name(where, "backbone", i, bb["name"])
     with where.blame("backbone", i, "model"):
         backbones.get_spec(bb["model"])
     with where.blame("backbone", i, "layers"):
@@ -123,6 +125,7 @@ def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
     if not bbs:
         raise where.error("fit", 0, None, "fits classifiers on cached features, but no [[backbone]] extracts any")
     fit = {"classifiers": ["logreg"], "layers": None, "search": False, "class_weight": None, "seed": 0} | t
+    fit["seeds"] = _seeds(where, "fit", 0, t) or [fit["seed"]]
     for clf in fit["classifiers"]:
         if clf not in CLASSIFIERS:
             raise where.error("fit", 0, "classifiers", f"unknown classifier '{clf}'; choose from "
@@ -136,20 +139,39 @@ def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
 
 
 def finetune_args() -> list[str]:
-    """The settings a [[finetune]] table may hold: finetune()'s arguments but data and output."""
+    """The settings a [[finetune]] table may hold: finetune()'s arguments but data, splits and output."""
     from bottleneck.finetune import finetune
 
-    return [p for p in inspect.signature(finetune).parameters if p not in ("data_dir", "out", "progress")]
+    data_keys = ("data_dir", "out", "progress", "val_fraction", "test_fraction", "split_seed")
+    return [p for p in inspect.signature(finetune).parameters if p not in data_keys]
 
 
-def _finetune(where: _Locator, i: int, t: dict) -> dict:
-    allowed = {k: None for k in finetune_args()} | {"name": str}
+def _finetune(where: _Locator, i: int, t: dict) -> list[dict]:
+    """One fine-tune, or one per seed of `seeds = [...]`, each named NAME-seedN."""
+    allowed = {k: None for k in finetune_args()} | {"name": str, "seeds": None}
     _check_keys(where, "finetune", i, t, allowed)
     if "model" not in t:
         raise where.error("finetune", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
     with where.blame("finetune", i, "model"):
         backbones.get_spec(t["model"])
-    return {"name": t["model"]} | t
+    _check_name(where, "finetune", i, t.get("name", t["model"]))
+    ft = {"name": t["model"]} | t
+    seeds = _seeds(where, "finetune", i, t)
+    if "seed" in t and seeds:
+        raise where.error("finetune", i, "seeds", "give seed or seeds, not both")
+    ft.pop("seeds", None)
+    return [ft | {"name": f"{ft['name']}-seed{n}", "seed": n} for n in seeds] if seeds else [ft]
+
+
+def _seeds(where: _Locator, table: str, i: int, t: dict) -> list[int] | None:
+    """`seeds = [0, 1, 2]`: the configuration is run once per seed; compare reports the spread."""
+    if "seeds" not in t:
+        return None
+    seeds = t["seeds"]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                      for n in seeds) and len(set(seeds)) == len(seeds)):
+        raise where.error(table, i, "seeds", f"must be a list of distinct non-negative integers, not {seeds!r}")
+    return seeds
 
 
 def _array(where: _Locator, doc: dict, key: str) -> list[dict]:
@@ -157,6 +179,16 @@ def _array(where: _Locator, doc: dict, key: str) -> list[dict]:
     if isinstance(value, dict):
         raise where.error(None, 0, key, f"write [[{key}]] (double brackets): there may be several")
     return value
+
+
+def _check_name(where: _Locator, table: str | None, i: int, name: str) -> None:
+    """Names become folders of the run and parts of job scripts: each must be one plain folder name on one line."""
+    problem = ("holds a control character" if not name.isprintable() else
+               "holds a path separator" if "/" in name or "\\" in name else
+               "is not a folder name" if name.strip() in ("", ".", "..") else None)
+    if problem:
+        raise where.error(table, i, "name", f"{name!r} {problem}; a name becomes a folder and a job name, so set "
+                          "name = \"...\" to letters, digits, '-', '_' and '.'")
 
 
 def _unique_names(where: _Locator, table: str, tables: list[dict]) -> None:
@@ -246,7 +278,7 @@ def extract_args(exp: Experiment, bb: dict) -> dict:
             "weights": bb["weights"], "out": str(exp.cache), "batch_size": bb["batch_size"],
             "workers": bb["workers"], "device": bb["device"], "precision": bb["precision"], "dtype": bb["dtype"],
             "val_fraction": exp.data["val_fraction"], "test_fraction": exp.data["test_fraction"],
-            "seed": exp.data["seed"]}
+            "split_seed": exp.data["seed"]}
 
 
 def fit_args(exp: Experiment, bb: dict) -> list[dict]:
@@ -255,18 +287,22 @@ def fit_args(exp: Experiment, bb: dict) -> list[dict]:
         return []
     out = str(exp.out / "fit" / bb["name"])
     return [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
-             "seed": exp.fit["seed"], "out": out}
-            for tap in exp.fit["layers"] or bb["layers"] for clf in exp.fit["classifiers"]]
+             "seed": seed, "out": out}
+            for tap in exp.fit["layers"] or bb["layers"] for clf in exp.fit["classifiers"] for seed in exp.fit["seeds"]]
 
 
 def fit_report(args: dict) -> Path:
-    return Path(args["out"]) / f"{args['layer']}-{args['clf']}" / "report.json"
+    from bottleneck.classify import folder_name
+
+    settings = {k: args[k] for k in ("clf", "search", "class_weight", "seed")}
+    return Path(args["out"]) / folder_name(args["layer"], **settings) / "report.json"
 
 
 def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
-    """finetune()'s arguments for one [[finetune]] table."""
-    return {k: v for k, v in ft.items() if k != "name"} | {"data_dir": exp.data["path"],
-                                                           "out": str(finetune_dir(exp, ft))}
+    """finetune()'s arguments for one [[finetune]] table: [data] decides its splits, as it does extract's."""
+    return {k: v for k, v in ft.items() if k != "name"} | {
+        "data_dir": exp.data["path"], "out": str(finetune_dir(exp, ft)), "val_fraction": exp.data["val_fraction"],
+        "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["seed"]}
 
 
 def finetune_dir(exp: Experiment, ft: dict) -> Path:
@@ -326,13 +362,13 @@ def fit_once(cache: Path, args: dict) -> Path:
             fingerprint = st.attrs["fingerprint"]
         try:
             rep = json.loads(path.read_text())
-            same = rep["cache"]["fingerprint"] == fingerprint and (rep["search"] is not None) == args["search"]
+            same = rep["cache"]["fingerprint"] == fingerprint and rep["settings"]["tap"] == args["layer"]
         except (ValueError, KeyError, TypeError):
             same = False
         if same:
             note(f"fit {args['clf']} on {args['layer']}: done before ({path})")
             return path
-    return fit(str(cache), **args)
+    return fit(str(cache), **args, force=True)  # the run owns its folders: a changed cache is fitted again
 
 
 def run_finetune(exp: Experiment, ft: dict, progress: bool) -> Path:

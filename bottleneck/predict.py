@@ -15,6 +15,7 @@ import torch
 
 from bottleneck import backbones, data
 from bottleneck import report as reports
+from bottleneck.classify import class_probabilities
 from bottleneck.errors import BottleneckError
 from bottleneck.extract import resolve_device
 from bottleneck.store import FeatureStore
@@ -36,10 +37,28 @@ def load_classifier(path: str | os.PathLike):
     return pipe
 
 
-def evaluate(model: str, features: str, split: str = "test") -> dict:
-    """Metrics of a saved classifier (or fine-tuned network) on one split of a compatible cache."""
-    if str(model).endswith(".pt"):
-        return evaluate_finetuned(model, features, split)
+def evaluate(model: str, features: str, split: str = "test", out: str | None = None) -> dict:
+    """Metrics of a saved classifier (or fine-tuned network) on one split of a compatible cache.
+
+    With `out`, writes report.json and predictions.csv there. A split the model was trained on
+    is scored all the same, but the result says so: it measures memory, not generalisation.
+    """
+    scored = evaluate_finetuned if str(model).endswith(".pt") else evaluate_classifier
+    rep, paths, y_true, y_pred, probs = scored(model, features, split)
+    rep |= {**reports.metrics(y_true, y_pred, rep["classes"]),
+            "test_set": reports.test_set(split, paths, y_true, rep["classes"])}
+    if split in rep["trained_on"]:
+        rep["caveat"] = (f"the model was trained or tuned on the {split} split: this score measures how well it "
+                         "remembers those images, not how it does on new ones")
+    if out:
+        reports.write_predictions(Path(out), paths, y_true, y_pred, probs, rep["classes"])
+        reports.write_report(Path(out), rep)
+    return rep
+
+
+def evaluate_classifier(model: str, features: str, split: str) -> tuple[dict, list[str], np.ndarray, np.ndarray,
+                                                                       np.ndarray]:
+    """A classifier's description, and its test paths, labels, predictions and probabilities on `split`."""
     pipe = load_classifier(model)
     prov = pipe.bottleneck_
     with FeatureStore(features) as st:
@@ -49,29 +68,48 @@ def evaluate(model: str, features: str, split: str = "test") -> dict:
                                       f"the classifier was trained on {prov.get(key)!r}")
         if prov["tap"] not in st.taps:
             raise BottleneckError(f"{features} has no tap '{prov['tap']}', which {model} was trained on")
-        x, y = st.features(split, prov["tap"]), st.labels(split)
-    return {"stage": "evaluate", "model": prov["model"], "tap": prov["tap"], "clf": prov["clf"],
-            "classes": prov["classes"], "split": split, "n_test": int(len(y)),
-            "features": str(features), **reports.metrics(y, pipe.predict(x), prov["classes"])}
+        if split not in st.splits:
+            raise BottleneckError(f"{features} has no split '{split}'; it holds {', '.join(st.splits)}")
+        x, y, paths = st.features(split, prov["tap"]), st.labels(split), st.paths(split)
+        # The same images in the same splits (another precision or tap set of them too), or the same cache.
+        same_cache = (st.attrs.get("dataset_fingerprint"), st.attrs.get("split_info")) == \
+            (prov.get("dataset_fingerprint"), prov.get("split_info")) if "dataset_fingerprint" in prov else \
+            st.attrs.get("fingerprint") == prov.get("fingerprint")
+    # Older classifiers do not record their training splits: assume the usual train (+ val).
+    trained_on = prov.get("trained_on", ["train", "val"]) if same_cache else []
+    rep = {"stage": "evaluate", "model": prov["model"], "tap": prov["tap"], "clf": prov["clf"],
+           "classes": prov["classes"], "split": split, "n_test": int(len(y)), "features": str(features),
+           "trained_on": trained_on}
+    return rep, paths, y, pipe.predict(x), class_probabilities(pipe, x, len(prov["classes"]))
 
 
-def evaluate_finetuned(model: str, features: str, split: str, device: str = "auto") -> dict:
-    """A fine-tuned network scored on the images a cache lists for `split` (read from disk)."""
+def evaluate_finetuned(model: str, features: str, split: str, device: str = "auto") -> tuple[dict, list, np.ndarray,
+                                                                                             np.ndarray, np.ndarray]:
+    """A fine-tuned network scored on the images a cache lists for `split` (read from disk); returns
+    as evaluate_classifier does."""
     from bottleneck.finetune import load_finetuned
 
     net, meta = load_finetuned(model)
     with FeatureStore(features) as st:
         if st.classes != meta["classes"]:
             raise BottleneckError(f"{features} has classes {st.classes}, {model} was trained on {meta['classes']}")
+        if split not in st.splits:
+            raise BottleneckError(f"{features} has no split '{split}'; it holds {', '.join(st.splits)}")
         root, paths, y = st.attrs["data_root"], st.paths(split), st.labels(split)
     dev = resolve_device(device)
     loader = torch.utils.data.DataLoader(data.ImageDataset(root, paths, meta["preprocessing"]), batch_size=64)
-    images = torch.cat([batch for batch, _ in loader])
+    batches, reasons = zip(*loader)
+    failed = [(p, r) for p, r in zip(paths, (r for rs in reasons for r in rs)) if r]
+    if failed:  # a missing image scored as a black placeholder would be a wrong score, not a skipped one
+        raise BottleneckError(f"{len(failed)} of the {len(paths)} {split} images listed by {features} cannot be read "
+                              f"under {root} (e.g. {failed[0][0]}: {failed[0][1]}); was the data moved?")
+    images = torch.cat(batches)
     probs = backbones.predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"],
-                                    dev, meta["precision"], meta["tta"])
-    return {"stage": "evaluate", "model": meta["arch"], "tap": None, "clf": "finetune", "classes": meta["classes"],
-            "split": split, "n_test": int(len(y)), "features": str(features),
-            **reports.metrics(y, probs.argmax(1).numpy(), meta["classes"])}
+                                    dev, meta["precision"], meta["tta"]).numpy()
+    rep = {"stage": "evaluate", "model": meta["arch"], "tap": None, "clf": "finetune", "classes": meta["classes"],
+           "split": split, "n_test": int(len(y)), "features": str(features),
+           "trained_on": meta.get("trained_on", ["train"])}
+    return rep, paths, y, probs.argmax(1), probs
 
 
 def image_files(inputs: list[str]) -> list[str]:

@@ -5,7 +5,10 @@ The schema is documented in docs/reports.md.
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +20,56 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from bottleneck import stats
+from bottleneck.data import split_digest
+
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1, confusion matrix."""
+    """Accuracy and balanced accuracy with 95 % intervals over the test images, macro-F1,
+    per-class precision/recall/F1, confusion matrix."""
     labels = list(range(len(classes)))
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy_ci": stats.wilson(int((y_true == y_pred).sum()), len(y_true)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "balanced_accuracy_ci": stats.balanced_accuracy_ci(y_true, y_pred, len(classes)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                           "support": int(support[i])} for i, c in enumerate(classes)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def test_set(split: str, paths: list[str], y_true, classes: list[str]) -> dict:
+    """Which images a report was scored on: equal sha256, equal images with equal labels."""
+    pairs = [(p, classes[int(y)]) for p, y in zip(paths, y_true)]
+    return {"split": split, "n": len(pairs), "sha256": split_digest(pairs)}
+
+
+def write_predictions(out: Path, paths: list[str], y_true, y_pred, probs: np.ndarray, classes: list[str]) -> Path:
+    """predictions.csv: one row per scored image, its true and predicted class and every class's probability."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "predictions.csv"
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
+        for rel, t, pr, row in zip(paths, y_true, y_pred, probs):
+            w.writerow([rel, classes[int(t)], classes[int(pr)], *[f"{v:.6f}" for v in row]])
+    os.replace(tmp, path)
+    return path
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """predictions.csv back as {path: {"true", "predicted", "probabilities": {class: p}}}."""
+    rows = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            probs = {k.removeprefix("p_"): float(v) for k, v in r.items() if k.startswith("p_")}
+            rows[r["path"]] = {"true": r["true"], "predicted": r["predicted"], "probabilities": probs}
+    return rows
 
 
 def write_report(out: Path, report: dict) -> Path:
@@ -51,7 +91,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = max(3.5, 0.5 * len(classes) + 2)
+    size = max(4.2, 0.5 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -60,7 +100,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
     ax.set_ylabel("true")
     for (i, j), n in np.ndenumerate(cm):
         ax.text(j, i, str(n), ha="center", va="center", color="white" if n > cm.max() / 2 else "black")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 48)), fontsize=9)  # a long title wraps instead of being cut
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -11,6 +11,7 @@ through small files in RUN/caches/, because a cache's name depends on the comput
 
 from __future__ import annotations
 
+import glob
 import inspect
 import json
 import os
@@ -44,6 +45,10 @@ class Options:
     mem: str | None = None
     array_size: int = 4
     setup: str | None = None
+
+
+class Shell(str):
+    """Shell text of our own ($SLURM_ARRAY_TASK_ID, $CACHE) that goes into a script unquoted; never a user's value."""
 
 
 @dataclass
@@ -83,15 +88,15 @@ def extract_jobs(exp: pipeline.Experiment, bb: dict, opts: Options) -> list[Job]
         lines = [f"mkdir -p {_q(record.parent)}", command("extract", args) + f" | tee {_q(record)}"]
         return [Job(f"extract-{bb['name']}", script(exp, f"extract-{bb['name']}", opts, f"Extract {what}.",
                                                     lines, gpu=True), log=log_pattern(exp, f"extract-{bb['name']}"))]
-    shard = record.with_name(f"{bb['name']}.shard-$SLURM_ARRAY_TASK_ID.path")
+    shard = record.with_name(f"{bb['name']}.shard-")  # + the task's number + .path
     lines = [f"mkdir -p {_q(record.parent)}",
-             command("extract", args | {"shard": f"$SLURM_ARRAY_TASK_ID/{n}"}) + f" | tee {_q(shard)}"]
+             command("extract", args | {"shard": Shell(f'"$SLURM_ARRAY_TASK_ID/{n}"')})
+             + f' | tee {_q(shard)}"$SLURM_ARRAY_TASK_ID".path']
     extract_job = Job(f"extract-{bb['name']}",
                       script(exp, f"extract-{bb['name']}", opts, f"Extract {what}: task I of this array computes "
                              f"shard I of {n}.", lines, gpu=True, array=n),
                       log=log_pattern(exp, f"extract-{bb['name']}", array=True))
-    shards = record.with_name(f"{bb['name']}.shard-{{0..{n - 1}}}.path")
-    lines = [f"mapfile -t shards < <(cat {_q(shards)})",
+    lines = [f"mapfile -t shards < <(cat {_q(shard)}{{0..{n - 1}}}.path)",
              f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(record)}"]
     merge_job = Job(f"merge-{bb['name']}", script(exp, f"merge-{bb['name']}", opts,
                                                   f"Join the {n} shards of the {bb['model']} cache into one file.",
@@ -105,7 +110,8 @@ def fit_job(exp: pipeline.Experiment, bb: dict, opts: Options, after: str) -> Jo
 
     lines = [f"CACHE=$(cat {_q(pipeline.cache_record(exp, bb))})"]
     for args in pipeline.fit_args(exp, bb):
-        lines.append(command("fit", {"features": "$CACHE"} | _without_defaults(fit, args)))
+        # --force: the run owns these folders, and a re-extracted cache must be fitted again, as `run` does
+        lines.append(command("fit", {"features": Shell('"$CACHE"')} | _without_defaults(fit, args) | {"force": True}))
     clfs = ", ".join(exp.fit["classifiers"])
     return Job(f"fit-{bb['name']}", script(exp, f"fit-{bb['name']}", opts,
                                            f"Fit {clfs} on each tap of the {bb['model']} cache.", lines),
@@ -120,7 +126,8 @@ def finetune_job(exp: pipeline.Experiment, ft: dict, opts: Options) -> Job:
     lines = [
         f"# Slurm sends USR1 to this script {_lead(opts.time)} s before the time limit, `scontrol requeue`",
         "# and preemption send TERM: either way bottleneck finetune saves a checkpoint and exits with",
-        f"# {REQUEUE_EXIT}, the job is requeued, and the same command resumes from {kwargs['out']}/checkpoint.pt.",
+        _comment(f"# {REQUEUE_EXIT}, the job is requeued, and the same command resumes from "
+                 f"{kwargs['out']}/checkpoint.pt."),
         f"{run} &",
         "pid=$!",
         "trap 'kill -USR1 $pid 2>/dev/null' USR1",
@@ -140,7 +147,7 @@ def finetune_job(exp: pipeline.Experiment, ft: dict, opts: Options) -> Job:
 
 def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, lines: list[str], gpu: bool = False,
            array: int | None = None, requeue: bool = False) -> str:
-    sbatch = {"job-name": f"{exp.name}-{stage}",
+    sbatch = {"job-name": _token(f"{exp.name}-{stage}"),
               "output": log_pattern(exp, stage, array=array is not None),
               "chdir": os.getcwd(),
               "array": f"0-{array - 1}" if array else None,
@@ -150,8 +157,10 @@ def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, li
     if requeue:
         # append: a requeued job writes to the same log, so both runs stay readable
         sbatch |= {"requeue": True, "signal": f"B:USR1@{_lead(opts.time)}", "open-mode": "append"}
-    head = ["#!/bin/bash", f"# {exp.name} ({exp.file}): {purpose}"]
-    head += [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}" for k, v in sbatch.items() if v is not None]
+    head = ["#!/bin/bash", _comment(f"# {exp.name} ({exp.file}): {purpose}")]
+    head += [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={_directive(k, v)}" for k, v in sbatch.items()
+             if v is not None]
+    # --setup is shell code the user wrote for their jobs; it comes after the directives, so it cannot hide them
     head += ["set -euo pipefail", *([opts.setup] if opts.setup else [])]
     return "\n".join(head + lines) + "\n"
 
@@ -161,7 +170,7 @@ def command(name: str, args: dict) -> str:
     flags = {"data_dir": "--data", "out": "--out"}
     words = ["bottleneck", *name.split()]
     if name == "compare":
-        return " ".join(words + [_q(d) for d in args["run_dirs"]])
+        return " ".join(words + ["--"] + [_q(d) for d in args["run_dirs"]])
     for key, value in args.items():
         flag = flags.get(key, "--" + key.replace("_", "-"))
         if value is None:
@@ -175,17 +184,45 @@ def command(name: str, args: dict) -> str:
 
 
 def log_pattern(exp: pipeline.Experiment, stage: str, array: bool = False) -> str:
-    return str(exp.out / "slurm" / "logs" / f"{stage}-{'%A_%a' if array else '%j'}.out")
+    """sbatch's --output: the log's path with a literal % written %%, then Slurm's %j (or %A_%a for arrays)."""
+    return str(exp.out / "slurm" / "logs" / stage).replace("%", "%%") + f"-{'%A_%a' if array else '%j'}.out"
+
+
+def _log_file(pattern: str, job_id: str) -> str:
+    """The log a job writes, from its --output pattern; %j and %A stay when the job id is not known yet."""
+    return re.sub(r"%([%jAa])", lambda m: {"%": "%", "a": "*"}.get(m.group(1), job_id or m.group(0)), pattern)
 
 
 def _q(value) -> str:
-    """Shell-quote, but leave $VARIABLES to the shell (in double quotes)."""
+    """A value as one shell word that the shell takes literally; Shell text of our own stays as it is."""
+    return value if isinstance(value, Shell) else shlex.quote(str(value))
+
+
+def _directive(key: str, value) -> str:
+    """A value for an #SBATCH line as sbatch reads it back (no shell runs on these lines): plain, or in double
+    quotes with \\ and \" escaped; only quotes keep spaces, and a '#' outside them starts a comment.
+    A directive cannot continue on a second line, so a line break is refused."""
     text = str(value)
-    if "$" in text:
-        return '"' + re.sub(r'(["\\`])', r"\\\1", text) + '"'
-    if "{" in text:  # brace expansion: quote only the parts around it
-        return re.sub(r"[^{},.\w/-]", lambda m: "\\" + m.group(0), text)
-    return shlex.quote(text)
+    if _unprintable(text):
+        raise BottleneckError(f"#SBATCH --{key} would be {text!r}, which holds a control character; sbatch reads "
+                              "each directive from one line, so use a value without it")
+    if re.fullmatch(r"[\w@%+=:,./-]+", text, flags=re.ASCII):
+        return text
+    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+
+
+def _comment(line: str) -> str:
+    """A comment line for a script: line breaks and other control characters shown escaped, never raw."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
+
+
+def _token(text: str) -> str:
+    """A job name squeue, scontrol and the shell show as one plain word."""
+    return re.sub(r"[^\w.-]+", "_", text, flags=re.ASCII)
+
+
+def _unprintable(text: str) -> bool:
+    return not text.isprintable()  # line breaks, tabs, escapes and the like; a plain space is printable
 
 
 def _without_defaults(func, args: dict) -> dict:
@@ -222,11 +259,19 @@ def submit(experiment: str | Path, partition: str | None = None, account: str | 
     """Write the experiment's sbatch scripts into RUN/slurm/ and submit them; returns stage, job id, script, log."""
     if array_size < 1:
         raise BottleneckError(f"--array-size must be at least 1, not {array_size}")
+    for flag, value in (("--partition", partition), ("--account", account), ("--gres", gres), ("--time", time),
+                        ("--mem", mem)):
+        if value is not None and _unprintable(value):
+            raise BottleneckError(f"{flag} {value!r} holds a control character; sbatch reads each directive from "
+                                  "one line, so give the value on its own without it")
     if time and _seconds(time) is None:
         raise BottleneckError(f"--time {time} is not a Slurm time; use e.g. 02:00:00 or 1-00:00:00")
     if setup is None and sys.prefix != sys.base_prefix:  # run from a venv: use it on the compute nodes too
         setup = f"source {shlex.quote(sys.prefix)}/bin/activate"
     exp = pipeline.load(experiment)
+    if _unprintable(str(exp.out)):
+        raise BottleneckError(f"{exp.file}: out {str(exp.out)!r} holds a control character; the run folder goes "
+                              "into sbatch's one-line --output directive, so choose a folder name without it")
     jobs = plan(exp, Options(partition, account, gres, time, mem, array_size, setup))
     if not dry_run:
         if not shutil.which("sbatch"):
@@ -251,9 +296,8 @@ def submit(experiment: str | Path, partition: str | None = None, account: str | 
         argv = ["sbatch", "--parsable", *([f"--dependency={deps}"] if deps else []), str(path)]
         ids[job.stage] = "" if dry_run else _sbatch(argv)
         rows.append({"stage": job.stage, "job_id": ids[job.stage], "script": str(path),
-                     "sbatch": f"{_var(job.stage)}=$({' '.join(argv)})",
-                     "log": job.log.replace("%j", ids[job.stage] or "%j").replace("%A", ids[job.stage] or "%A")
-                                   .replace("%a", "*")})
+                     "sbatch": f"{_var(job.stage)}=$({' '.join(argv[:-1] + [shlex.quote(argv[-1])])})",
+                     "log": _log_file(job.log, ids[job.stage])})
     if not dry_run:
         _jobs_file(exp.out).write_text(json.dumps(
             {"submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"), "jobs": rows}, indent=1))
@@ -268,7 +312,7 @@ def _sbatch(argv: list[str]) -> str:
 
 
 def _var(stage: str) -> str:
-    return re.sub(r"\W", "_", stage).upper()
+    return re.sub(r"\W", "_", stage, flags=re.ASCII).upper()
 
 
 def _jobs_file(run_dir: Path) -> Path:
@@ -313,7 +357,7 @@ def outputs(exp: pipeline.Experiment) -> dict[str, str]:
         cache = f"done: {made}" if made else "missing"
         found[f"extract-{bb['name']}"] = cache
         if _jobs_file(exp.out).is_file() and f"merge-{bb['name']}" in _planned_stages(exp):
-            shards = len(list(record.parent.glob(f"{bb['name']}.shard-*.path")))
+            shards = len(list(record.parent.glob(f"{glob.escape(bb['name'])}.shard-*.path")))
             found[f"extract-{bb['name']}"] = f"{shards} shards" if cache == "missing" else f"done: {shards} shards"
             found[f"merge-{bb['name']}"] = cache
         if exp.fit:

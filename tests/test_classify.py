@@ -61,7 +61,7 @@ def test_search_uses_the_validation_split_and_records_its_choice(cache, tmp_path
 def test_layer_probe_and_learning_curve(cache, tmp_path):
     table = json.loads(fit(str(cache[0]), layer="all", out=str(tmp_path)).read_text())
     assert [r["tap"] for r in table] == ["blocks.4", "pool"]
-    assert (tmp_path / "layers.png").is_file()
+    assert (tmp_path / "layers-logreg.png").is_file()
     curve = json.loads(fit(str(cache[0]), train_sizes="2,8,all", out=str(tmp_path)).read_text())
     assert [r["n_train"] for r in curve] == [4, 16, 32]
 
@@ -84,8 +84,10 @@ def test_predict_labels_images_and_reports_unreadable_ones(cache, tmp_path):
     rows = predict(model, images)
     assert rows[0]["label"] == "dogs" and rows[0]["error"] is None and len(rows[0]["top"]) == 2
     assert rows[1]["label"] is None and "cannot identify" in rows[1]["error"]
-    result = run_cli("predict", model, *images, "--format", "csv")
+    result = run_cli("predict", model, *images, "--format", "csv", "--top-k", "2")
     assert result.returncode == 0 and result.stdout.splitlines()[1].split(",")[1] == "dogs"
+    assert result.stdout.splitlines()[1].split(",")[4].startswith("dogs 0.")  # the top k, not only the label
+    assert "; cats 0." in result.stdout.splitlines()[1]
 
 
 def test_bad_classifier_inputs_are_clear_errors(cache, tmp_path):
@@ -96,3 +98,51 @@ def test_bad_classifier_inputs_are_clear_errors(cache, tmp_path):
     assert result.returncode != 0 and "unknown classifier 'forest'" in result.stderr
     result = run_cli("fit", "--features", str(cache[0]), "--layer", "fc9")
     assert result.returncode != 0 and "no tap 'fc9'" in result.stderr
+    for sizes in ("0", "-25", "10,0"):  # 0 once meant "all" and -25 was accepted
+        with pytest.raises(BottleneckError, match="--train-sizes must be positive numbers"):
+            fit(str(cache[0]), train_sizes=sizes, out=str(tmp_path))
+
+
+def test_report_records_its_test_images_intervals_and_predictions(cache, tmp_path):
+    rep = json.loads(fit(str(cache[0]), clf="logreg", out=str(tmp_path)).read_text())
+    from bottleneck import data, report
+    from bottleneck.store import FeatureStore
+
+    with FeatureStore(cache[0]) as st:
+        pairs = [(p, st.classes[y]) for p, y in zip(st.paths("test"), st.labels("test"))]
+    assert rep["test_set"] == {"split": "test", "n": 12, "sha256": data.split_digest(pairs)}
+    lo, hi = rep["accuracy_ci"]
+    assert lo <= rep["accuracy"] <= hi and hi - lo > 0.1  # 12 images cannot pin accuracy down
+    assert len(rep["balanced_accuracy_ci"]) == 2
+    rows = report.read_predictions(tmp_path / "pool-logreg" / "predictions.csv")
+    assert sorted(rows) == sorted(p for p, _ in pairs)
+    right = sum(r["true"] == r["predicted"] for r in rows.values())
+    assert right == round(rep["accuracy"] * 12)
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows.values())
+
+
+def test_results_of_other_settings_get_their_own_folder_or_are_refused(cache, tmp_path):
+    searched = fit(str(cache[0]), clf="logreg", search=True, out=str(tmp_path))
+    probe = fit(str(cache[0]), clf="logreg", layer="all", out=str(tmp_path))  # once overwrote the searched model
+    assert searched.parent.name == "pool-logreg-search" and json.loads(searched.read_text())["search"] is not None
+    assert json.loads((tmp_path / "pool-logreg" / "report.json").read_text())["search"] is None
+    assert probe.name == "layers-logreg.json"
+    other = extract("efficientnet_lite0", str(cache[1]), layer=["pool"], out=str(tmp_path / "c2"), batch_size=16,
+                    workers=0, progress=False, dtype="float16")
+    with pytest.raises(BottleneckError, match="already holds a fit with other cache; pass --force"):
+        fit(str(other), clf="logreg", out=str(tmp_path))
+    result = run_cli("fit", "--features", str(other), "--out", str(tmp_path), "--force")
+    assert result.returncode == 0
+    assert json.loads((tmp_path / "pool-logreg" / "report.json").read_text())["cache"]["path"] == str(other)
+
+
+def test_evaluate_on_a_split_it_was_trained_on_says_so(cache, tmp_path):
+    fit(str(cache[0]), clf="logreg", search=True, out=str(tmp_path))  # refit on train + val
+    model = str(tmp_path / "pool-logreg-search" / "model.joblib")
+    assert "caveat" not in evaluate(model, str(cache[0]), "test")
+    rep = evaluate(model, str(cache[0]), "val", out=str(tmp_path / "ev"))
+    assert "trained or tuned on the val split" in rep["caveat"]
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["caveat"] == rep["caveat"]
+    assert (tmp_path / "ev" / "predictions.csv").is_file() and rep["test_set"]["split"] == "val"
+    result = run_cli("evaluate", model, "--features", str(cache[0]), "--split", "val")
+    assert result.returncode == 0 and "trained or tuned on the val split" in result.stderr

@@ -67,7 +67,9 @@ def test_offline_weights_are_one_clear_error(tree, tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch")}
     result = run_cli("extract", "--model", "resnet18", "--data", str(tree), "--out", str(tmp_path / "c"), env=env)
     assert_clean_failure(result, "bottleneck weights fetch resnet18", str(tmp_path / "torch"))
-    assert_clean_failure(run_cli("weights", "fetch", "vgg16", env=env), "bottleneck weights fetch vgg16")
+    fetch = run_cli("weights", "fetch", "vgg16", env=env)  # the advice is the next step, not this command again
+    assert_clean_failure(fetch, "machine with internet, then copy", str(tmp_path / "torch"))
+    assert "run 'bottleneck weights fetch vgg16'" not in fetch.stderr
 
 
 def test_cache_commands_refuse_what_is_not_a_cache(tmp_path):

@@ -28,7 +28,29 @@ def test_class_folders_split_by_fraction_stratified_and_seeded(tmp_path):
         labels = [lab for _, lab in a.splits[split]]
         assert labels.count(0) == labels.count(1) == per_class
     assert a.split_info["seed"] == 1 and a.split_info["test_fraction"] == 0.25
-    assert list(data.load_manifest(root).splits) == ["train"]
+    assert list(data.load_manifest(root, val_fraction=0, test_fraction=0).splits) == ["train"]
+    default = data.load_manifest(root)  # data without splits is never scored on its training images
+    assert {s: len(v) for s, v in default.splits.items()} == {"train": 26, "val": 4, "test": 10}
+
+
+def test_split_samples_is_the_one_splitter_and_ignores_input_order(tmp_path):
+    samples = [(f"c{c}/{i:03d}.png", c) for c in range(3) for i in range(30)]
+    a = data.split_samples(samples, 0.1, 0.2, seed=4)
+    b = data.split_samples(list(reversed(samples)), 0.1, 0.2, seed=4)
+    assert a == b and {s: len(v) for s, v in a.items()} == {"train": 63, "val": 9, "test": 18}
+    only_test = data.split_samples(samples, 0.0, 0.2, seed=4)  # fit's hold-out on a cache without test
+    assert only_test["test"] == a["test"]  # the test images do not depend on whether val is carved too
+    tiny = data.split_samples([("a", 0), ("b", 0), ("c", 0), ("d", 1), ("e", 1), ("f", 1)], 0.0, 0.1, seed=0)
+    assert sorted(lab for _, lab in tiny["test"]) == [0, 1]  # every class is scored
+    # The seed of finetune's training is not the split's: a tree, its CSV manifest and both seeds agree.
+    root = make_tree(tmp_path / "d", {"all": 12}, split_folders=False)
+    rows = [f"d/{c}/{f.name},{c}" for c in ("cats", "dogs") for f in sorted((root / c).iterdir())]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    from_csv = data.load_manifest(tmp_path / "m.csv").splits
+    assert data.load_manifest(root).splits == {s: [(p.removeprefix("d/"), y) for p, y in v]
+                                               for s, v in from_csv.items()}
+    assert data.split_digest([("x", "cat"), ("y", "dog")]) == data.split_digest([("y", "dog"), ("x", "cat")])
+    assert data.split_digest([("x", "cat")]) != data.split_digest([("x", "dog")])
 
 
 def test_csv_manifest_with_and_without_split_column(tmp_path):
@@ -80,8 +102,10 @@ def test_whole_input_problems_are_errors_before_work(tmp_path, tree):
     (tmp_path / "none").mkdir()
     with pytest.raises(BottleneckError, match="no class folders"):
         data.load_manifest(tmp_path / "none")
-    with pytest.raises(BottleneckError, match="already defines its splits"):
+    with pytest.raises(BottleneckError, match="already has a test split"):
         data.load_manifest(make_tree(tmp_path / "s", {"train": 1, "test": 1}), test_fraction=0.2)
+    carved = data.load_manifest(make_tree(tmp_path / "v", {"train": 10, "test": 2}), val_fraction=0.2)
+    assert {s: len(v) for s, v in carved.splits.items()} == {"train": 16, "val": 4, "test": 4}
 
 
 def _save(img: Image.Image, path, **kw):

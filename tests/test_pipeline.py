@@ -70,13 +70,55 @@ classifiers = ["logreg"]
     ('[fit]', '[[finetune]]\nmodel = "resnet18"\nepoch = 3\n[fit]', ["line 12", "[[finetune]] #1 epoch: unknown key"]),
 ])
 def test_a_bad_file_is_one_error_naming_key_and_line(tmp_path, old, new, words):
+    path, message = load_error(tmp_path, old, new)
+    for word in words:
+        assert word in message
+    assert message.startswith(str(path))
+
+
+def load_error(tmp_path: Path, old: str, new: str) -> tuple[Path, str]:
+    """GOOD with `old` replaced by `new`, written to a file: the file and the message load() refuses it with."""
     path = tmp_path / "bad.toml"
     path.write_text(GOOD.replace(old, new, 1))
     with pytest.raises(BottleneckError) as e:
         pipeline.load(path)
+    return path, str(e.value)
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ('name = "x"', r'name = "exp\ntouch Z\n#"', ["line 1", ": name: 'exp\\ntouch Z\\n#' holds a control character"]),
+    ('name = "x"', r'name = "x\u001b[2J"', ["line 1", ": name: ", "holds a control character"]),
+    ('name = "x"', 'name = "../x"', ["line 1", ": name: '../x' holds a path separator"]),
+    ('name = "x"', 'name = ".."', ["line 1", ": name: '..' is not a folder name"]),
+    ('[[backbone]]', '[[backbone]]\nname = "../../../x"',
+     ["line 7", "[[backbone]] #1 name: '../../../x' holds a path separator"]),
+    ('[[backbone]]', '[[backbone]]\nname = "/tmp/x"', ["line 7", "[[backbone]] #1 name: '/tmp/x' holds a path"]),
+    ('[[backbone]]', '[[backbone]]\nname = "a\\\\b"', ["line 7", "[[backbone]] #1 name: 'a\\\\b' holds a path"]),
+    ('[[backbone]]', '[[backbone]]\nname = "."', ["line 7", "[[backbone]] #1 name: '.' is not a folder name"]),
+    ('[[backbone]]', '[[backbone]]\nname = ""', ["line 7", "[[backbone]] #1 name: '' is not a folder name"]),
+    ('[[backbone]]', '[[backbone]]\nname = "bb\\r\\n#SBATCH --x"', ["line 7", "[[backbone]] #1 name", "control"]),
+    ('[fit]', '[[finetune]]\nmodel = "resnet18"\nname = "/tmp/x"\n[fit]',
+     ["line 12", "[[finetune]] #1 name: '/tmp/x' holds a path separator"]),
+    ('[fit]', '[[finetune]]\nmodel = "resnet18"\nname = "ft\tx"\n[fit]',
+     ["line 12", "[[finetune]] #1 name: 'ft\\tx' holds a control character"]),
+    ('[fit]', '[[finetune]]\nmodel = "resnet18"\nname = ".."\n[fit]', ["line 12", "[[finetune]] #1 name: '..' is"]),
+])
+def test_a_name_that_is_no_plain_folder_name_is_refused_naming_key_and_line(tmp_path, old, new, words):
+    path, message = load_error(tmp_path, old, new)
+    assert message.startswith(f"{path}, ") and "\n" not in message and "set name = " in message
     for word in words:
-        assert word in str(e.value)
-    assert str(e.value).startswith(str(path))
+        assert word in message
+
+
+def test_a_file_name_that_is_no_plain_folder_name_needs_a_name_key(tmp_path):
+    path = tmp_path / "bad\tname.toml"
+    path.write_text(GOOD.replace('name = "x"\n', ""))
+    with pytest.raises(BottleneckError) as e:
+        pipeline.load(path)
+    assert str(e.value) == (f"{path}: name: 'bad\\tname' holds a control character; a name becomes a folder and a "
+                            "job name, so set name = \"...\" to letters, digits, '-', '_' and '.'")
+    path.write_text(GOOD.replace('name = "x"', 'name = "fine name $(not run)"'))
+    assert pipeline.load(path).name == "fine name $(not run)"
 
 
 def test_run_does_every_stage_then_skips_what_is_done(tmp_path):
@@ -84,7 +126,9 @@ def test_run_does_every_stage_then_skips_what_is_done(tmp_path):
     path = experiment(tmp_path, data)
     result = run_cli("run", str(path), "--no-progress")
     assert result.returncode == 0, result.stderr
-    table = result.stdout.strip().splitlines()
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("**Verdict:** best: ")  # no fine-tune in this experiment: nothing to pair
+    table = lines[lines.index(next(x for x in lines if x.startswith("| method"))):]
     assert table[0].startswith("| method | backbone | tap | classifier | test accuracy") and len(table) == 2 + 4
     run = tmp_path / "run"
     cache = Path((run / "caches" / "efficientnet_lite0.path").read_text().strip())
@@ -116,7 +160,9 @@ def test_changed_fit_settings_fit_again(tmp_path):
     path.write_text(path.read_text().replace('classifiers = ["logreg", "knn"]',
                                              'classifiers = ["logreg"]\nsearch = true'))
     pipeline.run(path, progress=False)
-    assert json.loads(report.read_text())["search"]["chosen"]["cv"] == "5-fold stratified on train"
+    searched = report.parent.with_name("pool-logreg-search") / "report.json"  # its own folder: nothing replaced
+    assert json.loads(searched.read_text())["search"]["chosen"]["cv"] == "5-fold stratified on train"
+    assert json.loads(report.read_text())["search"] is None
 
 
 def test_run_fine_tunes_and_compares_it_with_the_classifiers(tmp_path):
@@ -132,13 +178,32 @@ image_size = 64
 workers = 0
 """)
     comparison = pipeline.run(path, progress=False)
-    rows = json.loads(comparison.with_suffix(".json").read_text())
+    result = json.loads(comparison.with_suffix(".json").read_text())
+    rows = result["rows"]  # [data] splits the fine-tune as it splits extract: one test set, one table
     tuned = [r for r in rows if r["method"] == "fine-tune"]
-    assert len(rows) == 5 and len(tuned) == 1 and tuned[0]["backbone"] == "squeezenet1_1"
-    assert tuned[0]["cost_seconds"] > 0
+    assert len(rows) == 5 and len(tuned) == 1 and tuned[0]["backbone"] == "squeezenet1_1" and not result["apart"]
+    assert tuned[0]["cost_seconds"] > 0 and tuned[0]["p_value"] is not None
+    assert "test images" in result["verdict"] and (comparison.parent / "report.html").is_file()
     assert pipeline.run(path, progress=False) == comparison  # the finished fine-tune is not repeated
 
 
 def test_run_refuses_slurm_options_without_slurm(tmp_path):
     result = run_cli("run", str(ROOT / "pipelines" / "elpv.toml"), "--partition", "gpu")
     assert result.returncode != 0 and "--partition only apply with --slurm" in result.stderr
+
+
+def test_seeds_repeat_a_configuration_on_the_same_split(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text(GOOD.replace('classifiers = ["logreg"]', 'classifiers = ["logreg"]\nseeds = [0, 1]')
+                    + '\n[[finetune]]\nmodel = "squeezenet1_1"\nseeds = [0, 2]\n')
+    exp = pipeline.load(path)
+    assert [(ft["name"], ft["seed"]) for ft in exp.finetunes] == [("squeezenet1_1-seed0", 0),
+                                                                  ("squeezenet1_1-seed2", 2)]
+    kwargs = pipeline.finetune_kwargs(exp, exp.finetunes[1])
+    assert kwargs["seed"] == 2 and kwargs["split_seed"] == 0  # the training seed moves, the split stays
+    reports = [pipeline.fit_report(a).parent.name for a in pipeline.fit_args(exp, exp.backbones[0])]
+    assert reports == ["blocks.4-logreg", "blocks.4-logreg-seed1"]
+    for bad in ("[0, 0]", '["a"]', "[]", "[-1]"):
+        path.write_text(GOOD + f'\n[[finetune]]\nmodel = "squeezenet1_1"\nseeds = {bad}\n')
+        with pytest.raises(BottleneckError, match="seeds: must be a list of distinct non-negative integers"):
+            pipeline.load(path)

@@ -1,6 +1,9 @@
 import json
 import os
 import re
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -9,6 +12,7 @@ from conftest import make_tree, run_cli
 from slurm_cluster import SlurmCluster, Unavailable
 
 from bottleneck import pipeline, slurm, store
+from bottleneck.errors import BottleneckError
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +89,125 @@ def test_dry_run_prints_scripts_and_order_and_submits_nothing(tmp_path, data):
     assert "--dependency=afterany:$FIT_EFFICIENTNET_LITE0:$FINETUNE_SQUEEZENET1_1 " in order[4]
     assert len(list((tmp_path / "dry" / "slurm").glob("*.sbatch"))) == 5
     assert not (tmp_path / "dry" / "slurm" / "jobs.json").exists()
+
+
+def hostile(mark: str) -> str:
+    """Text that runs `touch MARK` wherever a script lets the shell read it as code."""
+    return f" $(touch {mark}) `touch {mark}`;touch {mark};' \"{mark}\" # {mark}"
+
+
+def fake_command(folder: Path, name: str, prints: str) -> Path:
+    """An executable NAME that appends its arguments to NAME.calls as a JSON line and prints PRINTS."""
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(f"#!{sys.executable}\nimport json, sys\n"
+                               f"with open({str(folder / f'{name}.calls')!r}, 'a') as f:\n"
+                               "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                               f"print({prints})\n")
+    (folder / name).chmod(0o755)
+    return folder / f"{name}.calls"
+
+
+def given(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_hostile_names_and_paths_reach_the_commands_as_text_and_never_run(tmp_path):
+    data = tmp_path / f"data{hostile('X')}\ntouch X\n#"
+    bb, ft, name = f"bb{hostile('Y')} 100%j [*]", f"ft{hostile('W')}", f"exp{hostile('Z')}"
+    out, cache = tmp_path / f"run{hostile('W')}", tmp_path / f"cache{hostile('W')}"
+    path = tmp_path / f"file{hostile('Z')}\ntouch Z\n#.toml"
+    path.write_text(f"name = {json.dumps(name)}\nout = {json.dumps(str(out))}\ncache = {json.dumps(str(cache))}\n"
+                    f"[data]\npath = {json.dumps(str(data))}\n"
+                    f'[[backbone]]\nname = {json.dumps(bb)}\nmodel = "efficientnet_lite0"\nlayers = ["pool"]\n'
+                    '[fit]\nclassifiers = ["logreg"]\n'
+                    f'[[finetune]]\nname = {json.dumps(ft)}\nmodel = "squeezenet1_1"\nweights = "none"\n')
+    fakes = tmp_path / "bin"
+    submitted = fake_command(fakes, "sbatch", "sum(1 for _ in open(f.name))")  # job ids 1, 2, ...
+    ran = fake_command(fakes, "bottleneck", "'/made/by/' + sys.argv[1]")
+    env = {"PATH": f"{fakes}:{os.environ['PATH']}"}
+    result = run_cli("run", str(path), "--slurm", "--array-size", "2", "--setup", "echo ready", env=env)
+    assert result.returncode == 0, result.stderr
+
+    scripts = sorted((out / "slurm").glob("*.sbatch"))
+    assert [call[-1] for call in map(json.loads, submitted.read_text().splitlines())] == [str(s) for s in scripts]
+    here = tmp_path / "cwd"
+    here.mkdir()
+    runs = []
+    for script in scripts:  # as Slurm would: in submission order, each array task once
+        for task in ["0", "1"] if "#SBATCH --array=" in script.read_text() else [None]:
+            runs.append(subprocess.run(["bash", str(script)], cwd=here, capture_output=True, text=True, timeout=60,
+                                       env={**os.environ, **env, "SLURM_JOB_ID": "1",
+                                            **({"SLURM_ARRAY_TASK_ID": task} if task else {})}))
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("X", "Y", "Z", "W")]
+    assert all(r.returncode == 0 and r.stdout.startswith("ready") for r in runs), runs
+    for script in scripts:
+        head = script.read_text().split("set -euo pipefail\n")[0].splitlines()
+        assert all(line.startswith("#") for line in head), head  # nothing runs before the directives end
+        sbatch = dict(shlex.split(line[len("#SBATCH "):])[0].lstrip("-").partition("=")[::2]
+                      for line in head if line.startswith("#SBATCH "))
+        assert re.fullmatch(r"[\w.-]+", sbatch["job-name"]) and sbatch["job-name"].startswith("exp_")
+        assert sbatch["output"].startswith(str(out / "slurm" / "logs" / "")) and sbatch["chdir"] == os.getcwd()
+
+    calls = [json.loads(line) for line in ran.read_text().splitlines()]
+    assert [c[0] for c in calls] == ["extract", "extract", "cache", "fit", "finetune", "compare"]
+    extract, fit, finetune = calls[0], calls[3], calls[4]
+    assert given(extract, "--data") == str(data) and given(extract, "--out") == str(cache)
+    assert [given(c, "--shard") for c in calls[:2]] == ["0/2", "1/2"]
+    assert [(out / "caches" / f"{bb}.shard-{i}.path").read_text() for i in (0, 1)] == ["/made/by/extract\n"] * 2
+    assert calls[2] == ["cache", "merge", "/made/by/extract", "/made/by/extract"]
+    assert (out / "caches" / f"{bb}.path").read_text() == "/made/by/cache\n"
+    assert given(fit, "--features") == "/made/by/cache" and given(fit, "--out") == str(out / "fit" / bb)
+    assert given(finetune, "--data") == str(data) and given(finetune, "--out") == str(out / "finetune" / ft)
+    assert calls[5] == ["compare", "--", str(out)]
+    status = {r["stage"]: r for r in slurm.status(out)}
+    assert status[f"extract-{bb}"]["output"] == "done: 2 shards"
+    assert status[f"extract-{bb}"]["log"] == str(out / "slurm" / "logs" / f"extract-{bb}-1_*.out")
+
+
+def test_real_sbatch_reads_the_directives_of_hostile_names_as_written(cluster, tmp_path, data):
+    # sbatch reads #SBATCH lines with its own rules (quotes, escapes, '#' comments), not bash's; Slurm then
+    # expands %j in --output. Run the directives as written, with a body that only reports where it ran.
+    out, bb = tmp_path / f"run{hostile('W')} 5%j", f"bb{hostile('Y')} 100%"
+    path = tmp_path / "real.toml"
+    path.write_text(f"name = {json.dumps('exp' + hostile('Z'))}\nout = {json.dumps(str(out))}\n"
+                    f"[data]\npath = {json.dumps(str(data))}\n"
+                    f'[[backbone]]\nname = {json.dumps(bb)}\nmodel = "efficientnet_lite0"\n')
+    logs = []
+    for row in slurm.submit(path, array_size=1, dry_run=True):
+        script = Path(row["script"])
+        script.write_text(script.read_text().split("set -euo pipefail\n")[0] + 'echo "$PWD"; echo "$SLURM_JOB_NAME"\n')
+        submitted = cluster.run("sbatch", "--parsable", str(script))
+        assert submitted.returncode == 0, submitted.stderr
+        job = submitted.stdout.strip().split(";")[0]
+        logs.append(out / "slurm" / "logs" / f"{row['stage']}-{job}.out")
+    deadline = time.monotonic() + 60
+    while not all(log.is_file() and log.read_text().count("\n") == 2 for log in logs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for log in logs:
+        where, name = log.read_text().splitlines()
+        assert where == os.getcwd() and re.fullmatch(r"exp_touch_Z_touch_Z_touch_Z_Z_Z-[\w.-]+", name)
+    assert len({log.read_text() for log in logs}) == len(logs) == 2  # extract and compare, each its own job name
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("X", "Y", "Z", "W")]
+
+
+@pytest.mark.parametrize("option, value", [("partition", "gpu\ntouch V"), ("account", "lab\r"),
+                                           ("gres", "gpu:1\x1b[2J"), ("time", "1:00:00\n"),
+                                           ("mem", "32G\n#SBATCH --partition=x")])
+def test_sbatch_options_with_line_breaks_or_control_characters_are_refused(tmp_path, data, option, value):
+    path = experiment(tmp_path, data, "opts")
+    with pytest.raises(BottleneckError) as e:
+        slurm.submit(path, dry_run=True, **{option: value})
+    assert str(e.value).startswith(f"--{option} {value!r} holds a control character") and "\n" not in str(e.value)
+    assert not (tmp_path / "opts").exists()
+
+
+def test_a_run_folder_with_a_line_break_is_refused_for_slurm(tmp_path, data):
+    path = experiment(tmp_path, data, "outs")
+    path.write_text(path.read_text().replace(f'out = "{tmp_path / "outs"}"', f'out = "{tmp_path}/x\\ntouch V"'))
+    with pytest.raises(BottleneckError) as e:
+        slurm.submit(path, dry_run=True)
+    assert str(e.value).startswith(f"{path}: out '{tmp_path}/x\\ntouch V' holds a control character")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outs.toml"]
 
 
 def test_pipeline_on_slurm_equals_a_local_run(cluster, tmp_path, data):
