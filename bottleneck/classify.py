@@ -29,9 +29,9 @@ from bottleneck import data
 from bottleneck import report as reports
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
+from bottleneck.settings import CLASSIFIERS, FitSettings, takes
 from bottleneck.store import FeatureStore
 
-CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
 # The main hyperparameter of each, searched by --search.
 GRIDS = {
     "logreg": {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]},
@@ -60,8 +60,6 @@ def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None) ->
     """An unfitted Pipeline for one of CLASSIFIERS."""
     if clf not in CLASSIFIERS:
         raise BottleneckError(f"unknown classifier '{clf}'; choose one of {', '.join(CLASSIFIERS)}")
-    if class_weight not in (None, "balanced"):
-        raise BottleneckError(f"--class-weight must be 'balanced' or left out, not '{class_weight}'")
     if clf == "logreg":
         est = LogisticRegression(C=0.01, max_iter=3000, class_weight=class_weight)
     elif clf == "svm":
@@ -78,9 +76,8 @@ def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None) ->
     return Pipeline([("scale", StandardScaler()), ("clf", est)])
 
 
-def fit(features: str, clf: str = "logreg", layer: str | None = None, search: bool = False,
-        class_weight: str | None = None, seed: int = 0, out: str | None = None,
-        train_sizes: str | None = None, force: bool = False) -> Path:
+@takes(FitSettings)
+def fit(s: FitSettings) -> Path:
     """Train a classifier on a cache's features; returns the path of its report.json.
 
     `layer="all"` fits one classifier per tap (a layer probe); `train_sizes="10,50,all"`
@@ -88,16 +85,16 @@ def fit(features: str, clf: str = "logreg", layer: str | None = None, search: bo
     folder named by what distinguishes it; one holding a result of other settings is
     refused unless `force`.
     """
-    make_classifier(clf, seed, class_weight)  # validate before any work
+    features, layer = s.features, s.layer
     with FeatureStore(features) as st:
         taps = st.taps if layer == "all" else [layer or st.taps[-1]]
         if layer not in (None, "all") and layer not in st.taps:
             raise BottleneckError(f"{features} has no tap '{layer}'; it holds {', '.join(st.taps)} (or use all)")
-        out_dir = Path(out) if out else Path("runs") / "fit" / Path(features).stem
-        if train_sizes:
-            return learning_curve(st, taps[-1], clf, train_sizes, class_weight, seed, out_dir)
-        settings = {"clf": clf, "search": search, "class_weight": class_weight, "seed": seed}
-        paths = [fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), force) for tap in taps]
+        out_dir = Path(s.out) if s.out else Path("runs") / "fit" / Path(features).stem
+        if s.train_sizes:
+            return learning_curve(st, taps[-1], s.clf, s.train_sizes, s.class_weight, s.seed, out_dir)
+        settings = {"clf": s.clf, "search": s.search, "class_weight": s.class_weight, "seed": s.seed}
+        paths = [fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force) for tap in taps]
         return paths[0] if layer != "all" else layer_probe(paths, out_dir, folder_name("layers", **settings))
 
 

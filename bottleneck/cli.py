@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bottleneck import backbones, data, store
+from bottleneck import backbones, data, settings, store
 from bottleneck.console import err
 from bottleneck.errors import BottleneckError
 
@@ -23,122 +26,44 @@ data_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
-# The split options of extract and finetune: one function (data.split_samples) decides for both.
-VAL_FRACTION_HELP = "Validation fraction carved from train [default: 0.1 for data without splits, else none]."
-TEST_FRACTION_HELP = "Test fraction carved from train [default: 0.25 for data without splits, else none]."
-SPLIT_SEED_HELP = "Seed of the stratified split (the same for extract and finetune gives the same test images)."
 # Piped output is not cut to 80 columns: file names in tables must survive `| grep`.
 out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
 
 
-@app.command()
-def extract(
-    model: Annotated[str, typer.Option(help="Backbone name (see 'bottleneck models').")],
-    data_dir: Annotated[Path, typer.Option("--data", help="ImageFolder tree (with or without "
-                                           "train/val/test folders) or a CSV manifest path,label[,split].")],
-    layer: Annotated[list[str] | None, typer.Option(help="Feature tap; repeat for several taps "
-                                                       "in one pass. Default: the model's penultimate.")] = None,
-    pool: Annotated[str, typer.Option(help="Pooling of spatial taps: avg, max or flatten.")] = "avg",
-    weights: Annotated[str, typer.Option(help="DEFAULT, an enum name (IMAGENET1K_V1), a state_dict "
-                                         "file, or none (random init).")] = "DEFAULT",
-    out_dir: Annotated[Path, typer.Option("--out", help="Cache folder.")] = Path("cache"),
-    batch_size: Annotated[int, typer.Option(help="Images per batch (and per saved block).")] = 64,
-    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes "
-                                                   "[default: half the cores, at most 8].")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 compute.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Storage type: float32 or float16.")] = "float32",
-    shard: Annotated[str, typer.Option(help="Compute shard I of N (0-based), e.g. 0/4.")] = "0/1",
-    force: Annotated[bool, typer.Option(help="Extract again even if a complete cache exists.")] = False,
-    val_fraction: Annotated[float | None, typer.Option(help=VAL_FRACTION_HELP)] = None,
-    test_fraction: Annotated[float | None, typer.Option(help=TEST_FRACTION_HELP)] = None,
-    split_seed: Annotated[int, typer.Option("--split-seed", "--seed", help=SPLIT_SEED_HELP)] = 0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
-    """Extract features of a folder of labelled images into an HDF5 cache; prints its path last."""
-    from bottleneck.extract import extract as run
+def stage_command(name: str, module: str, cls, doc: str) -> None:
+    """Register `bottleneck NAME`: one option per field of the stage's settings, calling
+    bottleneck.MODULE.NAME with them and printing the path it returns."""
+    params = []
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        option = typer.Option(*(m["flags"] or ()), help=m["help"] + choice_list(m["choices"]))
+        annotation = Annotated[f.type, option]
+        default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=annotation))
 
-    path = run(model, str(data_dir), layer=layer, pool=pool, weights=weights, out=str(out_dir),
-               batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype, shard=shard,
-               force=force, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
-               progress=progress)
-    out.print(str(path))
+    def command(**kwargs) -> None:
+        run = getattr(importlib.import_module(f"bottleneck.{module}"), name)  # torch loads only when needed
+        out.print(str(run(**kwargs)))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
-@app.command()
-def fit(
-    features: Annotated[Path, typer.Option(help="Feature cache (.h5) from 'bottleneck extract'.")],
-    clf: Annotated[str, typer.Option(help="logreg, svm, linear-svm, mlp or knn.")] = "logreg",
-    layer: Annotated[str | None, typer.Option(help="Tap to use [default: the cache's last]; "
-                                                 "'all' fits one classifier per tap.")] = None,
-    search: Annotated[bool, typer.Option(help="Tune the main hyperparameter by validation or CV.")] = False,
-    class_weight: Annotated[str | None, typer.Option(help="'balanced' to weight classes.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for hold-out splits, CV folds and the classifier.")] = 0,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder "
-                                                    "[default: runs/fit/<cache name>].")] = None,
-    train_sizes: Annotated[str | None, typer.Option(help="Learning curve: images per class, "
-                                                       "e.g. 10,25,50,100,all.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace a result of other settings in the same folder.")] = False,
-) -> None:
-    """Train a classifier on cached features; writes model.joblib, predictions.csv and report.json.
-
-    Prints the report's path last."""
-    from bottleneck.classify import fit as run
-
-    path = run(str(features), clf, layer=layer, search=search, class_weight=class_weight, seed=seed,
-               out=str(out_dir) if out_dir else None, train_sizes=train_sizes, force=force)
-    out.print(str(path))
+def choice_list(choices: tuple) -> str:
+    return f" One of: {', '.join(choices)}." if choices else ""
 
 
-@app.command()
-def finetune(
-    model: Annotated[str, typer.Option(help="Backbone name (see 'bottleneck models').")],
-    data_dir: Annotated[Path, typer.Option("--data", help="The same data as for extract.")],
-    weights: Annotated[str, typer.Option(help="Starting weights: DEFAULT, an enum name, a file.")] = "DEFAULT",
-    unfreeze: Annotated[str, typer.Option(help="all, N (last N blocks) or from:TAP.")] = "all",
-    head_epochs: Annotated[int, typer.Option(help="Epochs training the new head alone.")] = 1,
-    epochs: Annotated[int, typer.Option(help="Epochs with the unfrozen part training too.")] = 10,
-    lr: Annotated[float, typer.Option(help="Learning rate of the head.")] = 1e-3,
-    backbone_lr_mult: Annotated[float, typer.Option(help="Backbone learning rate = lr × this.")] = 0.1,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    schedule: Annotated[str, typer.Option(help="cosine or step (after a short warm-up).")] = "cosine",
-    augment: Annotated[str, typer.Option(help="none, light (flips) or strong (+ rotations, jitter).")] = "light",
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without improvement.")] = 3,
-    monitor: Annotated[str, typer.Option(help="Validation loss or accuracy for early stopping.")] = "loss",
-    batch_size: Annotated[int, typer.Option(help="Images per step (all processes together).")] = 32,
-    image_size: Annotated[int | None, typer.Option(help="Train on whole images resized to N×N "
-                                                   "[default: the model's resize and crop].")] = None,
-    tta: Annotated[bool, typer.Option(help="Average predictions over flips when scoring.")] = True,
-    restore_best: Annotated[bool, typer.Option("--restore-best/--keep-last", help="End with the weights of "
-                                               "the best validation epoch, or of the last.")] = True,
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and the new head (not of the "
-                                      "split: see --split-seed).")] = 0,
-    deterministic: Annotated[bool, typer.Option(
-        help="Bit-identical reruns and resumes on one machine (deterministic torch, oneDNN, MKL).")] = False,
-    max_images: Annotated[int | None, typer.Option(help="Use at most N images per split (quick trials).")] = None,
-    val_fraction: Annotated[float | None, typer.Option(help=VAL_FRACTION_HELP)] = None,
-    test_fraction: Annotated[float | None, typer.Option(help=TEST_FRACTION_HELP)] = None,
-    split_seed: Annotated[int, typer.Option(help=SPLIT_SEED_HELP)] = 0,
-    workers: Annotated[int | None, typer.Option(help="Decoding worker processes.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder [default: runs/finetune/MODEL]; "
-                                                 "rerunning with the same folder resumes.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-) -> None:
-    """Fine-tune the network on the same data and splits; prints the report's path last.
-
-    SIGTERM or SIGUSR1 save a checkpoint and exit with code 75; the same command resumes.
-    """
-    from bottleneck.finetune import finetune as run
-
-    path = run(model, str(data_dir), weights=weights, unfreeze=unfreeze, head_epochs=head_epochs, epochs=epochs,
-               lr=lr, backbone_lr_mult=backbone_lr_mult, optimizer=optimizer, schedule=schedule, augment=augment,
-               patience=patience, batch_size=batch_size, precision=precision, seed=seed,
-               out=str(out_dir) if out_dir else None, workers=workers, device=device, deterministic=deterministic,
-               image_size=image_size, max_images=max_images, monitor=monitor, tta=tta, restore_best=restore_best,
-               val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, progress=progress)
-    out.print(str(path))
+stage_command("extract", "extract", settings.ExtractSettings,
+              "Extract features of a folder of labelled images into an HDF5 cache; prints its path last.")
+stage_command("fit", "classify", settings.FitSettings,
+              "Train a classifier on cached features; writes model.joblib, predictions.csv and report.json.\n\n"
+              "Prints the report's path last.")
+stage_command("finetune", "finetune", settings.FinetuneSettings,
+              "Fine-tune the network on the same data and splits; prints the report's path last.\n\n"
+              "SIGTERM or SIGUSR1 save a checkpoint and exit with code 75; the same command resumes.")
 
 
 @app.command()
@@ -153,7 +78,7 @@ def evaluate(
     """Re-score a saved classifier on a compatible cache."""
     from bottleneck.predict import evaluate as run
 
-    rep = run(str(model), str(features), split, out=str(out_dir) if out_dir else None)
+    rep = run(str(model), str(features), split=split, out=str(out_dir) if out_dir else None)
     if as_json:
         out.print(json.dumps(rep, indent=1))
         return
@@ -182,7 +107,7 @@ def predict(
         raise BottleneckError(f"unknown --format '{fmt}'; choose table, csv or json")
     clf = None if imagenet else images[0]
     files = images if imagenet else images[1:]
-    rows = run(clf, files, top_k, imagenet, model, weights, device=device)
+    rows = run(clf, files, top_k=top_k, imagenet=imagenet, backbone=model, weights=weights, device=device)
     if fmt == "json":
         out.print(json.dumps(rows, indent=1))
     elif fmt == "csv":
@@ -353,7 +278,7 @@ def run_experiment(
                                 ("--time", time), ("--mem", mem), ("--setup", setup)) if v is not None]
         if given or dry_run or array_size != 4:
             raise BottleneckError(f"{', '.join(given) or '--dry-run/--array-size'} only apply with --slurm")
-        out.print(pipeline.run(experiment, progress).read_text(), end="")
+        out.print(pipeline.run(experiment, progress=progress).read_text(), end="")
         return
     rows = batch.submit(experiment, partition, account, gres, time, mem, array_size, setup, dry_run)
     run_dir = Path(rows[0]["script"]).parent.parent
@@ -386,7 +311,7 @@ def compare(
     paired differences, cost and a verdict; writes comparison.{md,csv,json,png} and report.html."""
     from bottleneck.compare import compare as run
 
-    path = run([str(d) for d in run_dirs], str(out_dir) if out_dir else None, reference=reference)
+    path = run([str(d) for d in run_dirs], out=str(out_dir) if out_dir else None, reference=reference)
     suffix = ".json" if as_json else ".csv" if as_csv else ".md"
     out.print(path.with_suffix(suffix).read_text(), end="" if suffix != ".json" else "\n")
 

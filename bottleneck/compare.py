@@ -37,7 +37,7 @@ INTERVALS = ("95 % over test images: which images landed in the test split, not 
              "read a p near 0.05 as a hint, not a finding")
 
 
-def compare(run_dirs: list[str], out: str | None = None, reference: str | None = None) -> Path:
+def compare(run_dirs: list[str], *, out: str | None = None, reference: str | None = None) -> Path:
     """Collect the reports under `run_dirs` into OUT/comparison.{md,csv,json,png} and OUT/report.html;
     returns the .md's path. `out` defaults to the first folder; `reference` names the row (its id,
     the report's folder under the run folder) every other row is measured against.

@@ -23,38 +23,26 @@ import torch
 from bottleneck import backbones, data, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = ("float32", "float16")
+from bottleneck.settings import PRECISIONS, ExtractSettings, takes
 
 
-def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str = "avg",
-            weights: str = "DEFAULT", out: str = "cache", batch_size: int = 64, workers: int | None = None,
-            device: str = "auto", precision: str = "auto", dtype: str = "float32", shard: str = "0/1",
-            force: bool = False, val_fraction: float | None = None, test_fraction: float | None = None,
-            split_seed: int = 0, progress: bool = True) -> Path:
+@takes(ExtractSettings)
+def extract(s: ExtractSettings) -> Path:
     """Extract features of every image under `data_dir`; returns the cache's path.
 
     Data without its own splits is split by `data.split_samples` (fractions default to 0.1 and
     0.25), the same function finetune and fit use, so all three score the same test images.
     """
     started = time.perf_counter()
-    taps = backbones.resolve_taps(model, layer)
-    if pool not in backbones.POOLS:
-        raise BottleneckError(f"unknown pooling '{pool}'; choose one of {', '.join(backbones.POOLS)}")
-    if batch_size < 1 or batch_size > 65536:
-        raise BottleneckError(f"--batch-size must be between 1 and 65536, not {batch_size}")
-    if workers is not None and not 0 <= workers <= 256:
-        raise BottleneckError(f"--workers must be between 0 and 256, not {workers}")
-    if dtype not in DTYPES:
-        raise BottleneckError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    shard_i, shard_n = parse_shard(shard)
-    manifest = data.load_manifest(data_dir, val_fraction, test_fraction, split_seed)
-    ref = backbones.resolve_weights(model, weights)
+    model, pool, dtype, batch_size, force, progress = s.model, s.pool, s.dtype, s.batch_size, s.force, s.progress
+    taps = backbones.resolve_taps(model, s.layer)
+    dev = resolve_device(s.device)
+    prec = resolve_precision(s.precision, dev)
+    shard_i, shard_n = parse_shard(s.shard)
+    manifest = data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed)
+    ref = backbones.resolve_weights(model, s.weights)
     attrs = cache_attrs(model, ref, taps, pool, prec, dtype, manifest)
-    path = cache_path(out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n)
+    path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n)
 
     if path.is_file() and not force and store.is_complete(path):
         note(f"reusing complete cache {path} (use --force to extract again)")
@@ -74,7 +62,7 @@ def extract(model: str, data_dir: str, layer: list[str] | None = None, pool: str
             backbones.fetch_weights(ref)
             net = backbones.build_model(model, ref)
             extractor = backbones.FeatureExtractor(net, model, taps, pool)
-            workers = default_workers() if workers is None else workers
+            workers = default_workers() if s.workers is None else s.workers
             setup = time.perf_counter() - started
             run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
                        workers, progress)
@@ -108,7 +96,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' is bf16 where the hardware computes it natively, else fp16 on GPUs, else fp32."""
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS:  # callers other than the stages' settings: predict's loaders
         raise BottleneckError(f"unknown --precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision

@@ -34,45 +34,44 @@ from bottleneck.data import describe_error
 from bottleneck.errors import BottleneckError, Interrupted, write_error
 from bottleneck.extract import apply_precision, device_name, resolve_device, resolve_precision, versions
 from bottleneck.finetune_data import augment_batch, input_pipeline, load_images, load_splits, tta_views
+from bottleneck.settings import FinetuneSettings, takes
 
 MODEL_FORMAT = "bottleneck-finetuned/1"
 LABEL_SMOOTHING = 0.1
 
 
-def finetune(model: str, data_dir: str, weights: str = "DEFAULT", unfreeze: str = "all", head_epochs: int = 1,
-             epochs: int = 10, lr: float = 1e-3, backbone_lr_mult: float = 0.1, optimizer: str = "adamw",
-             schedule: str = "cosine", augment: str = "light", patience: int = 3, batch_size: int = 32,
-             precision: str = "auto", seed: int = 0, out: str | None = None, workers: int | None = None,
-             device: str = "auto", deterministic: bool = False, image_size: int | None = None,
-             max_images: int | None = None, monitor: str = "loss", tta: bool = True, restore_best: bool = True,
-             val_fraction: float | None = None, test_fraction: float | None = None, split_seed: int = 0,
-             progress: bool = True) -> Path:
+@takes(FinetuneSettings)
+def finetune(s: FinetuneSettings) -> Path:
     """Fine-tune `model` on `data_dir`; returns the path of OUT/report.json.
 
     The splits come from the same function, fractions and `split_seed` as extract's, so both
     paths are scored on the same test images; `seed` drives only training (order, augmentation,
     the new head), so repeats over seeds keep the test set.
     """
-    args = {k: v for k, v in locals().items() if k not in ("out", "workers", "progress")}
+    # The settings a run is made of (checkpoints and reports hold them); where it is written,
+    # its workers and its progress bars do not change it.
+    args = {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")}
     validate(args)
+    model, out, device, progress = s.model, s.out, s.device, s.progress
     out_dir = Path(out) if out else Path("runs") / "finetune" / model
     if (out_dir / "report.json").is_file():
         return finished_run(out_dir, args)
     started = time.perf_counter()
     rank, world = setup_distributed()
     dev = resolve_device(f"cuda:{local_rank()}" if device == "auto" and torch.cuda.is_available() else device)
-    if deterministic:
+    if s.deterministic:
         make_deterministic()
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(s.precision, dev)
     apply_precision(prec)
-    prep = input_pipeline(model, image_size)
-    splits, classes, split_info, root = load_splits(data_dir, val_fraction, test_fraction, split_seed, max_images)
+    prep = input_pipeline(model, s.image_size)
+    splits, classes, split_info, root = load_splits(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed,
+                                                    s.max_images)
     images, paths = {}, {}
     for split, samples in splits.items():
-        x, y, paths[split] = load_images(root, samples, prep, workers, progress and rank == 0)
+        x, y, paths[split] = load_images(root, samples, prep, s.workers, progress and rank == 0)
         images[split] = (x, y)
-    net = backbones.build_model(model, weights)
-    head = backbones.replace_head(net, model, len(classes), seed)
+    net = backbones.build_model(model, s.weights)
+    head = backbones.replace_head(net, model, len(classes), s.seed)
     net = net.to(dev, memory_format=torch.channels_last)
     run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
     run.train(progress and rank == 0)
@@ -98,24 +97,10 @@ def finished_run(out: Path, args: dict) -> Path:
 
 
 def validate(a: dict) -> None:
+    """What the settings cannot check alone: the model exists and has the tap of from:TAP."""
     backbones.get_spec(a["model"])
-    choices = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step"), "augment": ("none", "light", "strong"),
-               "monitor": ("loss", "accuracy")}
-    for key, allowed in choices.items():
-        if a[key] not in allowed:
-            raise BottleneckError(f"unknown --{key} '{a[key]}'; choose one of {', '.join(allowed)}")
-    for key, low in (("epochs", 0), ("head_epochs", 0), ("batch_size", 1), ("patience", 1)):
-        if a[key] < low:
-            raise BottleneckError(f"--{key.replace('_', '-')} must be at least {low}, not {a[key]}")
-    if a["epochs"] + a["head_epochs"] == 0:
-        raise BottleneckError("nothing to train: --epochs and --head-epochs are both 0")
-    if not (a["lr"] > 0 and a["backbone_lr_mult"] >= 0):
-        raise BottleneckError("--lr must be positive and --backbone-lr-mult not negative")
-    u = a["unfreeze"]
-    if not (u == "all" or u.isdigit() or u.startswith("from:")):
-        raise BottleneckError(f"--unfreeze must be all, a number of blocks, or from:TAP; not '{u}'")
-    if u.startswith("from:"):
-        backbones.resolve_taps(a["model"], [u.removeprefix("from:")])
+    if a["unfreeze"].startswith("from:"):
+        backbones.resolve_taps(a["model"], [a["unfreeze"].removeprefix("from:")])
 
 
 def make_deterministic() -> None:

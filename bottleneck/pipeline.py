@@ -10,14 +10,15 @@ one resumes from its checkpoint.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 import re
 import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bottleneck import backbones, data
+from bottleneck import backbones, data, settings
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
 
@@ -27,13 +28,22 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 BUILTIN_DATA = ("elpv",)
-# key → type of every table; finetune's keys are finetune()'s own arguments.
+
+
+def _keys(cls, table: str | None = None) -> dict:
+    """{key: type} of a stage's settings in an experiment file's table, from the stage's one definition."""
+    hints = typing.get_type_hints(cls)
+    return {key: list[str] if f.metadata["toml_list"] else hints[f.name]
+            for key, f in settings.toml_keys(cls, table).items()}
+
+
+# key → type of every table; None: checked where it is read.
 TOP_KEYS = {"name": str, "out": str, "cache": str}
-DATA_KEYS = {"path": str, "builtin": str, "val_fraction": float, "test_fraction": float, "seed": int}
-BACKBONE_KEYS = {"name": str, "model": str, "weights": str, "layers": list, "pool": str, "batch_size": int,
-                 "precision": str, "dtype": str, "device": str, "workers": int}
-FIT_KEYS = {"classifiers": list, "layers": list, "search": bool, "class_weight": str, "seed": int, "seeds": None}
-TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": None}
+DATA_KEYS = {"path": str, "builtin": str} | _keys(settings.ExtractSettings, "data")
+BACKBONE_KEYS = {"name": str} | _keys(settings.ExtractSettings)
+FIT_KEYS = _keys(settings.FitSettings) | {"seeds": None}
+FINETUNE_KEYS = {"name": str} | _keys(settings.FinetuneSettings) | {"seeds": None}
+TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": FINETUNE_KEYS}
 
 
 @dataclass
@@ -102,34 +112,28 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
     _check_keys(where, "backbone", i, t, BACKBONE_KEYS)
     if "model" not in t:
         raise where.error("backbone", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
-    bb = {"pool": "avg", "weights": "DEFAULT", "batch_size": 64, "precision": "auto", "dtype": "float32",
-          "device": "auto", "workers": None} | t
+    bb = _stage_values(where, "backbone", i, t, settings.ExtractSettings)
     bb["name"] = t.get("name", t["model"])
     _check_name(where, "backbone", i, bb["name"])
     with where.blame("backbone", i, "model"):
         backbones.get_spec(bb["model"])
     with where.blame("backbone", i, "layers"):
         bb["layers"] = backbones.resolve_taps(bb["model"], t.get("layers"))
-    if bb["pool"] not in backbones.POOLS:
-        raise where.error("backbone", i, "pool", f"unknown pooling '{bb['pool']}'; choose one of "
-                          f"{', '.join(backbones.POOLS)}")
     return bb
 
 
 def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
-    from bottleneck.classify import CLASSIFIERS
-
     if not isinstance(t, dict):
         raise where.error(None, 0, "fit", "must be a table: [fit]")
     _check_keys(where, "fit", 0, t, FIT_KEYS)
     if not bbs:
         raise where.error("fit", 0, None, "fits classifiers on cached features, but no [[backbone]] extracts any")
-    fit = {"classifiers": ["logreg"], "layers": None, "search": False, "class_weight": None, "seed": 0} | t
-    fit["seeds"] = _seeds(where, "fit", 0, t) or [fit["seed"]]
+    fit = _stage_values(where, "fit", 0, t, settings.FitSettings)
+    fit["classifiers"] = t.get("classifiers", ["logreg"])
+    fit["layers"] = t.get("layers")
     for clf in fit["classifiers"]:
-        if clf not in CLASSIFIERS:
-            raise where.error("fit", 0, "classifiers", f"unknown classifier '{clf}'; choose from "
-                              f"{', '.join(CLASSIFIERS)}")
+        _stage_values(where, "fit", 0, t, settings.FitSettings, {"clf": clf})
+    fit["seeds"] = _seeds(where, "fit", 0, t) or [fit["seed"]]
     for bb in bbs:
         missing = [tap for tap in fit["layers"] or [] if tap not in bb["layers"]]
         if missing:
@@ -138,29 +142,38 @@ def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
     return fit
 
 
-def finetune_args() -> list[str]:
-    """The settings a [[finetune]] table may hold: finetune()'s arguments but data, splits and output."""
-    from bottleneck.finetune import finetune
-
-    data_keys = ("data_dir", "out", "progress", "val_fraction", "test_fraction", "split_seed")
-    return [p for p in inspect.signature(finetune).parameters if p not in data_keys]
-
-
 def _finetune(where: _Locator, i: int, t: dict) -> list[dict]:
     """One fine-tune, or one per seed of `seeds = [...]`, each named NAME-seedN."""
-    allowed = {k: None for k in finetune_args()} | {"name": str, "seeds": None}
-    _check_keys(where, "finetune", i, t, allowed)
+    _check_keys(where, "finetune", i, t, FINETUNE_KEYS)
     if "model" not in t:
         raise where.error("finetune", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
     with where.blame("finetune", i, "model"):
         backbones.get_spec(t["model"])
     _check_name(where, "finetune", i, t.get("name", t["model"]))
+    _stage_values(where, "finetune", i, t, settings.FinetuneSettings)
     ft = {"name": t["model"]} | t
     seeds = _seeds(where, "finetune", i, t)
     if "seed" in t and seeds:
         raise where.error("finetune", i, "seeds", "give seed or seeds, not both")
     ft.pop("seeds", None)
     return [ft | {"name": f"{ft['name']}-seed{n}", "seed": n} for n in seeds] if seeds else [ft]
+
+
+def _stage_values(where: _Locator, table: str, i: int, t: dict, cls, chosen: dict | None = None) -> dict:
+    """The table's settings over the stage's defaults, {key: value}, checked by the stage's own
+    `validate` (choices, bounds, rules) with the key's line in any error. Lists of runs
+    (`classifiers`) are checked one value at a time through `chosen`."""
+    keys = {k: f for k, f in settings.toml_keys(cls).items() if not f.metadata["toml_list"]}
+    values = {k: f.default for k, f in keys.items() if f.default is not dataclasses.MISSING}
+    values |= {k: v for k, v in t.items() if k in keys}
+    args = {f.name: "" for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}  # paths come later
+    args |= {keys[k].name: v for k, v in values.items()} | (chosen or {})
+    try:
+        cls(**args).validate()
+    except settings.SettingError as e:
+        key = next((k for k, f in settings.toml_keys(cls).items() if f.name == e.key), None)
+        raise where.error(table, i, key, str(e)) from None
+    return values
 
 
 def _seeds(where: _Locator, table: str, i: int, t: dict) -> list[int] | None:
@@ -208,16 +221,10 @@ def _check_keys(where: _Locator, table: str, i: int, t: dict, allowed: dict) -> 
             _check_type(where, table, i, key, value, allowed[key])
 
 
-def _check_type(where: _Locator, table: str | None, i: int, key: str, value, kind: type) -> None:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             list: "a list of strings"}
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is list:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if not ok:
-        raise where.error(table, i, key, f"must be {names[kind]}, not {value!r}")
+def _check_type(where: _Locator, table: str | None, i: int, key: str, value, kind) -> None:
+    problem = settings.type_problem(kind, value)
+    if problem:
+        raise where.error(table, i, key, problem)
 
 
 class _Locator:
@@ -330,7 +337,7 @@ def save_copy(exp: Experiment) -> None:
         shutil.copyfile(exp.file, target)
 
 
-def run(experiment: str | Path, progress: bool = True) -> Path:
+def run(experiment: str | Path, *, progress: bool = True) -> Path:
     """Run every stage of an experiment on this machine, skipping finished ones; returns comparison.md."""
     from bottleneck.compare import compare
     from bottleneck.extract import extract

@@ -37,7 +37,7 @@ def load_classifier(path: str | os.PathLike):
     return pipe
 
 
-def evaluate(model: str, features: str, split: str = "test", out: str | None = None) -> dict:
+def evaluate(model: str, features: str, *, split: str = "test", out: str | None = None) -> dict:
     """Metrics of a saved classifier (or fine-tuned network) on one split of a compatible cache.
 
     With `out`, writes report.json and predictions.csv there. A split the model was trained on
@@ -129,7 +129,7 @@ def image_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool = False,
+def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: bool = False,
             backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", batch_size: int = 32,
             device: str = "auto") -> list[dict]:
     """Label images with a saved classifier (or, with imagenet=True, the backbone's own ImageNet head).

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bottleneck import pipeline
+from bottleneck import pipeline, settings
 from bottleneck.errors import BottleneckError
 
 # bottleneck finetune exits with this after saving a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL).
@@ -166,20 +166,15 @@ def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, li
 
 
 def command(name: str, args: dict) -> str:
-    """The `bottleneck NAME --flag value ...` line for a library call's arguments."""
-    flags = {"data_dir": "--data", "out": "--out"}
+    """The `bottleneck NAME --flag value ...` line for a library call's arguments; the flags come
+    from the stage's settings, as the command line's own options do."""
     words = ["bottleneck", *name.split()]
     if name == "compare":
         return " ".join(words + ["--"] + [_q(d) for d in args["run_dirs"]])
-    for key, value in args.items():
-        flag = flags.get(key, "--" + key.replace("_", "-"))
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            words.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            for v in value if isinstance(value, list) else [value]:
-                words += [flag, _q(v)]
+    stage = {"extract": settings.ExtractSettings, "fit": settings.FitSettings,
+             "finetune": settings.FinetuneSettings}[name]
+    for flag, value in settings.command_words(stage, args):
+        words += [flag] if value is None else [flag, _q(value)]
     return " ".join(words)
 
 

@@ -139,8 +139,8 @@ def test_results_of_other_settings_get_their_own_folder_or_are_refused(cache, tm
 def test_evaluate_on_a_split_it_was_trained_on_says_so(cache, tmp_path):
     fit(str(cache[0]), clf="logreg", search=True, out=str(tmp_path))  # refit on train + val
     model = str(tmp_path / "pool-logreg-search" / "model.joblib")
-    assert "caveat" not in evaluate(model, str(cache[0]), "test")
-    rep = evaluate(model, str(cache[0]), "val", out=str(tmp_path / "ev"))
+    assert "caveat" not in evaluate(model, str(cache[0]), split="test")
+    rep = evaluate(model, str(cache[0]), split="val", out=str(tmp_path / "ev"))
     assert "trained or tuned on the val split" in rep["caveat"]
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["caveat"] == rep["caveat"]
     assert (tmp_path / "ev" / "predictions.csv").is_file() and rep["test_set"]["split"] == "val"

@@ -1,0 +1,298 @@
+"""Every stage's settings, defined once.
+
+Each stage (extract, fit, finetune) has one frozen dataclass. A field's default, help text,
+allowed values and bounds live in its `setting(...)`, and from that one definition come:
+
+- the Python signature, keyword-only after the required fields (`takes`);
+- the command-line options (`bottleneck.cli` builds them from the fields);
+- the keys of an experiment file and their type errors (`bottleneck.pipeline`);
+- the command lines of Slurm jobs (`command_words`);
+- the checks (`validate`), and the settings recorded in reports and checkpoints.
+
+Adding an option to a stage is adding a field here and reading it in the stage.
+"""
+
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+
+from bottleneck.errors import BottleneckError
+
+CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
+POOLS = ("avg", "max", "flatten")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("float32", "float16")
+VAL_FRACTION_HELP = "Validation fraction carved from train [default: 0.1 for data without splits, else none]."
+TEST_FRACTION_HELP = "Test fraction carved from train [default: 0.25 for data without splits, else none]."
+SPLIT_SEED_HELP = "Seed of the stratified split (the same for extract and finetune gives the same test images)."
+
+
+class SettingError(BottleneckError):
+    """A setting's value is wrong; `key` names the field, so an experiment file can point at its line."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def setting(default=MISSING, help: str = "", *, choices: tuple = (), low=None, high=None, flags: tuple = (),
+            toml: bool | str = True, toml_list: bool = False, what: str | None = None):
+    """One option of a stage.
+
+    `flags`: its command-line names, the first one shown in errors ("--a/--b" for a boolean's
+    two forms); by default `--field-name`. `toml`: False keeps it out of experiment files, a
+    string is its key there ("[data] seed" for a key of the [data] table); `toml_list`: the
+    file holds a list of values, one run each (`classifiers = ["logreg", "svm"]`). `what`: the
+    word for the value in errors ("unknown classifier 'forest'"), by default the flag.
+    """
+    meta = {"help": help, "choices": tuple(choices), "low": low, "high": high, "flags": tuple(flags),
+            "toml": toml, "toml_list": toml_list, "what": what}
+    return field(default=default, metadata=meta)
+
+
+class Settings:
+    """What every stage's settings can do."""
+
+    def validate(self):
+        """Check every field (type, choices, bounds), then the stage's own rules; returns self."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            check_value(f, hints[f.name], getattr(self, f.name))
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Rules between fields; a stage overrides this."""
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- the stages
+
+@dataclass(frozen=True)
+class ExtractSettings(Settings):
+    model: str = setting(help="Backbone name (see 'bottleneck models').")
+    data_dir: str = setting(help="ImageFolder tree (with or without train/val/test folders) or a CSV manifest "
+                            "path,label[,split].", flags=("--data",), toml=False)
+    layer: list[str] | None = setting(None, "Feature tap; repeat for several taps in one pass. Default: the "
+                                      "model's penultimate.", toml="layers")
+    pool: str = setting("avg", "Pooling of spatial taps.", choices=POOLS, what="pooling")
+    weights: str = setting("DEFAULT", "DEFAULT, an enum name (IMAGENET1K_V1), a state_dict file, or none "
+                           "(random init).")
+    out: str = setting("cache", "Cache folder.", toml=False)
+    batch_size: int = setting(64, "Images per batch (and per saved block).", low=1, high=65536)
+    workers: int | None = setting(None, "DataLoader worker processes [default: half the cores, at most 8].",
+                                  low=0, high=256)
+    device: str = setting("auto", "auto, cpu or cuda[:N].")
+    precision: str = setting("auto", "Compute precision.", choices=PRECISIONS)
+    dtype: str = setting("float32", "Storage type.", choices=DTYPES)
+    shard: str = setting("0/1", "Compute shard I of N (0-based), e.g. 0/4.", toml=False)
+    force: bool = setting(False, "Extract again even if a complete cache exists.", toml=False)
+    val_fraction: float | None = setting(None, VAL_FRACTION_HELP, low=0.0, toml="[data] val_fraction")
+    test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
+                                          toml="[data] test_fraction")
+    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, flags=("--split-seed", "--seed"), toml="[data] seed")
+    progress: bool = setting(True, "Show a progress bar.", toml=False)
+
+
+@dataclass(frozen=True)
+class FitSettings(Settings):
+    features: str = setting(help="Feature cache (.h5) from 'bottleneck extract'.", toml=False)
+    clf: str = setting("logreg", "Classifier.", choices=CLASSIFIERS, toml="classifiers", toml_list=True,
+                       what="classifier")
+    layer: str | None = setting(None, "Tap to use [default: the cache's last]; 'all' fits one classifier per tap.",
+                                toml="layers", toml_list=True)
+    search: bool = setting(False, "Tune the main hyperparameter by validation or CV.")
+    class_weight: str | None = setting(None, "Weight classes by their inverse frequency.", choices=("balanced",))
+    seed: int = setting(0, "Seed for hold-out splits, CV folds and the classifier.", low=0)
+    out: str | None = setting(None, "Output folder [default: runs/fit/<cache name>].", toml=False)
+    train_sizes: str | None = setting(None, "Learning curve: images per class, e.g. 10,25,50,100,all.", toml=False)
+    force: bool = setting(False, "Replace a result of other settings in the same folder.", toml=False)
+
+
+@dataclass(frozen=True)
+class FinetuneSettings(Settings):
+    model: str = setting(help="Backbone name (see 'bottleneck models').")
+    data_dir: str = setting(help="The same data as for extract.", flags=("--data",), toml=False)
+    weights: str = setting("DEFAULT", "Starting weights: DEFAULT, an enum name, a file.")
+    unfreeze: str = setting("all", "all, N (last N blocks) or from:TAP.")
+    head_epochs: int = setting(1, "Epochs training the new head alone.", low=0)
+    epochs: int = setting(10, "Epochs with the unfrozen part training too.", low=0)
+    lr: float = setting(1e-3, "Learning rate of the head.", low=0.0)
+    backbone_lr_mult: float = setting(0.1, "Backbone learning rate = lr × this.", low=0.0)
+    optimizer: str = setting("adamw", "Optimiser.", choices=("adamw", "sgd"))
+    schedule: str = setting("cosine", "Learning-rate schedule after a short warm-up.", choices=("cosine", "step"))
+    augment: str = setting("light", "Training augmentation: light is flips, strong adds rotations and colour jitter.",
+                           choices=("none", "light", "strong"))
+    patience: int = setting(3, "Stop after this many epochs without improvement.", low=1)
+    monitor: str = setting("loss", "Validation measure for early stopping and the best epoch.",
+                           choices=("loss", "accuracy"))
+    batch_size: int = setting(32, "Images per step (all processes together).", low=1)
+    image_size: int | None = setting(None, "Train on whole images resized to N×N [default: the model's resize "
+                                     "and crop].", low=8)
+    tta: bool = setting(True, "Average predictions over flips when scoring.")
+    restore_best: bool = setting(True, "End with the weights of the best validation epoch, or of the last.",
+                                 flags=("--restore-best/--keep-last",))
+    precision: str = setting("auto", "Compute precision.", choices=PRECISIONS)
+    device: str = setting("auto", "auto, cpu or cuda[:N].")
+    seed: int = setting(0, "Seed of data order, augmentation and the new head (not of the split: see "
+                        "--split-seed).", low=0)
+    deterministic: bool = setting(False, "Bit-identical reruns and resumes on one machine (deterministic torch, "
+                                  "oneDNN, MKL).")
+    max_images: int | None = setting(None, "Use at most N images per split (quick trials).", low=1)
+    val_fraction: float | None = setting(None, VAL_FRACTION_HELP, low=0.0, toml="[data] val_fraction")
+    test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
+                                          toml="[data] test_fraction")
+    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] seed")
+    workers: int | None = setting(None, "Decoding worker processes.", low=0, high=256)
+    out: str | None = setting(None, "Run folder [default: runs/finetune/MODEL]; rerunning with the same folder "
+                              "resumes.", toml=False)
+    progress: bool = setting(True, "Show progress bars.", toml=False)
+
+    def check(self) -> None:
+        if self.epochs + self.head_epochs == 0:
+            raise SettingError("epochs", "nothing to train: --epochs and --head-epochs are both 0")
+        if self.lr == 0:
+            raise SettingError("lr", "--lr must be positive")
+        u = self.unfreeze
+        if not (u == "all" or u.isdigit() or u.startswith("from:")):
+            raise SettingError("unfreeze", f"--unfreeze must be all, a number of blocks, or from:TAP; not '{u}'")
+
+
+# --------------------------------------------------------------------------- one field
+
+def flag(f: dataclasses.Field) -> str:
+    """The option's main command-line name."""
+    return (f.metadata["flags"] or ("--" + f.name.replace("_", "-"),))[0].split("/")[0]
+
+
+def negative_flag(f: dataclasses.Field) -> str:
+    """The command-line form that sets a boolean to false."""
+    main = (f.metadata["flags"] or ("--" + f.name.replace("_", "-"),))[0]
+    return main.split("/")[1] if "/" in main else "--no-" + main[2:]
+
+
+def base_type(hint) -> tuple[type, bool]:
+    """(type, optional) of an annotation: int | None → (int, True); list[str] → (list, False)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return base_type(inner[0])[0], True
+    return (typing.get_origin(hint) or hint), False
+
+
+TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+              list: "a list of strings"}
+
+
+def type_problem(hint, value) -> str | None:
+    """Why `value` does not fit the annotation, or None."""
+    kind, optional = base_type(hint)
+    if value is None:
+        return None if optional else f"must be {TYPE_WORDS[kind]}, not None"
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is list:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, kind)
+    return None if ok else f"must be {TYPE_WORDS[kind]}, not {_short(value)}"
+
+
+def check_value(f: dataclasses.Field, hint, value) -> None:
+    problem = type_problem(hint, value)
+    if problem:
+        raise SettingError(f.name, f"{flag(f)} {problem}")
+    m = f.metadata
+    if value is None:
+        return
+    if m["choices"] and value not in m["choices"]:
+        raise SettingError(f.name, f"unknown {m['what'] or flag(f)} {_short(value)}; choose one of "
+                           f"{', '.join(m['choices'])}")
+    low, high = m["low"], m["high"]
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (f"between {low} and {high}" if low is not None and high is not None else
+                  f"at least {low}" if low is not None else f"at most {high}")
+        raise SettingError(f.name, f"{flag(f)} must be {bounds}, not {value}")
+
+
+def _short(value) -> str:
+    """A value for an error message, cut to a line: a 10 MB string is not echoed back."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- what comes from the fields
+
+def required(cls) -> list[str]:
+    return [f.name for f in fields(cls) if f.default is MISSING]
+
+
+def signature(cls) -> inspect.Signature:
+    """The stage's Python signature: required fields first, every other keyword-only."""
+    hints = typing.get_type_hints(cls)
+    params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name])
+              for f in fields(cls) if f.default is MISSING]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+               for f in fields(cls) if f.default is not MISSING]
+    return inspect.Signature(params)
+
+
+def takes(cls):
+    """Turn `func(settings)` into `func(required, ..., *, option=default, ...)` over `cls`'s fields.
+
+    The arguments are checked (`validate`) before the function runs; `func.settings` is `cls`.
+    """
+    sig = signature(cls)
+
+    def wrap(func):
+        @functools.wraps(func)
+        def call(*args, **kwargs):
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise TypeError(f"{func.__name__}(): {e}") from None
+            return func(cls(**bound.arguments).validate())
+
+        call.__signature__ = sig
+        call.settings = cls
+        return call
+
+    return wrap
+
+
+def toml_keys(cls, table: str | None = None) -> dict[str, dataclasses.Field]:
+    """{key: field} of a stage's fields in an experiment file's own table (`table=None`) or in
+    another table ("data")."""
+    keys = {}
+    for f in fields(cls):
+        where = f.metadata["toml"]
+        if where is False:
+            continue
+        name = f.name if where is True else where
+        in_table, _, key = name.rpartition(" ")
+        if in_table.strip("[]") == (table or ""):
+            keys[key] = f
+    return keys
+
+
+def command_words(cls, args: dict) -> list[tuple[str, object]]:
+    """(flag, value) pairs for the arguments given, value None after a boolean's flag; the
+    caller quotes values for its shell."""
+    by_name = {f.name: f for f in fields(cls)}
+    pairs = []
+    for key, value in args.items():
+        if value is None:
+            continue
+        f = by_name[key]
+        if isinstance(value, bool):
+            pairs.append((flag(f) if value else negative_flag(f), None))
+        else:
+            pairs += [(flag(f), v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return pairs
