@@ -32,7 +32,8 @@ import torch
 from bottleneck import backbones
 from bottleneck.data import write_elpv
 from bottleneck.errors import BottleneckError
-from bottleneck.extract import device_name, extract, resolve_device, resolve_precision
+from bottleneck.extract import extract
+from bottleneck.runtime import device_name, resolve_device, resolve_precision
 
 
 def subset(data: Path, n: int, into: Path) -> Path:

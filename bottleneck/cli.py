@@ -267,6 +267,8 @@ def run_experiment(
     setup: Annotated[str | None, typer.Option(help="Shell lines run first in every job [default: "
                                               "activate this venv].")] = None,
     dry_run: Annotated[bool, typer.Option(help="With --slurm: write and print the scripts, submit nothing.")] = False,
+    force: Annotated[bool, typer.Option(help="Redo fine-tunes whose finished run has other settings than the "
+                                        "file's (they are refused otherwise).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run an experiment: extract, fit, fine-tune, compare; finished stages are skipped."""
@@ -278,7 +280,7 @@ def run_experiment(
                                 ("--time", time), ("--mem", mem), ("--setup", setup)) if v is not None]
         if given or dry_run or array_size != 4:
             raise BottleneckError(f"{', '.join(given) or '--dry-run/--array-size'} only apply with --slurm")
-        out.print(pipeline.run(experiment, progress=progress).read_text(), end="")
+        out.print(pipeline.run(experiment, force=force, progress=progress).read_text(), end="")
         return
     rows = batch.submit(experiment, partition, account, gres, time, mem, array_size, setup, dry_run)
     run_dir = Path(rows[0]["script"]).parent.parent

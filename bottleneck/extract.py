@@ -8,11 +8,8 @@ killed at any moment resumes where it stopped and ends with the same file.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import os
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, store
+from bottleneck import backbones, data, runtime, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
-from bottleneck.settings import PRECISIONS, ExtractSettings, takes
+from bottleneck.runtime import apply_precision, default_workers, resolve_device, resolve_precision
+from bottleneck.settings import ExtractSettings, takes
 
 
 @takes(ExtractSettings)
@@ -83,35 +81,6 @@ def extract(s: ExtractSettings) -> Path:
     return path
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BottleneckError(f"--device {device} was asked for but no CUDA GPU is visible here; "
-                              "use --device cpu or --device auto")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise BottleneckError(f"unknown --device '{device}'; choose auto, cpu or cuda[:N]")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 where the hardware computes it natively, else fp16 on GPUs, else fp32."""
-    if precision not in PRECISIONS:  # callers other than the stages' settings: predict's loaders
-        raise BottleneckError(f"unknown --precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def apply_precision(precision: str) -> None:
-    """fp32 means fp32: no TF32 shortcuts in GPU convolutions and matrix products."""
-    if precision == "fp32":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-
 def parse_shard(shard: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in shard.split("/"))
@@ -120,10 +89,6 @@ def parse_shard(shard: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise BottleneckError(f"--shard {shard}: I must be in 0..N-1")
     return i, n
-
-
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: str, precision: str,
@@ -136,25 +101,8 @@ def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: st
              "weights_arg": backbones.weights_arg(ref)}
     key = {k: v for k, v in attrs.items() if k not in ("data_root", "weights_arg")} | {"format": store.FORMAT}
     attrs["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    attrs["versions"] = versions()
+    attrs["versions"] = runtime.versions()
     return attrs
-
-
-def versions() -> dict:
-    import h5py
-    import torchvision
-
-    from bottleneck import __version__
-
-    found = {"bottleneck": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
-             "torchvision": torchvision.__version__, "h5py": h5py.__version__, "numpy": np.__version__}
-    try:
-        import timm
-
-        found["timm"] = timm.__version__
-    except ImportError:
-        pass
-    return found
 
 
 def cache_path(out: str, model: str, taps: list[str], pool: str, fingerprint: str,
@@ -211,32 +159,9 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
             tick = now
             parts.write(split, k, block)
             bar.advance(task, len(reasons))
-            if now - trimmed > TRIM_SECONDS:
-                release_freed_memory()
+            if now - trimmed > runtime.TRIM_SECONDS:
+                runtime.release_freed_memory()
                 trimmed = now
-
-
-def release_freed_memory() -> None:
-    """Give the heap pages that finished blocks freed back to the system (glibc only).
-
-    A block's activations are freed when it is done, but glibc keeps the pages, and over a
-    long run the kept pages had grown the process by half a gigabyte. Trimming after every
-    block cost 8 % in speed (the next block faults the pages in again); every TRIM_SECONDS
-    bounds the growth for a fraction of that."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(None)  # the C library the interpreter already uses
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None  # glibc has it; macOS and musl have nothing to trim
-
-
-_LIBC = _load_libc()
-TRIM_SECONDS = 10.0
 
 
 def make_block(feats: dict[str, torch.Tensor], reasons: list[str], samples: list[tuple[str, int]]) -> dict:
@@ -256,16 +181,6 @@ def dims_of(parts: store.Parts, plan: dict, taps: list[str], model: str, pool: s
     return {t: backbones.describe(model, pool)["taps"][t] for t in taps}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown"
-    return f"cpu: {model}, {os.cpu_count()} cores"
-
-
 def extraction_cost(parts: store.Parts, plan: dict, device: torch.device, precision: str, setup: float) -> dict:
     seconds = images = 0
     for split, blocks in plan.items():
@@ -273,6 +188,6 @@ def extraction_cost(parts: store.Parts, plan: dict, device: torch.device, precis
             b = parts.summary(split, k)
             seconds += b["seconds"]
             images += b["images"]
-    return {"device": device_name(device), "precision": precision, "images": images,
+    return {"device": runtime.device_name(device), "precision": precision, "images": images,
             "compute_seconds": round(seconds, 3), "wall_seconds": round(seconds + setup, 3),
             "images_per_second": round(images / seconds, 2) if seconds else None}

@@ -14,11 +14,13 @@ runs with DistributedDataParallel, each process taking its share of every batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -32,8 +34,15 @@ from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.data import describe_error
 from bottleneck.errors import BottleneckError, Interrupted, write_error
-from bottleneck.extract import apply_precision, device_name, resolve_device, resolve_precision, versions
 from bottleneck.finetune_data import augment_batch, input_pipeline, load_images, load_splits, tta_views
+from bottleneck.runtime import (
+    apply_precision,
+    device_name,
+    make_deterministic,
+    resolve_device,
+    resolve_precision,
+    versions,
+)
 from bottleneck.settings import FinetuneSettings, takes
 
 MODEL_FORMAT = "bottleneck-finetuned/1"
@@ -50,7 +59,7 @@ def finetune(s: FinetuneSettings) -> Path:
     """
     # The settings a run is made of (checkpoints and reports hold them); where it is written,
     # its workers and its progress bars do not change it.
-    args = {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")}
+    args = run_args(s)
     validate(args)
     model, out, device, progress = s.model, s.out, s.device, s.progress
     out_dir = Path(out) if out else Path("runs") / "finetune" / model
@@ -67,9 +76,11 @@ def finetune(s: FinetuneSettings) -> Path:
     splits, classes, split_info, root = load_splits(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed,
                                                     s.max_images)
     images, paths = {}, {}
-    for split, samples in splits.items():
-        x, y, paths[split] = load_images(root, samples, prep, s.workers, progress and rank == 0)
-        images[split] = (x, y)
+    with stop_before_training():
+        for split, samples in splits.items():
+            note(f"decoding {split}: {len(samples)} images")
+            x, y, paths[split] = load_images(root, samples, prep, s.workers, progress and rank == 0)
+            images[split] = (x, y)
     net = backbones.build_model(model, s.weights)
     head = backbones.replace_head(net, model, len(classes), s.seed)
     net = net.to(dev, memory_format=torch.channels_last)
@@ -80,15 +91,46 @@ def finetune(s: FinetuneSettings) -> Path:
     return run.finish(classes, split_info, root, paths["test"], time.perf_counter() - started)
 
 
-def finished_run(out: Path, args: dict) -> Path:
-    """The report of a finished run in `out` made with these very settings; any other is refused."""
+@contextlib.contextmanager
+def stop_before_training():
+    """SIGTERM/SIGUSR1 while images decode: nothing is worth saving yet, but the exit code must
+    still be 75, as during training, so that a Slurm job script requeues the job."""
+    def stop(signum, frame):
+        raise Interrupted(f"{signal.Signals(signum).name} received while decoding images, before training; "
+                          "nothing to save: rerun the same command to start again")
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_args(s: FinetuneSettings) -> dict:
+    """The settings a run is made of (checkpoints and reports hold them); where it is written,
+    its workers and its progress bars do not change it."""
+    return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")}
+
+
+def changed_settings(out: Path, args: dict) -> list[str]:
+    """The settings in which the finished run in `out` differs from `args`; [] when the same."""
     path = out / "report.json"
     try:
         rep = json.loads(path.read_text())
         before = rep["params"] | {"model": rep["model"], "data_dir": rep["data"]}
     except (OSError, ValueError, KeyError, TypeError):
         raise BottleneckError(f"{path} is not a readable fine-tuning report; delete {out} to train again") from None
-    changed = [k for k in args if before.get(k) != args[k]]
+    return [k for k in args if before.get(k) != args[k]]
+
+
+def finished_run(out: Path, args: dict) -> Path:
+    """The report of a finished run in `out` made with these very settings; any other is refused."""
+    path = out / "report.json"
+    changed = changed_settings(out, args)
     if changed:
         raise BottleneckError(f"{out} holds a finished run with other settings ({', '.join(changed)}); use another "
                               "--out, or delete it to train again")
@@ -101,18 +143,6 @@ def validate(a: dict) -> None:
     backbones.get_spec(a["model"])
     if a["unfreeze"].startswith("from:"):
         backbones.resolve_taps(a["model"], [a["unfreeze"].removeprefix("from:")])
-
-
-def make_deterministic() -> None:
-    """Every switch for bit-identical reruns on one machine, not only torch's own. With torch's
-    alone, one CPU run in about 300 came out different in the 7th digit; oneDNN's deterministic
-    attribute (no atomics) and MKL's reproducible mode (fixed code path and thread count) are
-    the documented remaining sources of run-to-run variation."""
-    # MKL reads these at its first call, so they must be set before any arithmetic runs.
-    os.environ.setdefault("MKL_CBWR", "AUTO")
-    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.mkldnn.deterministic = True
 
 
 # --------------------------------------------------------------------------- distributed

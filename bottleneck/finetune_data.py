@@ -45,7 +45,7 @@ def load_images(root: str, samples: list, prep: dict, workers: int | None, progr
     if n * 3 * size * size > MAX_IMAGE_BYTES:
         raise BottleneckError(f"fine-tuning keeps decoded images in memory and {n} images at {size} px need "
                               f"{n * 3 * size * size / 2**30:.1f} GiB; pass --max-images or a smaller --image-size")
-    from bottleneck.extract import default_workers
+    from bottleneck.runtime import default_workers
 
     dataset = data.ImageDataset(root, [p for p, _ in samples], prep)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=default_workers()

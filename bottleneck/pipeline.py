@@ -337,12 +337,17 @@ def save_copy(exp: Experiment) -> None:
         shutil.copyfile(exp.file, target)
 
 
-def run(experiment: str | Path, *, progress: bool = True) -> Path:
-    """Run every stage of an experiment on this machine, skipping finished ones; returns comparison.md."""
+def run(experiment: str | Path, *, force: bool = False, progress: bool = True) -> Path:
+    """Run every stage of an experiment on this machine, skipping finished ones; returns comparison.md.
+
+    A fine-tune whose folder holds a finished run of other settings is refused before anything
+    runs (the folder keeps describing what it holds); `force` deletes that run and redoes it.
+    """
     from bottleneck.compare import compare
     from bottleneck.extract import extract
 
     exp = load(experiment)
+    check_finished(exp, force)
     prepare_data(exp)
     save_copy(exp)
     for bb in exp.backbones:
@@ -356,6 +361,25 @@ def run(experiment: str | Path, *, progress: bool = True) -> Path:
         note(f"finetune: {ft['name']}")
         run_finetune(exp, ft, progress)
     return compare([str(exp.out)], out=str(exp.out))
+
+
+def check_finished(exp: Experiment, force: bool = False) -> None:
+    """Refuse (or, with `force`, delete) finished fine-tunes made with other settings than the file's."""
+    from bottleneck.finetune import changed_settings, run_args
+
+    for ft in exp.finetunes:
+        kwargs = finetune_kwargs(exp, ft)
+        out = Path(kwargs["out"])
+        if not (out / "report.json").is_file():
+            continue
+        changed = changed_settings(out, run_args(settings.FinetuneSettings(**kwargs)))
+        if changed and not force:
+            raise BottleneckError(f"{out} holds a finished fine-tune of [[finetune]] '{ft['name']}' made with other "
+                                  f"settings ({', '.join(changed)}); rerun with --force to redo it, or give the "
+                                  "table a new name")
+        if changed:
+            note(f"--force: deleting {out}, made with other settings ({', '.join(changed)})")
+            shutil.rmtree(out)
 
 
 def fit_once(cache: Path, args: dict) -> Path:

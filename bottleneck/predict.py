@@ -17,7 +17,7 @@ from bottleneck import backbones, data
 from bottleneck import report as reports
 from bottleneck.classify import class_probabilities
 from bottleneck.errors import BottleneckError
-from bottleneck.extract import resolve_device
+from bottleneck.runtime import resolve_device
 from bottleneck.store import FeatureStore
 
 COMPATIBLE_KEYS = ("model", "weights", "pool", "preprocessing", "classes")

@@ -278,6 +278,7 @@ def submit(experiment: str | Path, partition: str | None = None, account: str | 
             raise BottleneckError(f"{exp.out} still has jobs queued or running ({', '.join(busy)}); wait for "
                                   "them or cancel them with scancel before submitting again")
         pipeline.prepare_data(exp)
+    pipeline.check_finished(exp)
     pipeline.save_copy(exp)
     folder = exp.out / "slurm"
     (folder / "logs").mkdir(parents=True, exist_ok=True)

@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import sys
@@ -216,3 +217,27 @@ def test_a_run_stopped_early_and_interrupted_while_saving_resumes_to_its_end(sma
 
     rep = json.loads(finetune(LITE, str(small), **args).read_text())
     assert [h["epoch"] for h in rep["history"]] == [1, 2]
+
+
+def test_sigterm_while_images_decode_exits_75_without_a_traceback(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    big = tmp_path / "big.png"  # noise, 1024 px: tens of milliseconds to decode, so decoding lasts seconds
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(big)
+    for split, n in {"train": 100, "val": 2, "test": 2}.items():
+        for c in ("a", "b"):
+            folder = tmp_path / "data" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                os.link(big, folder / f"{i}.png")
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(tmp_path / "data", tmp_path / "out"), stdout=subprocess.PIPE, stderr=f)
+        deadline = time.monotonic() + 120
+        while "decoding train" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 75
+    text = log.read_text()
+    assert "while decoding images" in text and "Traceback" not in text and "training:" not in text

@@ -186,6 +186,16 @@ workers = 0
     assert "test images" in result["verdict"] and (comparison.parent / "report.html").is_file()
     assert pipeline.run(path, progress=False) == comparison  # the finished fine-tune is not repeated
 
+    saved = (tmp_path / "run" / "experiment.toml").read_text()
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 1\nlr = 0.01"))
+    with pytest.raises(BottleneckError, match=r"made with other settings \(lr\); rerun with --force"):
+        pipeline.run(path, progress=False)
+    assert (tmp_path / "run" / "experiment.toml").read_text() == saved  # the folder still says what it holds
+    report = tmp_path / "run" / "finetune" / "squeezenet1_1" / "report.json"
+    pipeline.run(path, force=True, progress=False)
+    assert json.loads(report.read_text())["params"]["lr"] == 0.01
+    assert "lr = 0.01" in (tmp_path / "run" / "experiment.toml").read_text()
+
 
 def test_run_refuses_slurm_options_without_slurm(tmp_path):
     result = run_cli("run", str(ROOT / "pipelines" / "elpv.toml"), "--partition", "gpu")
