@@ -241,6 +241,9 @@ def _check(m: Manifest) -> None:
                                   "is not valid UTF-8; rename it") from None
     if not any(n.lower().endswith(IMAGE_SUFFIXES) for n in names):
         raise BottleneckError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {m.root}")
+    if len(m.classes) < 2:  # extract would cache it and finetune "learn" it to accuracy 1.0
+        raise BottleneckError(f"{m.root} holds one class ({', '.join(m.classes)}); telling classes apart needs at "
+                              "least two")
     for split, samples in m.splits.items():
         if not samples:
             raise BottleneckError(f"split '{split}' of {m.root} holds no images")

@@ -129,6 +129,17 @@ def image_files(inputs: list[str]) -> list[str]:
     return files
 
 
+def same_weights(prov: dict) -> backbones.WeightsRef:
+    """The backbone weights a classifier was fitted on features of, refused if they changed since
+    (a weights file replaced under the same name gives other features, and silently other labels)."""
+    ref = backbones.resolve_weights(prov["model"], prov.get("weights_arg", "DEFAULT"))
+    if prov.get("weights") and ref.id != prov["weights"]:
+        raise BottleneckError(f"the backbone weights changed since this classifier was fitted: it was fitted on "
+                              f"features of {prov['weights']}, and {prov.get('weights_arg')} is now {ref.id}; "
+                              "extract and fit again with the new weights, or restore the old file")
+    return ref
+
+
 def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: bool = False,
             backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", batch_size: int = 32,
             device: str = "auto") -> list[dict]:
@@ -160,7 +171,7 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
         prov = pipe.bottleneck_
         classes = [prov["classes"][c] for c in pipe.classes_]  # predict_proba's column order
         prep, precision = prov["preprocessing"], prov["precision"]
-        net = backbones.FeatureExtractor(backbones.build_model(prov["model"], prov.get("weights_arg", "DEFAULT")),
+        net = backbones.FeatureExtractor(backbones.build_model(prov["model"], same_weights(prov)),
                                          prov["model"], [prov["tap"]], prov["pool"])
     net = net.to(dev, memory_format=torch.channels_last)
     files = image_files(images)

@@ -146,3 +146,22 @@ def test_evaluate_on_a_split_it_was_trained_on_says_so(cache, tmp_path):
     assert (tmp_path / "ev" / "predictions.csv").is_file() and rep["test_set"]["split"] == "val"
     result = run_cli("evaluate", model, "--features", str(cache[0]), "--split", "val")
     assert result.returncode == 0 and "trained or tuned on the val split" in result.stderr
+
+
+def test_predict_refuses_a_weights_file_replaced_since_fitting(cache, tmp_path):
+    import torch
+
+    from bottleneck import backbones
+
+    weights = tmp_path / "squeeze.pt"
+    torch.save(backbones.build_model("squeezenet1_1", "none").state_dict(), weights)
+    path = extract("squeezenet1_1", str(cache[1]), weights=str(weights), out=str(tmp_path / "c"), batch_size=16,
+                   workers=0, progress=False)
+    model = str(fit(str(path), clf="logreg", out=str(tmp_path / "fit")).parent / "model.joblib")
+    image = [str(cache[1] / "test" / "dogs" / "test_000.png")]
+    assert predict(model, image)[0]["error"] is None
+    state = torch.load(weights, weights_only=True)
+    state["features.0.weight"] += 0.1
+    torch.save(state, weights)  # other weights under the same name
+    with pytest.raises(BottleneckError, match="backbone weights changed since this classifier was fitted"):
+        predict(model, image)

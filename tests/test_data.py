@@ -99,6 +99,10 @@ def test_whole_input_problems_are_errors_before_work(tmp_path, tree):
     (tmp_path / "txt" / "a" / "notes.txt").write_text("x")
     with pytest.raises(BottleneckError, match="no image files"):
         data.load_manifest(tmp_path / "txt")
+    one = make_tree(tmp_path / "one", {"all": 4}, split_folders=False)
+    (one / "dogs").rename(tmp_path / "dogs-elsewhere")
+    with pytest.raises(BottleneckError, match="holds one class"):
+        data.load_manifest(one)
     (tmp_path / "none").mkdir()
     with pytest.raises(BottleneckError, match="no class folders"):
         data.load_manifest(tmp_path / "none")
