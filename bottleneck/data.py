@@ -195,8 +195,12 @@ def _from_csv(path: Path) -> Manifest:
             rows = [[c.strip() for c in r] for r in csv.reader(f) if r and not r[0].startswith("#")]
     except (UnicodeDecodeError, csv.Error) as e:
         raise BottleneckError(f"{path} is neither an image folder nor a UTF-8 CSV manifest ({e})") from None
-    if rows and [c.lower() for c in rows[0][:2]] == ["path", "label"]:
+    if rows and [c.lower() for c in rows[0]] in (["path", "label"], ["path", "label", "split"]):
         rows = rows[1:]
+    elif rows and not rows[0][0].lower().endswith(IMAGE_SUFFIXES) and not (path.parent / rows[0][0]).is_file():
+        # "file,class" would otherwise become a missing image of a phantom class "class"
+        raise BottleneckError(f"manifest {path}: the first row {','.join(rows[0])!r} looks like a header; name the "
+                              "columns path,label[,split] or remove the row")
     if not rows:
         raise BottleneckError(f"manifest {path} lists no images; expected lines 'path,label[,split]'")
     bad = next((i for i, r in enumerate(rows) if len(r) not in (2, 3)), None)
@@ -206,11 +210,12 @@ def _from_csv(path: Path) -> Manifest:
         raise BottleneckError(f"manifest {path} has a row with an empty path or label")
     if len({len(r) for r in rows}) > 1:
         raise BottleneckError(f"manifest {path} mixes rows with and without a split column")
-    seen = set()
+    seen = {}
     for r in rows:
-        if r[0] in seen:
-            raise BottleneckError(f"manifest {path} lists {r[0]} twice")
-        seen.add(r[0])
+        given, r[0] = r[0], _manifest_path(path.parent, r[0])
+        if r[0] in seen:  # ./img/a.png, img/a.png and its absolute path are one file, once in one split
+            raise BottleneckError(f"manifest {path} lists {r[0]} twice ({seen[r[0]]!r} and {given!r})")
+        seen[r[0]] = given
     classes = sorted({r[1] for r in rows})
     has_split = len(rows[0]) == 3
     splits: dict[str, list] = {}
@@ -227,6 +232,13 @@ def _from_csv(path: Path) -> Manifest:
             raise BottleneckError(f"manifest {path}: split '{split}' has no images of "
                                   f"{', '.join(classes[i] for i in sorted(missing))}; every split needs every class")
     return Manifest(str(path.parent.resolve()), classes, ordered, info)
+
+
+def _manifest_path(root: Path, given: str) -> str:
+    """A manifest's path as one spelling: relative to the manifest's folder when inside it, normalised."""
+    full = os.path.normpath(os.path.join(os.path.abspath(root), given))
+    rel = os.path.relpath(full, os.path.abspath(root))
+    return full if rel.startswith("..") else rel
 
 
 def _check(m: Manifest) -> None:

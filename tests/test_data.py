@@ -67,6 +67,9 @@ def test_csv_manifest_with_and_without_split_column(tmp_path):
            "mixes rows": "x/0.png,cat,train\nx/1.png,dog\n",
            "empty path or label": "x/0.png,\n",
            "twice": "x/0.png,cat\nx/0.png,dog\n",
+           r"x/0.png twice \('./x/0.png' and 'x/0.png'\)": "./x/0.png,cat\nx/1.png,dog\nx/0.png,cat\n",
+           "x/0.png twice": f"{tmp_path}/x/0.png,cat\nx/1.png,dog\nx/./0.png,cat\n",
+           "'file,class' looks like a header": "file,class\nx/0.png,cat\nx/1.png,dog\n",
            "has no images of dog": "x/0.png,cat,train\nx/1.png,dog,train\nx/2.png,cat,test\n"}
     for message, text in bad.items():
         (tmp_path / "bad.csv").write_text(text)
