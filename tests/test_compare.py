@@ -162,6 +162,20 @@ def test_nothing_to_compare_is_a_clear_error(tmp_path):
     assert result.returncode != 0 and "run folder" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "is not a report"), ("null", "is not a report"),
+    ('{"stage": "fit", "accuracy": "high"}', "lacks what a report holds"),
+    ('{"stage": "fit", "accuracy": NaN, "model": "x"}', "lacks what a report holds"),
+    ('{"stage": "finetune", "accuracy": 0.5, "cost": "cheap"}', "lacks what a report holds"),
+])
+def test_a_report_of_the_wrong_shape_is_one_error_and_writes_nothing(runs, tmp_path, text, message):
+    (runs / "odd").mkdir()
+    (runs / "odd" / "report.json").write_text(text)
+    result = run_cli("compare", str(runs), "--out", str(tmp_path / "cmp"))
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "cmp").exists() or not any((tmp_path / "cmp").iterdir())
+
+
 # --------------------------------------------------------------------------- the same test images, end to end
 
 QUICK = dict(batch_size=4, workers=0, progress=False, precision="fp32", image_size=64, head_epochs=0, epochs=1)
