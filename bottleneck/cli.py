@@ -99,6 +99,7 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (on stderr).")] = True,
 ) -> None:
     """Label images with a saved classifier (same backbone, tap and preprocessing), or with ImageNet."""
     from bottleneck.predict import predict as run
@@ -107,7 +108,8 @@ def predict(
         raise BottleneckError(f"unknown --format '{fmt}'; choose table, csv or json")
     clf = None if imagenet else images[0]
     files = images if imagenet else images[1:]
-    rows = run(clf, files, top_k=top_k, imagenet=imagenet, backbone=model, weights=weights, device=device)
+    rows = run(clf, files, top_k=top_k, imagenet=imagenet, backbone=model, weights=weights, device=device,
+               progress=progress)
     if fmt == "json":
         out.print(json.dumps(rows, indent=1))
     elif fmt == "csv":

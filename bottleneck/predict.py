@@ -16,6 +16,7 @@ import torch
 from bottleneck import backbones, data
 from bottleneck import report as reports
 from bottleneck.classify import class_probabilities
+from bottleneck.console import progress_bar
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import resolve_device
 from bottleneck.store import FeatureStore
@@ -142,7 +143,7 @@ def same_weights(prov: dict) -> backbones.WeightsRef:
 
 def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: bool = False,
             backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", batch_size: int = 32,
-            device: str = "auto") -> list[dict]:
+            device: str = "auto", progress: bool = True) -> list[dict]:
     """Label images with a saved classifier (or, with imagenet=True, the backbone's own ImageNet head).
 
     Each row holds path, label, probability and the top-k; an unreadable file gets a row with
@@ -177,19 +178,26 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
     files = image_files(images)
     dataset = data.ImageDataset("", files, prep)
     rows = []
-    for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        if pipe is not None:
-            feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]].cpu().numpy()
-            probs = pipe.predict_proba(feats)
-            # The classifier's own label, as evaluate scores it: an SVM decides by its decision
-            # function, which its calibrated probabilities can disagree with near the boundary.
-            chosen = np.searchsorted(pipe.classes_, pipe.predict(feats))
-        else:
-            probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
-            chosen = probs.argmax(axis=1)
-        for p, c, reason in zip(probs, chosen, reasons):
-            rows.append(_row(files[len(rows)], p, int(c), reason, classes, top_k))
+    with progress_bar(enabled=progress) as bar:  # on stderr: the table or CSV on stdout stays clean
+        task = bar.add_task("predicting", total=len(files))
+        for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            rows += _label_batch(images_u8, reasons, files[len(rows):], net, pipe, prov, prep, dev, precision, views,
+                                 classes, top_k)
+            bar.advance(task, len(reasons))
     return rows
+
+
+def _label_batch(images_u8, reasons, files, net, pipe, prov, prep, dev, precision, views, classes, top_k) -> list:
+    if pipe is not None:
+        feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]].cpu().numpy()
+        probs = pipe.predict_proba(feats)
+        # The classifier's own label, as evaluate scores it: an SVM decides by its decision
+        # function, which its calibrated probabilities can disagree with near the boundary.
+        chosen = np.searchsorted(pipe.classes_, pipe.predict(feats))
+    else:
+        probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
+        chosen = probs.argmax(axis=1)
+    return [_row(f, p, int(c), reason, classes, top_k) for f, p, c, reason in zip(files, probs, chosen, reasons)]
 
 
 def _row(path: str, probs: np.ndarray, chosen: int, reason: str, classes: list[str], k: int) -> dict:
