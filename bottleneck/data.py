@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from bottleneck.errors import BottleneckError
+from bottleneck.errors import BottleneckError, Interrupted
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -342,6 +342,8 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             img = load_image(os.path.join(self.root, self.paths[i]))
             return resize_crop(img, self.prep), ""
+        except Interrupted:  # a signal's handler raised it mid-decode: stop, not "an undecodable file"
+            raise
         except Exception as e:  # any undecodable file is skipped, with its reason kept
             size = self.prep["size"]
             return torch.zeros(3, size, size, dtype=torch.uint8), describe_error(e)
