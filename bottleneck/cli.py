@@ -208,8 +208,11 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     rows = []
     for name in backbones.REGISTRY:
         d = backbones.describe(name)
-        ref = backbones.resolve_weights(name)
-        rows.append(d | {"weights": ref.id, "weights_available": backbones.weights_available(ref)})
+        try:
+            ref = backbones.resolve_weights(name)
+            rows.append(d | {"weights": ref.id, "weights_available": backbones.weights_available(ref)})
+        except BottleneckError:  # no pretrained weights, or their package is not installed
+            rows.append(d | {"weights": None, "weights_available": False})
     if as_json:
         out.print(json.dumps(rows, indent=1))
         return

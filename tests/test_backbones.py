@@ -12,11 +12,12 @@ from bottleneck.errors import BottleneckError, WeightsUnavailable
 COURSE_MODELS = {"vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152", "inception_v3",
                  "densenet121", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "alexnet",
                  "googlenet", "squeezenet1_1", "xception", "efficientnet_lite0"}
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def test_registry_holds_every_course_model_and_each_describes_itself():
-    assert set(backbones.REGISTRY) == COURSE_MODELS
-    for name in COURSE_MODELS:
+    assert set(backbones.REGISTRY) == COURSE_MODELS | set(LITES)
+    for name in backbones.REGISTRY:
         d = backbones.describe(name)
         assert d["default_tap"] in d["taps"] and all(dim > 0 for dim in d["taps"].values())
         assert d["params"] > 1e6
@@ -29,6 +30,7 @@ def test_named_taps_have_the_classic_dimensions():
     assert backbones.describe("resnet50")["taps"] == {"layer1": 256, "layer2": 512, "layer3": 1024,
                                                       "layer4": 2048, "avgpool": 2048}
     assert backbones.describe("efficientnet_lite0")["taps"]["pool"] == 1280
+    assert backbones.describe("efficientnet_lite2")["taps"]["blocks.6"] == 352  # lite2 is 1.1× wider
 
 
 def test_each_model_gets_its_own_preprocessing():
@@ -37,6 +39,9 @@ def test_each_model_gets_its_own_preprocessing():
     assert backbones.preprocessing("xception")["mean"] == [0.5, 0.5, 0.5]
     assert backbones.preprocessing("efficientnet_lite0")["mean"] == [0.5, 0.5, 0.5]
     assert backbones.preprocessing("efficientnet_lite0")["interpolation"] == "bicubic"
+    # The sizes the Lite weights were trained at (TensorFlow's efficientnet_lite_builder), as timm has them.
+    assert [backbones.preprocessing(n)["size"] for n in LITES] == [224, 240, 260]
+    assert all(backbones.preprocessing(n)["std"] == [0.5, 0.5, 0.5] for n in LITES)
     vgg = backbones.preprocessing("vgg16")
     assert vgg["mean"] == list(backbones.IMAGENET_MEAN) and vgg["std"] == list(backbones.IMAGENET_STD)
     assert (vgg["size"], vgg["resize"]) == (224, 256)
@@ -70,20 +75,22 @@ def _top_classes(logits: torch.Tensor, k: int) -> list[str]:
     return [names[i] for i in logits.topk(k).indices.tolist()]
 
 
-def test_lite0_weights_see_a_cat_in_chelsea():
+@pytest.mark.parametrize("name", LITES)
+def test_lite_weights_see_a_cat_in_chelsea_and_coffee_in_a_cup(name):
     from skimage import data as skdata
 
-    model = backbones.build_model("efficientnet_lite0")
-    prep = backbones.preprocessing("efficientnet_lite0")
-    x = resize_crop(Image.fromarray(skdata.chelsea()), prep)[None].float() / 255
-    x = (x - torch.tensor(prep["mean"]).view(1, 3, 1, 1)) / torch.tensor(prep["std"]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        top3 = _top_classes(model(x)[0], 3)
+    model = backbones.build_model(name)  # the package's tensors, mapped in order, every shape checked
+    prep = backbones.preprocessing(name)
+    mean, std = torch.tensor(prep["mean"]).view(1, 3, 1, 1), torch.tensor(prep["std"]).view(1, 3, 1, 1)
+
+    def top(image, k):
+        x = resize_crop(Image.fromarray(image), prep)[None].float() / 255
+        with torch.no_grad():
+            return _top_classes(model((x - mean) / std)[0], k)
+
+    top3 = top(skdata.chelsea(), 3)
     assert {"tabby", "tiger cat", "Egyptian cat"} & set(top3), top3
-    coffee = resize_crop(Image.fromarray(skdata.coffee()), prep)[None].float() / 255
-    with torch.no_grad():
-        assert "cup" in _top_classes(model((coffee - 0.5) / 0.5)[0], 5) or \
-               "espresso" in _top_classes(model((coffee - 0.5) / 0.5)[0], 5)
+    assert {"cup", "espresso"} & set(top(skdata.coffee(), 5))
 
 
 def test_offline_missing_weights_fail_in_seconds_with_the_fix(tmp_path, monkeypatch):
@@ -125,3 +132,4 @@ def test_pooling_modes():
     assert np.allclose(backbones.pool_features(x, "avg")[0], [1.5, 5.5, 9.5])
     assert np.allclose(backbones.pool_features(x, "max")[0], [3, 7, 11])
     assert backbones.pool_features(x, "flatten").shape == (2, 12)
+

@@ -93,5 +93,5 @@ def test_unwritable_output_folder_is_a_clear_error(tree, tmp_path):
 def test_models_table_lists_all_with_weights_state():
     result = run_cli("models", "--json")
     rows = {r["name"]: r for r in json.loads(result.stdout)}
-    assert len(rows) == 16 and rows["efficientnet_lite0"]["weights_available"] is True
+    assert len(rows) == 18 and all(rows[f"efficientnet_lite{n}"]["weights_available"] for n in (0, 1, 2))
     assert rows["inception_v3"]["input_size"] == 299
