@@ -33,7 +33,7 @@ out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.s
 
 @app.command()
 def extract(
-    model: Annotated[str, typer.Option(help="Backbone name (see 'bottleneck models').")],
+    model: Annotated[str, typer.Option(help="Backbone name (see 'bottleneck models'), or timm:ARCH.")],
     data_dir: Annotated[Path, typer.Option("--data", help="ImageFolder tree (with or without "
                                            "train/val/test folders) or a CSV manifest path,label[,split].")],
     layer: Annotated[list[str] | None, typer.Option(help="Feature tap; repeat for several taps "
@@ -92,7 +92,7 @@ def fit(
 
 @app.command()
 def finetune(
-    model: Annotated[str, typer.Option(help="Backbone name (see 'bottleneck models').")],
+    model: Annotated[str, typer.Option(help="Backbone name (see 'bottleneck models'), or timm:ARCH.")],
     data_dir: Annotated[Path, typer.Option("--data", help="The same data as for extract.")],
     weights: Annotated[str, typer.Option(help="Starting weights: DEFAULT, an enum name, a file.")] = "DEFAULT",
     unfreeze: Annotated[str, typer.Option(help="all, N (last N blocks) or from:TAP.")] = "all",
@@ -203,10 +203,12 @@ def predict(
 
 
 @app.command()
-def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def models(names: Annotated[list[str] | None, typer.Argument(help="Models to describe, e.g. timm:convnext_tiny "
+                                                              "[default: the built-in ones].")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the backbones: taps with dims, input size, parameters, weights on this machine."""
     rows = []
-    for name in backbones.REGISTRY:
+    for name in names or backbones.REGISTRY:
         d = backbones.describe(name)
         try:
             ref = backbones.resolve_weights(name)
@@ -222,6 +224,9 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         table.add_row(r["name"], taps, str(r["input_size"]), f"{r['params'] / 1e6:.1f}M",
                       "yes" if r["weights_available"] else "no")
     out.print(table)
+    if not names:
+        out.print("Any timm architecture is a backbone too: timm:ARCH, e.g. timm:convnext_tiny "
+                  "(timm.list_models() names them; 'bottleneck models timm:ARCH' shows its taps).")
 
 
 @weights_app.command("fetch")

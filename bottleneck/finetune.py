@@ -55,7 +55,7 @@ def finetune(model: str, data_dir: str, weights: str = "DEFAULT", unfreeze: str 
     """
     args = {k: v for k, v in locals().items() if k not in ("out", "workers", "progress")}
     validate(args)
-    out_dir = Path(out) if out else Path("runs") / "finetune" / model
+    out_dir = Path(out) if out else Path("runs") / "finetune" / backbones.file_name(model)
     if (out_dir / "report.json").is_file():
         return finished_run(out_dir, args)
     started = time.perf_counter()

@@ -104,7 +104,7 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
         raise where.error("backbone", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
     bb = {"pool": "avg", "weights": "DEFAULT", "batch_size": 64, "precision": "auto", "dtype": "float32",
           "device": "auto", "workers": None} | t
-    bb["name"] = t.get("name", t["model"])
+    bb["name"] = t.get("name", backbones.file_name(t["model"]))
     _check_name(where, "backbone", i, bb["name"])
     with where.blame("backbone", i, "model"):
         backbones.get_spec(bb["model"])
@@ -155,7 +155,7 @@ def _finetune(where: _Locator, i: int, t: dict) -> list[dict]:
     with where.blame("finetune", i, "model"):
         backbones.get_spec(t["model"])
     _check_name(where, "finetune", i, t.get("name", t["model"]))
-    ft = {"name": t["model"]} | t
+    ft = {"name": backbones.file_name(t["model"])} | t
     seeds = _seeds(where, "finetune", i, t)
     if "seed" in t and seeds:
         raise where.error("finetune", i, "seeds", "give seed or seeds, not both")

@@ -176,6 +176,9 @@ def predict(model: str | None, images: list[str], top_k: int = 3, imagenet: bool
         else:
             probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
             chosen = probs.argmax(axis=1)
+            if imagenet and probs.shape[1] != len(classes):  # a timm: model trained on ImageNet-21k, or headless
+                raise BottleneckError(f"{backbone} outputs {probs.shape[1]} classes, not ImageNet's {len(classes)}; "
+                                      "--imagenet needs a model with an ImageNet-1k classifier")
         for p, c, reason in zip(probs, chosen, reasons):
             rows.append(_row(files[len(rows)], p, int(c), reason, classes, top_k))
     return rows
