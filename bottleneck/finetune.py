@@ -62,7 +62,7 @@ def finetune(s: FinetuneSettings) -> Path:
     args = run_args(s)
     validate(args)
     model, out, device, progress = s.model, s.out, s.device, s.progress
-    out_dir = Path(out) if out else Path("runs") / "finetune" / model
+    out_dir = Path(out) if out else Path("runs") / "finetune" / backbones.file_name(model)
     if (out_dir / "report.json").is_file():
         return finished_run(out_dir, args)
     started = time.perf_counter()

@@ -113,7 +113,7 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
     if "model" not in t:
         raise where.error("backbone", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
     bb = _stage_values(where, "backbone", i, t, settings.ExtractSettings)
-    bb["name"] = t.get("name", t["model"])
+    bb["name"] = t.get("name", backbones.file_name(t["model"]))
     _check_name(where, "backbone", i, bb["name"])
     with where.blame("backbone", i, "model"):
         backbones.get_spec(bb["model"])
@@ -151,7 +151,7 @@ def _finetune(where: _Locator, i: int, t: dict) -> list[dict]:
         backbones.get_spec(t["model"])
     _check_name(where, "finetune", i, t.get("name", t["model"]))
     _stage_values(where, "finetune", i, t, settings.FinetuneSettings)
-    ft = {"name": t["model"]} | t
+    ft = {"name": backbones.file_name(t["model"])} | t
     seeds = _seeds(where, "finetune", i, t)
     if "seed" in t and seeds:
         raise where.error("finetune", i, "seeds", "give seed or seeds, not both")

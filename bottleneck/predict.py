@@ -197,6 +197,9 @@ def _label_batch(images_u8, reasons, files, net, pipe, prov, prep, dev, precisio
     else:
         probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
         chosen = probs.argmax(axis=1)
+        if probs.shape[1] != len(classes):  # --imagenet with a timm: model trained on ImageNet-21k, or headless
+            raise BottleneckError(f"the network outputs {probs.shape[1]} classes, not ImageNet's {len(classes)}; "
+                                  "--imagenet needs a model with an ImageNet-1k classifier")
     return [_row(f, p, int(c), reason, classes, top_k) for f, p, c, reason in zip(files, probs, chosen, reasons)]
 
 

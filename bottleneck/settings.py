@@ -75,7 +75,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class ExtractSettings(Settings):
-    model: str = setting(help="Backbone name (see 'bottleneck models').")
+    model: str = setting(help="Backbone name (see 'bottleneck models'), or timm:ARCH.")
     data_dir: str = setting(help="ImageFolder tree (with or without train/val/test folders) or a CSV manifest "
                             "path,label[,split].", flags=("--data",), toml=False)
     layer: list[str] | None = setting(None, "Feature tap; repeat for several taps in one pass. Default: the "
@@ -116,7 +116,7 @@ class FitSettings(Settings):
 
 @dataclass(frozen=True)
 class FinetuneSettings(Settings):
-    model: str = setting(help="Backbone name (see 'bottleneck models').")
+    model: str = setting(help="Backbone name (see 'bottleneck models'), or timm:ARCH.")
     data_dir: str = setting(help="The same data as for extract.", flags=("--data",), toml=False)
     weights: str = setting("DEFAULT", "Starting weights: DEFAULT, an enum name, a file.")
     unfreeze: str = setting("all", "all, N (last N blocks) or from:TAP.")

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 from conftest import run_cli
@@ -72,6 +73,16 @@ def test_offline_weights_are_one_clear_error(tree, tmp_path):
     assert "run 'bottleneck weights fetch vgg16'" not in fetch.stderr
 
 
+def test_offline_timm_weights_are_one_clear_error_in_seconds(tree, tmp_path):
+    started = time.monotonic()
+    result = run_cli("extract", "--model", "timm:convnext_atto", "--data", str(tree), "--out", str(tmp_path / "c"),
+                     env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert time.monotonic() - started < 30
+    assert_clean_failure(result, "bottleneck weights fetch timm:convnext_atto", "huggingface.co",
+                         str(tmp_path / "torch"))
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+
+
 def test_cache_commands_refuse_what_is_not_a_cache(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     assert_clean_failure(run_cli("cache", "info", str(tmp_path / "junk.h5")), "not a readable HDF5 file")
@@ -93,5 +104,8 @@ def test_unwritable_output_folder_is_a_clear_error(tree, tmp_path):
 def test_models_table_lists_all_with_weights_state():
     result = run_cli("models", "--json")
     rows = {r["name"]: r for r in json.loads(result.stdout)}
-    assert len(rows) == 16 and rows["efficientnet_lite0"]["weights_available"] is True
+    assert len(rows) == 18 and all(rows[f"efficientnet_lite{n}"]["weights_available"] for n in (0, 1, 2))
     assert rows["inception_v3"]["input_size"] == 299
+    assert "timm:ARCH" in run_cli("models").stdout
+    timm_rows = json.loads(run_cli("models", "timm:convnext_atto", "--json").stdout)
+    assert [r["name"] for r in timm_rows] == ["timm:convnext_atto"] and timm_rows[0]["taps"]["pool"] == 320

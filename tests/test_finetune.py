@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,32 @@ def test_unfreeze_zero_blocks_keeps_the_whole_backbone(small, tmp_path):
     tuned, _ = _weights(tmp_path / "model.pt")
     start = backbones.build_model(LITE).state_dict()
     assert all(torch.equal(start[k], tuned[k]) for k in start if not k.startswith("classifier"))
+
+
+def test_a_timm_model_fine_tunes_its_last_blocks_into_a_safe_folder(small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = "timm:convnext_atto"
+    report = finetune(name, str(small), weights="none", head_epochs=1, epochs=1, unfreeze="2", restore_best=False,
+                      **QUICK)
+    assert report == Path("runs/finetune/timm-convnext_atto/report.json") and report.is_file()
+    tuned, meta = _weights(report.with_name("model.pt"))
+    start = backbones.build_model(name, "none").state_dict()
+    assert meta["head"] == "head.fc" and tuned["head.fc.weight"].shape == (2, 320)
+    frozen = [k for k in start if k.startswith(("stem.", "stages.0.", "stages.1."))]  # --unfreeze 2: stages 2 and 3
+    assert frozen and all(torch.equal(start[k], tuned[k]) for k in frozen)
+    assert not torch.equal(start["stages.2.blocks.0.conv_dw.weight"], tuned["stages.2.blocks.0.conv_dw.weight"])
+
+
+def test_a_vit_fine_tunes_at_another_image_size(small, tmp_path):
+    name = "timm:vit_tiny_patch16_224"
+    finetune(name, str(small), weights="none", head_epochs=0, epochs=1, unfreeze="2", out=str(tmp_path),
+             **QUICK | {"image_size": 32})
+    tuned, meta = _weights(tmp_path / "model.pt")
+    start = backbones.build_model(name, "none").state_dict()
+    assert meta["head"] == "head" and tuned["head.weight"].shape == (2, 192)
+    # the last two parameter-holding blocks: blocks.11 and the final norm
+    assert torch.equal(start["blocks.10.mlp.fc1.weight"], tuned["blocks.10.mlp.fc1.weight"])
+    assert not torch.equal(start["blocks.11.mlp.fc1.weight"], tuned["blocks.11.mlp.fc1.weight"])
 
 
 def test_bad_settings_are_clear_errors(small, tmp_path):

@@ -57,7 +57,7 @@ classifiers = ["logreg"]
 @pytest.mark.parametrize("old, new, words", [
     ('name = "x"', 'name = "x', ["not valid TOML", "line 1"]),
     ('name = "x"', 'name = "x"\nouts = "runs"', ["line 2", "outs: unknown key"]),
-    ('model = "efficientnet_lite0"', 'model = "efficientnet_lite1"',
+    ('model = "efficientnet_lite0"', 'model = "efficientnet_lit0"',
      ["line 7", "[[backbone]] #1 model", "did you mean 'efficientnet_lite0'"]),
     ('layers = ["blocks.4"]', 'layers = ["blocks.9"]', ["line 8", "layers", "no tap 'blocks.9'"]),
     ('layers = ["blocks.4"]', 'layers = "blocks.4"', ["line 8", "must be a list of strings"]),
