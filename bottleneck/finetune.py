@@ -57,8 +57,6 @@ def finetune(s: FinetuneSettings) -> Path:
     paths are scored on the same test images; `seed` drives only training (order, augmentation,
     the new head), so repeats over seeds keep the test set.
     """
-    # The settings a run is made of (checkpoints and reports hold them); where it is written,
-    # its workers and its progress bars do not change it.
     args = run_args(s)
     validate(args)
     model, out, device, progress = s.model, s.out, s.device, s.progress

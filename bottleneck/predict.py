@@ -181,26 +181,22 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
     with progress_bar(enabled=progress) as bar:  # on stderr: the table or CSV on stdout stays clean
         task = bar.add_task("predicting", total=len(files))
         for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            rows += _label_batch(images_u8, reasons, files[len(rows):], net, pipe, prov, prep, dev, precision, views,
-                                 classes, top_k)
+            if pipe is not None:
+                feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]].cpu().numpy()
+                probs = pipe.predict_proba(feats)
+                # The classifier's own label, as evaluate scores it: an SVM decides by its decision
+                # function, which its calibrated probabilities can disagree with near the boundary.
+                chosen = np.searchsorted(pipe.classes_, pipe.predict(feats))
+            else:
+                probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
+                chosen = probs.argmax(axis=1)
+                if imagenet and probs.shape[1] != len(classes):  # a timm: model trained on ImageNet-21k, or headless
+                    raise BottleneckError(f"{backbone} outputs {probs.shape[1]} classes, not ImageNet's "
+                                          f"{len(classes)}; --imagenet needs a model with an ImageNet-1k classifier")
+            for p, c, reason in zip(probs, chosen, reasons):
+                rows.append(_row(files[len(rows)], p, int(c), reason, classes, top_k))
             bar.advance(task, len(reasons))
     return rows
-
-
-def _label_batch(images_u8, reasons, files, net, pipe, prov, prep, dev, precision, views, classes, top_k) -> list:
-    if pipe is not None:
-        feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]].cpu().numpy()
-        probs = pipe.predict_proba(feats)
-        # The classifier's own label, as evaluate scores it: an SVM decides by its decision
-        # function, which its calibrated probabilities can disagree with near the boundary.
-        chosen = np.searchsorted(pipe.classes_, pipe.predict(feats))
-    else:
-        probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
-        chosen = probs.argmax(axis=1)
-        if probs.shape[1] != len(classes):  # --imagenet with a timm: model trained on ImageNet-21k, or headless
-            raise BottleneckError(f"the network outputs {probs.shape[1]} classes, not ImageNet's {len(classes)}; "
-                                  "--imagenet needs a model with an ImageNet-1k classifier")
-    return [_row(f, p, int(c), reason, classes, top_k) for f, p, c, reason in zip(files, probs, chosen, reasons)]
 
 
 def _row(path: str, probs: np.ndarray, chosen: int, reason: str, classes: list[str], k: int) -> dict:

@@ -230,10 +230,6 @@ def _short(value) -> str:
 
 # --------------------------------------------------------------------------- what comes from the fields
 
-def required(cls) -> list[str]:
-    return [f.name for f in fields(cls) if f.default is MISSING]
-
-
 def signature(cls) -> inspect.Signature:
     """The stage's Python signature: required fields first, every other keyword-only."""
     hints = typing.get_type_hints(cls)
