@@ -15,6 +15,7 @@ Adding an option to a stage is adding a field here and reading it in the stage.
 import dataclasses
 import functools
 import inspect
+import os
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -254,7 +255,10 @@ def takes(cls):
                 bound = sig.bind(*args, **kwargs)
             except TypeError as e:
                 raise TypeError(f"{func.__name__}(): {e}") from None
-            return func(cls(**bound.arguments).validate())
+            # Paths may come as pathlib objects (extract returns one); settings hold plain strings,
+            # which reports, checkpoints and command lines store as they are.
+            args = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in bound.arguments.items()}
+            return func(cls(**args).validate())
 
         call.__signature__ = sig
         call.settings = cls

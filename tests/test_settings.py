@@ -93,3 +93,11 @@ def test_a_huge_value_is_not_echoed_back():
     with pytest.raises(settings.SettingError) as e:
         settings.ExtractSettings(model="resnet18", data_dir="d", pool="x" * 10_000_000).validate()
     assert len(str(e.value)) < 300
+
+
+def test_paths_may_be_pathlib_objects_and_are_kept_as_strings(tmp_path):
+    @settings.takes(settings.FitSettings)
+    def echo(s):
+        return s
+
+    assert echo(tmp_path / "c.h5", out=tmp_path / "o").features == str(tmp_path / "c.h5")  # extract returns a Path
