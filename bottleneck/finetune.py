@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bottleneck import backbones
+from bottleneck import backbones, preprocess
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.data import describe_error
 from bottleneck.errors import BottleneckError, Interrupted, write_error
-from bottleneck.finetune_data import augment_batch, input_pipeline, load_images, load_splits, tta_views
+from bottleneck.finetune_data import augment_batch, load_images, load_splits, tta_views
 from bottleneck.runtime import (
     apply_precision,
     device_name,
@@ -70,9 +70,11 @@ def finetune(s: FinetuneSettings) -> Path:
         make_deterministic()
     prec = resolve_precision(s.precision, dev)
     apply_precision(prec)
-    prep = input_pipeline(model, s.image_size)
     splits, classes, split_info, root = load_splits(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed,
                                                     s.max_images)
+    prep, why = preprocess.choose(model, root, [p for p, _ in splits["train"]], s.image_size, s.crop,
+                                  s.interpolation)
+    note(f"preprocessing: {preprocess.describe(prep)}" + (f" ({why})" if why else ""))
     images, paths = {}, {}
     with stop_before_training():
         for split, samples in splits.items():
@@ -86,7 +88,8 @@ def finetune(s: FinetuneSettings) -> Path:
     run.train(progress and rank == 0)
     if rank != 0:
         return out_dir / "report.json"
-    return run.finish(classes, split_info, root, paths["test"], time.perf_counter() - started)
+    return run.finish(classes, split_info, root, paths["test"], time.perf_counter() - started,
+                      {"preprocessing": prep, "preprocessing_rule": why})
 
 
 @contextlib.contextmanager
@@ -355,9 +358,10 @@ class Run:
                 "y_true": y_all.tolist(), "probs": probs}
 
     # -- the end -----------------------------------------------------------------
-    def finish(self, classes: list[str], split_info: dict, root: str, test_paths: list[str], wall: float) -> Path:
+    def finish(self, classes: list[str], split_info: dict, root: str, test_paths: list[str], wall: float,
+               extra: dict) -> Path:
         final = self.evaluate("test")
-        rep = build_report(self, classes, split_info, final, wall) | {"data_root": root}
+        rep = build_report(self, classes, split_info, final, wall) | {"data_root": root} | extra
         rep["test_set"] = reports.test_set("test", test_paths, final["y_true"], classes)
         reports.write_predictions(self.out, test_paths, final["y_true"], final["y_pred"], final["probs"].numpy(),
                                   classes)

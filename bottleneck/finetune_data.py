@@ -11,19 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bottleneck import backbones, data
+from bottleneck import data
 from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError
 
 MAX_IMAGE_BYTES = 8 << 30  # decoded training images are kept in memory
-
-
-def input_pipeline(model: str, image_size: int | None) -> dict:
-    """The model's preprocessing; --image-size N resizes the whole image to N×N (no crop)."""
-    prep = backbones.preprocessing(model)
-    if image_size:
-        prep |= {"size": image_size, "resize": image_size}
-    return prep
 
 
 def load_splits(data_dir: str, val_fraction: float | None, test_fraction: float | None, split_seed: int,

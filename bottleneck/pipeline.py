@@ -118,7 +118,7 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
     with where.blame("backbone", i, "model"):
         backbones.get_spec(bb["model"])
     with where.blame("backbone", i, "layers"):
-        bb["layers"] = backbones.resolve_taps(bb["model"], t.get("layers"))
+        bb["layers"] = backbones.resolve_taps(bb["model"], t.get("layers"), bb["pool"])
     return bb
 
 
@@ -130,15 +130,15 @@ def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
         raise where.error("fit", 0, None, "fits classifiers on cached features, but no [[backbone]] extracts any")
     fit = _stage_values(where, "fit", 0, t, settings.FitSettings)
     fit["classifiers"] = t.get("classifiers", ["logreg"])
-    fit["layers"] = t.get("layers")
+    fit["layers"] = t.get("layers", ["auto"])  # the tap chosen on validation, never on the test images
     for clf in fit["classifiers"]:
         _stage_values(where, "fit", 0, t, settings.FitSettings, {"clf": clf})
     fit["seeds"] = _seeds(where, "fit", 0, t) or [fit["seed"]]
     for bb in bbs:
-        missing = [tap for tap in fit["layers"] or [] if tap not in bb["layers"]]
+        missing = [tap for tap in fit["layers"] if tap not in bb["layers"] and tap not in ("auto", "concat")]
         if missing:
             raise where.error("fit", 0, "layers", f"backbone '{bb['name']}' does not extract "
-                              f"{', '.join(missing)}; add it to that backbone's layers")
+                              f"{', '.join(missing)}; add it to that backbone's layers (or use auto, concat)")
     return fit
 
 
@@ -280,12 +280,11 @@ class _Blame:
 # --------------------------------------------------------------------------- the stages
 
 def extract_args(exp: Experiment, bb: dict) -> dict:
-    """extract()'s arguments for one backbone."""
-    return {"model": bb["model"], "data_dir": exp.data["path"], "layer": bb["layers"], "pool": bb["pool"],
-            "weights": bb["weights"], "out": str(exp.cache), "batch_size": bb["batch_size"],
-            "workers": bb["workers"], "device": bb["device"], "precision": bb["precision"], "dtype": bb["dtype"],
-            "val_fraction": exp.data["val_fraction"], "test_fraction": exp.data["test_fraction"],
-            "split_seed": exp.data["seed"]}
+    """extract()'s arguments for one backbone: its table's settings, the experiment's data and cache."""
+    own = {f.name: bb[key] for key, f in settings.toml_keys(settings.ExtractSettings).items() if key in bb}
+    return own | {"model": bb["model"], "data_dir": exp.data["path"], "layer": bb["layers"], "out": str(exp.cache),
+                  "val_fraction": exp.data["val_fraction"], "test_fraction": exp.data["test_fraction"],
+                  "split_seed": exp.data["seed"]}
 
 
 def fit_args(exp: Experiment, bb: dict) -> list[dict]:
@@ -295,7 +294,7 @@ def fit_args(exp: Experiment, bb: dict) -> list[dict]:
     out = str(exp.out / "fit" / bb["name"])
     return [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
              "seed": seed, "out": out}
-            for tap in exp.fit["layers"] or bb["layers"] for clf in exp.fit["classifiers"] for seed in exp.fit["seeds"]]
+            for tap in exp.fit["layers"] for clf in exp.fit["classifiers"] for seed in exp.fit["seeds"]]
 
 
 def fit_report(args: dict) -> Path:

@@ -67,11 +67,13 @@ def evaluate_classifier(model: str, features: str, split: str) -> tuple[dict, li
             if st.attrs.get(key) != prov.get(key):
                 raise BottleneckError(f"{features} does not match {model}: its {key} is {st.attrs.get(key)!r}, "
                                       f"the classifier was trained on {prov.get(key)!r}")
-        if prov["tap"] not in st.taps:
-            raise BottleneckError(f"{features} has no tap '{prov['tap']}', which {model} was trained on")
+        taps = prov.get("taps") or [prov["tap"]]  # several for a fit on concatenated taps
+        missing = [t for t in taps if t not in st.taps]
+        if missing:
+            raise BottleneckError(f"{features} has no tap '{missing[0]}', which {model} was trained on")
         if split not in st.splits:
             raise BottleneckError(f"{features} has no split '{split}'; it holds {', '.join(st.splits)}")
-        x, y, paths = st.features(split, prov["tap"]), st.labels(split), st.paths(split)
+        x, y, paths = np.hstack([st.features(split, t) for t in taps]), st.labels(split), st.paths(split)
         # The same images in the same splits (another precision or tap set of them too), or the same cache.
         same_cache = (st.attrs.get("dataset_fingerprint"), st.attrs.get("split_info")) == \
             (prov.get("dataset_fingerprint"), prov.get("split_info")) if "dataset_fingerprint" in prov else \
@@ -172,8 +174,9 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
         prov = pipe.bottleneck_
         classes = [prov["classes"][c] for c in pipe.classes_]  # predict_proba's column order
         prep, precision = prov["preprocessing"], prov["precision"]
+        taps = prov.get("taps") or [prov["tap"]]
         net = backbones.FeatureExtractor(backbones.build_model(prov["model"], same_weights(prov)),
-                                         prov["model"], [prov["tap"]], prov["pool"])
+                                         prov["model"], taps, prov["pool"])
     net = net.to(dev, memory_format=torch.channels_last)
     files = image_files(images)
     dataset = data.ImageDataset("", files, prep)
@@ -182,7 +185,8 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
         task = bar.add_task("predicting", total=len(files))
         for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
             if pipe is not None:
-                feats = backbones.run_batch(net, images_u8, prep, dev, precision)[prov["tap"]].cpu().numpy()
+                out = backbones.run_batch(net, images_u8, prep, dev, precision)
+                feats = torch.cat([out[t] for t in taps], dim=1).cpu().numpy()
                 probs = pipe.predict_proba(feats)
                 # The classifier's own label, as evaluate scores it: an SVM decides by its decision
                 # function, which its calibrated probabilities can disagree with near the boundary.

@@ -26,6 +26,11 @@ CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+IMAGE_SIZE_HELP = "Network input N×N [default: the model's own]."
+CROP_HELP = ("Resize the short side and centre-crop (the model's own pipeline), or resize the whole image "
+             "[default: the whole image for images smaller than the input, else crop].")
+INTERPOLATION_HELP = "Resampling [default: the model's own]."
 VAL_FRACTION_HELP = "Validation fraction carved from train [default: 0.1 for data without splits, else none]."
 TEST_FRACTION_HELP = "Test fraction carved from train [default: 0.25 for data without splits, else none]."
 SPLIT_SEED_HELP = "Seed of the stratified split (the same for extract and finetune gives the same test images)."
@@ -79,9 +84,13 @@ class ExtractSettings(Settings):
     model: str = setting(help="Backbone name (see 'bottleneck models'), or timm:ARCH.")
     data_dir: str = setting(help="ImageFolder tree (with or without train/val/test folders) or a CSV manifest "
                             "path,label[,split].", flags=("--data",), toml=False)
-    layer: list[str] | None = setting(None, "Feature tap; repeat for several taps in one pass. Default: the "
-                                      "model's penultimate.", toml="layers")
+    layer: list[str] | None = setting(None, "Feature tap; repeat for several taps in one pass, or all [default: "
+                                      "the last stages and the penultimate vector, see 'bottleneck models "
+                                      "NAME'].", toml="layers")
     pool: str = setting("avg", "Pooling of spatial taps.", choices=POOLS, what="pooling")
+    image_size: int | None = setting(None, IMAGE_SIZE_HELP, low=8)
+    crop: bool | None = setting(None, CROP_HELP, flags=("--crop/--no-crop",))
+    interpolation: str | None = setting(None, INTERPOLATION_HELP, choices=INTERPOLATIONS)
     weights: str = setting("DEFAULT", "DEFAULT, an enum name (IMAGENET1K_V1), a state_dict file, or none "
                            "(random init).")
     out: str = setting("cache", "Cache folder.", toml=False)
@@ -105,9 +114,11 @@ class FitSettings(Settings):
     features: str = setting(help="Feature cache (.h5) from 'bottleneck extract'.", toml=False)
     clf: str = setting("logreg", "Classifier.", choices=CLASSIFIERS, toml="classifiers", toml_list=True,
                        what="classifier")
-    layer: str | None = setting(None, "Tap to use [default: the cache's last]; 'all' fits one classifier per tap.",
-                                toml="layers", toml_list=True)
-    search: bool = setting(False, "Tune the main hyperparameter by validation or CV.")
+    layer: str | None = setting(None, "Tap to use; auto picks the cache's tap with the best validation score, "
+                                "concat fits on all taps side by side, all fits one classifier per tap "
+                                "[default: auto].", toml="layers", toml_list=True)
+    search: bool = setting(True, "Tune the main hyperparameter on the validation split (or by CV), or keep "
+                           "the fixed defaults; it costs seconds.", flags=("--search/--no-search",))
     class_weight: str | None = setting(None, "Weight classes by their inverse frequency.", choices=("balanced",))
     seed: int = setting(0, "Seed for hold-out splits, CV folds and the classifier.", low=0)
     out: str | None = setting(None, "Output folder [default: runs/fit/<cache name>].", toml=False)
@@ -122,19 +133,22 @@ class FinetuneSettings(Settings):
     weights: str = setting("DEFAULT", "Starting weights: DEFAULT, an enum name, a file.")
     unfreeze: str = setting("all", "all, N (last N blocks) or from:TAP.")
     head_epochs: int = setting(1, "Epochs training the new head alone.", low=0)
-    epochs: int = setting(10, "Epochs with the unfrozen part training too.", low=0)
-    lr: float = setting(1e-3, "Learning rate of the head.", low=0.0)
-    backbone_lr_mult: float = setting(0.1, "Backbone learning rate = lr × this.", low=0.0)
+    epochs: int = setting(8, "Epochs with the unfrozen part training too (at most: see --patience).", low=0)
+    lr: float = setting(2e-3, "Learning rate of the head.", low=0.0)
+    backbone_lr_mult: float = setting(0.25, "Backbone learning rate = lr × this.", low=0.0)
     optimizer: str = setting("adamw", "Optimiser.", choices=("adamw", "sgd"))
     schedule: str = setting("cosine", "Learning-rate schedule after a short warm-up.", choices=("cosine", "step"))
-    augment: str = setting("light", "Training augmentation: light is flips, strong adds rotations and colour jitter.",
+    augment: str = setting("light", "Training augmentation: light is horizontal and vertical flips; strong adds "
+                           "quarter turns and brightness/contrast jitter, for images with no up (cells, slides, "
+                           "satellite tiles), and test-time views over all 8 symmetries.",
                            choices=("none", "light", "strong"))
-    patience: int = setting(3, "Stop after this many epochs without improvement.", low=1)
+    patience: int = setting(4, "Stop after this many epochs without improvement on validation.", low=1)
     monitor: str = setting("loss", "Validation measure for early stopping and the best epoch.",
                            choices=("loss", "accuracy"))
     batch_size: int = setting(32, "Images per step (all processes together).", low=1)
-    image_size: int | None = setting(None, "Train on whole images resized to N×N [default: the model's resize "
-                                     "and crop].", low=8)
+    image_size: int | None = setting(None, IMAGE_SIZE_HELP, low=8)
+    crop: bool | None = setting(None, CROP_HELP, flags=("--crop/--no-crop",))
+    interpolation: str | None = setting(None, INTERPOLATION_HELP, choices=INTERPOLATIONS)
     tta: bool = setting(True, "Average predictions over flips when scoring.")
     restore_best: bool = setting(True, "End with the weights of the best validation epoch, or of the last.",
                                  flags=("--restore-best/--keep-last",))

@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
 
 @pytest.mark.parametrize("clf", CLASSIFIERS)
 def test_every_classifier_fits_and_reports(cache, tmp_path, clf):
-    path = fit(str(cache[0]), clf=clf, out=str(tmp_path))
+    path = fit(str(cache[0]), clf=clf, layer="pool", search=False, out=str(tmp_path))
     rep = json.loads(path.read_text())
     assert rep["stage"] == "fit" and rep["clf"] == clf and rep["tap"] == "pool" and rep["split"] == "test"
     assert (rep["n_train"], rep["n_test"]) == (32, 12)
@@ -35,7 +35,7 @@ def test_every_classifier_fits_and_reports(cache, tmp_path, clf):
 
 
 def test_saved_pipeline_predicts_the_same_in_a_fresh_process(cache, tmp_path):
-    report = fit(str(cache[0]), clf="svm", out=str(tmp_path))
+    report = fit(str(cache[0]), clf="svm", layer="pool", out=str(tmp_path))
     model = report.parent / "model.joblib"
     pipe = joblib.load(model)
     assert pipe.bottleneck_["model"] == "efficientnet_lite0" and pipe.bottleneck_["tap"] == "pool"
@@ -52,22 +52,22 @@ def test_saved_pipeline_predicts_the_same_in_a_fresh_process(cache, tmp_path):
 
 
 def test_search_uses_the_validation_split_and_records_its_choice(cache, tmp_path):
-    rep = json.loads(fit(str(cache[0]), clf="logreg", search=True, out=str(tmp_path)).read_text())
+    rep = json.loads(fit(str(cache[0]), clf="logreg", out=str(tmp_path)).read_text())  # search is the default
     assert rep["search"]["chosen"]["cv"] == "validation split"
     assert rep["search"]["chosen"]["C"] in rep["search"]["grid"]["clf__C"]
     assert rep["n_train"] == 40  # refit on train + val
 
 
 def test_layer_probe_and_learning_curve(cache, tmp_path):
-    table = json.loads(fit(str(cache[0]), layer="all", out=str(tmp_path)).read_text())
+    table = json.loads(fit(str(cache[0]), layer="all", search=False, out=str(tmp_path)).read_text())
     assert [r["tap"] for r in table] == ["blocks.4", "pool"]
     assert (tmp_path / "layers-logreg.png").is_file()
-    curve = json.loads(fit(str(cache[0]), train_sizes="2,8,all", out=str(tmp_path)).read_text())
+    curve = json.loads(fit(str(cache[0]), layer="pool", train_sizes="2,8,all", out=str(tmp_path)).read_text())
     assert [r["n_train"] for r in curve] == [4, 16, 32]
 
 
 def test_evaluate_matches_the_report_and_refuses_other_caches(cache, tmp_path):
-    rep = json.loads(fit(str(cache[0]), clf="logreg", out=str(tmp_path)).read_text())
+    rep = json.loads(fit(str(cache[0]), clf="logreg", layer="pool", search=False, out=str(tmp_path)).read_text())
     model = tmp_path / "pool-logreg" / "model.joblib"
     assert evaluate(str(model), str(cache[0]))["accuracy"] == rep["accuracy"]
     other = extract("squeezenet1_1", str(cache[1]), weights="none", out=str(tmp_path / "c"), batch_size=16,
@@ -77,7 +77,7 @@ def test_evaluate_matches_the_report_and_refuses_other_caches(cache, tmp_path):
 
 
 def test_predict_labels_images_and_reports_unreadable_ones(cache, tmp_path):
-    fit(str(cache[0]), clf="logreg", out=str(tmp_path))
+    fit(str(cache[0]), clf="logreg", layer="pool", search=False, out=str(tmp_path))
     model = str(tmp_path / "pool-logreg" / "model.joblib")
     (tmp_path / "broken.jpg").write_text("not an image")
     images = [str(cache[1] / "test" / "dogs" / "test_000.png"), str(tmp_path / "broken.jpg")]
@@ -104,7 +104,7 @@ def test_bad_classifier_inputs_are_clear_errors(cache, tmp_path):
 
 
 def test_report_records_its_test_images_intervals_and_predictions(cache, tmp_path):
-    rep = json.loads(fit(str(cache[0]), clf="logreg", out=str(tmp_path)).read_text())
+    rep = json.loads(fit(str(cache[0]), clf="logreg", layer="pool", search=False, out=str(tmp_path)).read_text())
     from bottleneck import data, report
     from bottleneck.store import FeatureStore
 
@@ -122,22 +122,23 @@ def test_report_records_its_test_images_intervals_and_predictions(cache, tmp_pat
 
 
 def test_results_of_other_settings_get_their_own_folder_or_are_refused(cache, tmp_path):
-    searched = fit(str(cache[0]), clf="logreg", search=True, out=str(tmp_path))
-    probe = fit(str(cache[0]), clf="logreg", layer="all", out=str(tmp_path))  # once overwrote the searched model
+    searched = fit(str(cache[0]), clf="logreg", layer="pool", out=str(tmp_path))
+    probe = fit(str(cache[0]), clf="logreg", layer="all", search=False, out=str(tmp_path))  # once overwrote it
     assert searched.parent.name == "pool-logreg-search" and json.loads(searched.read_text())["search"] is not None
     assert json.loads((tmp_path / "pool-logreg" / "report.json").read_text())["search"] is None
     assert probe.name == "layers-logreg.json"
     other = extract("efficientnet_lite0", str(cache[1]), layer=["pool"], out=str(tmp_path / "c2"), batch_size=16,
                     workers=0, progress=False, dtype="float16")
     with pytest.raises(BottleneckError, match="already holds a fit with other cache; pass --force"):
-        fit(str(other), clf="logreg", out=str(tmp_path))
-    result = run_cli("fit", "--features", str(other), "--out", str(tmp_path), "--force")
+        fit(str(other), clf="logreg", layer="pool", search=False, out=str(tmp_path))
+    result = run_cli("fit", "--features", str(other), "--out", str(tmp_path), "--layer", "pool", "--no-search",
+                     "--force")
     assert result.returncode == 0
     assert json.loads((tmp_path / "pool-logreg" / "report.json").read_text())["cache"]["path"] == str(other)
 
 
 def test_evaluate_on_a_split_it_was_trained_on_says_so(cache, tmp_path):
-    fit(str(cache[0]), clf="logreg", search=True, out=str(tmp_path))  # refit on train + val
+    fit(str(cache[0]), clf="logreg", layer="pool", out=str(tmp_path))  # searched, refit on train + val
     model = str(tmp_path / "pool-logreg-search" / "model.joblib")
     assert "caveat" not in evaluate(model, str(cache[0]), split="test")
     rep = evaluate(model, str(cache[0]), split="val", out=str(tmp_path / "ev"))
@@ -165,3 +166,44 @@ def test_predict_refuses_a_weights_file_replaced_since_fitting(cache, tmp_path):
     torch.save(state, weights)  # other weights under the same name
     with pytest.raises(BottleneckError, match="backbone weights changed since this classifier was fitted"):
         predict(model, image)
+
+
+def test_layer_auto_picks_the_tap_with_the_best_validation_score(cache, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from bottleneck.store import FeatureStore
+
+    rep = json.loads(fit(str(cache[0]), search=False, out=str(tmp_path)).read_text())  # layer auto by default
+    choice = rep["layer_choice"]
+    assert choice["by"] == "validation split" and set(choice["scores"]) == {"blocks.4", "pool"}
+    with FeatureStore(cache[0]) as st:  # the same scores, computed independently from the cache
+        for tap, score in choice["scores"].items():
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000))
+            clf.fit(st.features("train", tap), st.labels("train"))
+            assert score == pytest.approx(clf.score(st.features("val", tap), st.labels("val")), abs=1e-4)
+    best = max(choice["scores"].values())
+    assert choice["chosen"] == [t for t in ("blocks.4", "pool") if choice["scores"][t] == best][-1]
+    assert rep["tap"] == choice["chosen"] and rep["settings"]["tap"] == "auto"
+    assert (tmp_path / "auto-logreg" / "model.joblib").is_file()
+
+
+def test_concatenated_taps_are_weighted_equally_and_predict_as_fitted(cache, tmp_path):
+    from bottleneck import report as reports
+
+    path = fit(str(cache[0]), layer="concat", search=False, out=str(tmp_path))
+    rep = json.loads(path.read_text())
+    assert rep["tap"] == "concat" and rep["taps"] == ["blocks.4", "pool"]
+    pipe = joblib.load(path.parent / "model.joblib")
+    assert pipe.named_steps["taps"].dims == (112, 1280) and pipe.bottleneck_["taps"] == ["blocks.4", "pool"]
+    # each tap's block carries the same total variance after scaling
+    x = np.random.default_rng(0).normal(size=(50, 1392))
+    scaled = pipe.named_steps["taps"].transform(x)
+    assert scaled[:, :112].var(0).sum() == pytest.approx(scaled[:, 112:].var(0).sum(), rel=0.2)
+    # predicting from the images recomputes both taps and gives the labels the fit scored
+    saved = reports.read_predictions(path.parent / "predictions.csv")
+    files = sorted(saved)[:6]
+    rows = predict(str(path.parent / "model.joblib"), [str(cache[1] / f) for f in files])
+    assert [r["label"] for r in rows] == [saved[f]["predicted"] for f in files]
+    assert evaluate(str(path.parent / "model.joblib"), str(cache[0]))["accuracy"] == rep["accuracy"]

@@ -21,6 +21,12 @@ def test_every_command_has_help(command):
     assert result.returncode == 0 and "Usage" in result.stdout
 
 
+def test_help_shows_the_bracketed_defaults_of_settings():
+    # rich read "[default: ...]" in a help text as markup and dropped it, leaving "or all ."
+    text = " ".join(run_cli("extract", "--help").stdout.replace("│", " ").split())
+    assert "[default: the model's own]" in text and " ." not in text
+
+
 def test_extract_prints_the_cache_path_last_and_cache_commands_read_it(tree, tmp_path):
     result = run_cli("extract", "--model", "efficientnet_lite0", "--data", str(tree), "--out",
                      str(tmp_path / "c"), "--batch-size", "8")
@@ -28,7 +34,8 @@ def test_extract_prints_the_cache_path_last_and_cache_commands_read_it(tree, tmp
     path = result.stdout.strip().splitlines()[-1]
     assert path.endswith(".h5") and (tmp_path / "c").samefile(path.rsplit("/", 1)[0])
     info = json.loads(run_cli("cache", "info", path, "--json").stdout)
-    assert info["splits"]["train"]["images"] == 12 and info["dims"] == {"pool": 1280}
+    assert info["splits"]["train"]["images"] == 12  # the default taps: the last stages and the penultimate vector
+    assert info["dims"] == {"blocks.3": 80, "blocks.4": 112, "blocks.5": 192, "blocks.6": 320, "pool": 1280}
     assert info["cost"]["images_per_second"] > 0
     assert run_cli("cache", "verify", path).stdout.strip().endswith(": ok")
     assert "complete" in run_cli("cache", "ls", str(tmp_path / "c")).stdout

@@ -197,11 +197,12 @@ def test_extract_fit_and_finetune_score_the_same_test_images(tmp_path, source):
         data = str(tmp_path / "m.csv")
     split = {"val_fraction": 0.2, "test_fraction": 0.0 if source == "cache-without-test" else 0.3, "split_seed": 3}
     cache = extract(LITE, data, out=str(tmp_path / "c"), batch_size=8, workers=0, progress=False, **split)
-    fitted = json.loads(fit(str(cache), out=str(tmp_path / "run" / "fit")).read_text())
+    fit_report = fit(str(cache), out=str(tmp_path / "run" / "fit"))
+    fitted = json.loads(fit_report.read_text())
     tuned = json.loads(finetune(LITE, data, out=str(tmp_path / "run" / "ft"), seed=1, **split, **QUICK)
                        .read_text())
 
-    fit_paths = list(reports.read_predictions(tmp_path / "run" / "fit" / "pool-logreg" / "predictions.csv"))
+    fit_paths = list(reports.read_predictions(fit_report.parent / "predictions.csv"))
     ft_paths = list(reports.read_predictions(tmp_path / "run" / "ft" / "predictions.csv"))
     n_test = 4 if source == "cache-without-test" else 6  # a quarter of train's 16, or 30 % of 20
     assert sorted(fit_paths) == sorted(ft_paths) and len(fit_paths) == n_test

@@ -20,13 +20,18 @@ def test_features_equal_a_direct_forward_pass(tree, tmp_path):
     path = extract(LITE, str(tree), out=str(tmp_path / "c"), batch_size=4, workers=0, precision="fp32",
                    progress=False)
     with store.FeatureStore(path) as st:
-        assert st.splits == ["train", "val", "test"] and st.taps == ["pool"]
+        assert st.splits == ["train", "val", "test"]
+        assert st.taps == ["blocks.3", "blocks.4", "blocks.5", "blocks.6", "pool"]  # the default taps
         assert st.attrs["complete"] and st.attrs["model"] == LITE and st.attrs["classes"] == ["cats", "dogs"]
         assert st.attrs["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
         feats, paths, labels = st.features("test"), st.paths("test"), st.labels("test")
     assert feats.shape == (6, 1280) and list(labels) == [0, 0, 0, 1, 1, 1]
-    prep = backbones.preprocessing(LITE)
-    x = data.resize_crop(data.load_image(tree / paths[4]), prep)[None].float() / 255
+    # 48-px images: the whole image resized to the input (no crop), with the model's bicubic
+    from torchvision.transforms import v2
+
+    img = v2.functional.resize(data.load_image(tree / paths[4]), [224, 224],
+                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     model = backbones.FeatureExtractor(backbones.build_model(LITE), LITE, ["pool"])
     with torch.no_grad():
         direct = model((x - 0.5) / 0.5)["pool"][0].numpy()

@@ -29,6 +29,8 @@ workers = 0
 
 [fit]
 classifiers = ["logreg", "knn"]
+layers = ["blocks.4", "pool"]
+search = false
 {finetune}""")
     return path
 
@@ -157,8 +159,8 @@ def test_changed_fit_settings_fit_again(tmp_path):
     pipeline.run(path, progress=False)
     report = tmp_path / "run" / "fit" / "efficientnet_lite0" / "pool-logreg" / "report.json"
     assert json.loads(report.read_text())["search"] is None
-    path.write_text(path.read_text().replace('classifiers = ["logreg", "knn"]',
-                                             'classifiers = ["logreg"]\nsearch = true'))
+    path.write_text(path.read_text().replace('classifiers = ["logreg", "knn"]', 'classifiers = ["logreg"]')
+                    .replace("search = false", "search = true"))
     pipeline.run(path, progress=False)
     searched = report.parent.with_name("pool-logreg-search") / "report.json"  # its own folder: nothing replaced
     assert json.loads(searched.read_text())["search"]["chosen"]["cv"] == "5-fold stratified on train"
@@ -212,7 +214,7 @@ def test_seeds_repeat_a_configuration_on_the_same_split(tmp_path):
     kwargs = pipeline.finetune_kwargs(exp, exp.finetunes[1])
     assert kwargs["seed"] == 2 and kwargs["split_seed"] == 0  # the training seed moves, the split stays
     reports = [pipeline.fit_report(a).parent.name for a in pipeline.fit_args(exp, exp.backbones[0])]
-    assert reports == ["blocks.4-logreg", "blocks.4-logreg-seed1"]
+    assert reports == ["auto-logreg-search", "auto-logreg-search-seed1"]  # by default: tap chosen on val, searched
     for bad in ("[0, 0]", '["a"]', "[]", "[-1]"):
         path.write_text(GOOD + f'\n[[finetune]]\nmodel = "squeezenet1_1"\nseeds = {bad}\n')
         with pytest.raises(BottleneckError, match="seeds: must be a list of distinct non-negative integers"):
