@@ -98,8 +98,9 @@ def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None,
 def fit(s: FitSettings) -> Path:
     """Train a classifier on a cache's features; returns the path of its report.json.
 
-    `layer`: a tap; "auto" (the default) picks the cache's tap with the best validation score
-    (5-fold CV on train when there is no validation split); "concat" fits on every tap side by
+    `layer`: a tap; "auto" (the default) picks, of the cache's taps and their concatenation, the
+    one with the best validation score (5-fold CV on train when there is no validation split);
+    "concat" fits on every tap side by
     side, each standardised and weighted equally; "all" fits one classifier per tap (a layer
     probe). `train_sizes="10,50,all"` refits on that many training images per class (a learning
     curve). Each result gets a folder named by what distinguishes it; one holding a result of
@@ -133,21 +134,24 @@ def taps_of(tap: str, st_taps: list[str]) -> list[str]:
     return list(st_taps) if tap == CONCAT else [tap]
 
 
-def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict | None]:
-    """(tap, how it was chosen): the tap whose classifier scores best on validation.
+def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
+    """(tap, how it was chosen): of the cache's taps and their concatenation, the one whose
+    classifier scores best on validation.
 
-    Each tap is scored as the final fit would train (with the search when asked), on the
+    Each candidate is scored as the final fit would train (with the search when asked), on the
     validation split, or by 5-fold CV on train when there is none. Test images never take part.
+    A tie goes to a single tap before the concatenation, and to the deeper of two taps.
     """
     if len(st.taps) == 1:
         return st.taps[0], {"by": "the cache's only tap", "scores": {}, "chosen": st.taps[0]}
     scores = {}
-    for tap in st.taps:
+    for tap in [*st.taps, CONCAT]:
         d = split_data(st, tap, settings["seed"])
-        pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"])
+        pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"], tap_dims(st, tap))
         grid = GRIDS[settings["clf"]] if settings["search"] else {}
         scores[tap] = search_params(pipe, settings["clf"], d, settings["seed"], grid)[1]["cv_accuracy"]
-    best = max(st.taps, key=lambda t: (round(scores[t], 12), st.taps.index(t)))  # a tie goes to the deeper tap
+    rank = {t: (round(scores[t], 12), t != CONCAT, st.taps.index(t) if t in st.taps else -1) for t in scores}
+    best = max(scores, key=rank.get)
     how = "validation split" if "val" in st.splits else "5-fold stratified CV on train"
     note("tap by " + how + ": " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()) + f"; chose {best}")
     return best, {"by": how, "scores": {t: round(v, 4) for t, v in scores.items()}, "chosen": best}

@@ -83,6 +83,8 @@ def finetune(s: FinetuneSettings) -> Path:
             images[split] = (x, y)
     net = backbones.build_model(model, s.weights)
     head = backbones.replace_head(net, model, len(classes), s.seed)
+    if s.init_head:
+        init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep))
     net = net.to(dev, memory_format=torch.channels_last)
     run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
     run.train(progress and rank == 0)
@@ -114,7 +116,8 @@ def stop_before_training():
 def run_args(s: FinetuneSettings) -> dict:
     """The settings a run is made of (checkpoints and reports hold them); where it is written,
     its workers and its progress bars do not change it."""
-    return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")}
+    return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")} | {
+        "head_epochs": s.head_epochs_run()}
 
 
 def changed_settings(out: Path, args: dict) -> list[str]:
@@ -144,6 +147,58 @@ def validate(a: dict) -> None:
     backbones.get_spec(a["model"])
     if a["unfreeze"].startswith("from:"):
         backbones.resolve_taps(a["model"], [a["unfreeze"].removeprefix("from:")])
+
+
+# --------------------------------------------------------------------------- LP-FT
+
+def read_probe(path: str, model: str, weights: str, classes: list[str], prep: dict) -> dict:
+    """The weight matrix and bias of a logistic-regression probe, standardisation folded in, as
+    {"weight": K×D, "bias": K}: the new head then starts as that probe (Kumar et al., ICLR 2022).
+
+    The probe must come from this model's penultimate tap (the head's input), the same weights,
+    classes and preprocessing; anything else would start the head from another function.
+    """
+    import joblib
+
+    try:
+        pipe = joblib.load(path)
+        prov, scaler, clf = pipe.bottleneck_, pipe.named_steps["scale"], pipe.named_steps["clf"]
+    except Exception as e:
+        raise BottleneckError(f"--init-head {path} is not a classifier written by 'bottleneck fit' "
+                              f"({type(e).__name__})") from None
+    spec = backbones.get_spec(model)
+    ref = backbones.resolve_weights(model, weights)
+    problems = [
+        (prov.get("clf") != "logreg", f"it is a {prov.get('clf')}, not a logreg probe (fit --clf logreg)"),
+        (prov.get("model") != model, f"it was fitted on {prov.get('model')} features, not {model}'s"),
+        (prov.get("tap") != spec.default_tap, f"it was fitted on tap {prov.get('tap')}; the head reads "
+                                              f"{spec.default_tap} (fit --layer {spec.default_tap})"),
+        (prov.get("weights") != ref.id, "its backbone weights differ from --weights"),
+        (prov.get("classes") != classes, "its classes differ from this data's"),
+        (len(clf.classes_) != len(classes), "it was fitted without every class"),
+        ({**prov.get("preprocessing", {}), "crop": prov.get("preprocessing", {}).get("crop", True)} != prep,
+         f"its preprocessing ({prov.get('preprocessing')}) differs from this run's ({prep}); give the same "
+         "--image-size/--crop/--interpolation"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise BottleneckError(f"--init-head {path}: {why}")
+    w = clf.coef_ / scaler.scale_  # logits = W (x - mean) / scale + b = (W / scale) x + (b - W / scale · mean)
+    b = clf.intercept_ - w @ scaler.mean_
+    if len(w) == 1:  # binary: one logit for class 1; softmax over (-z/2, z/2) is sigmoid(z)
+        w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
+    order = np.argsort(clf.classes_)
+    return {"weight": torch.tensor(w[order], dtype=torch.float32), "bias": torch.tensor(b[order], dtype=torch.float32)}
+
+
+def init_head(net: nn.Module, head: str, probe: dict) -> None:
+    layer = net.get_submodule(head)
+    if not isinstance(layer, nn.Linear) or tuple(layer.weight.shape) != tuple(probe["weight"].shape):
+        raise BottleneckError(f"--init-head needs a linear head of shape {tuple(probe['weight'].shape)}; this "
+                              f"model's is {layer}")
+    with torch.no_grad():
+        layer.weight.copy_(probe["weight"])
+        layer.bias.copy_(probe["bias"])
 
 
 # --------------------------------------------------------------------------- distributed
@@ -276,8 +331,9 @@ class Run:
         return self.state["epoch"] > self.args["head_epochs"] and self.state["bad_epochs"] >= self.args["patience"]
 
     def start_phase(self, phase: str, ckpt: dict | None) -> None:
-        if phase == "finetune" and self.args["head_epochs"] and self.state["head_only"] is None:
-            head_only = self.evaluate("test")  # the course's before/after comparison
+        if phase == "finetune" and (self.args["head_epochs"] or self.args["init_head"]) and \
+                self.state["head_only"] is None:
+            head_only = self.evaluate("test")  # the course's before/after comparison (LP-FT: the probe's)
             self.state["head_only"] = {k: v for k, v in head_only.items() if k != "probs"}
         self.set_trainable(phase)
         if self.world > 1:  # wrapped after freezing: DDP syncs only the parameters that train

@@ -114,9 +114,9 @@ class FitSettings(Settings):
     features: str = setting(help="Feature cache (.h5) from 'bottleneck extract'.", toml=False)
     clf: str = setting("logreg", "Classifier.", choices=CLASSIFIERS, toml="classifiers", toml_list=True,
                        what="classifier")
-    layer: str | None = setting(None, "Tap to use; auto picks the cache's tap with the best validation score, "
-                                "concat fits on all taps side by side, all fits one classifier per tap "
-                                "[default: auto].", toml="layers", toml_list=True)
+    layer: str | None = setting(None, "Tap to use; auto picks, of the cache's taps and all of them side by side "
+                                "(concat), the one with the best validation score; concat fits on all taps; "
+                                "all fits one classifier per tap [default: auto].", toml="layers", toml_list=True)
     search: bool = setting(True, "Tune the main hyperparameter on the validation split (or by CV), or keep "
                            "the fixed defaults; it costs seconds.", flags=("--search/--no-search",))
     class_weight: str | None = setting(None, "Weight classes by their inverse frequency.", choices=("balanced",))
@@ -132,7 +132,11 @@ class FinetuneSettings(Settings):
     data_dir: str = setting(help="The same data as for extract.", flags=("--data",), toml=False)
     weights: str = setting("DEFAULT", "Starting weights: DEFAULT, an enum name, a file.")
     unfreeze: str = setting("all", "all, N (last N blocks) or from:TAP.")
-    head_epochs: int = setting(1, "Epochs training the new head alone.", low=0)
+    head_epochs: int | None = setting(None, "Epochs training the new head alone [default: 1, or 0 with "
+                                      "--init-head].", low=0)
+    init_head: str | None = setting(None, "LP-FT: start the new head from a linear probe, the model.joblib of "
+                                    "'bottleneck fit --clf logreg --layer TAP' on this model's penultimate tap "
+                                    "(standardisation folded in); the head-only epochs are then skipped.")
     epochs: int = setting(8, "Epochs with the unfrozen part training too (at most: see --patience).", low=0)
     lr: float = setting(2e-3, "Learning rate of the head.", low=0.0)
     backbone_lr_mult: float = setting(0.25, "Backbone learning rate = lr × this.", low=0.0)
@@ -168,8 +172,14 @@ class FinetuneSettings(Settings):
                               "resumes.", toml=False)
     progress: bool = setting(True, "Show progress bars.", toml=False)
 
+    def head_epochs_run(self) -> int:
+        """Head-only epochs: as given, else none after --init-head (the probe is that phase) and one otherwise."""
+        if self.head_epochs is not None:
+            return self.head_epochs
+        return 0 if self.init_head else 1
+
     def check(self) -> None:
-        if self.epochs + self.head_epochs == 0:
+        if self.epochs + self.head_epochs_run() == 0:
             raise SettingError("epochs", "nothing to train: --epochs and --head-epochs are both 0")
         if self.lr == 0:
             raise SettingError("lr", "--lr must be positive")

@@ -268,3 +268,41 @@ def test_sigterm_while_images_decode_exits_75_without_a_traceback(tmp_path):
         assert proc.wait(timeout=120) == 75
     text = log.read_text()
     assert "while decoding images" in text and "Traceback" not in text and "training:" not in text
+
+
+def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head_phase(small, tmp_path):
+    import json
+
+    import joblib
+    import numpy as np
+
+    from bottleneck import data
+    from bottleneck.classify import fit
+    from bottleneck.extract import extract
+    from bottleneck.finetune import init_head, read_probe
+    from bottleneck.store import FeatureStore
+
+    cache = extract(LITE, str(small), layer=["pool"], image_size=64, out=str(tmp_path / "c"), batch_size=8, workers=0,
+                    precision="fp32", progress=False)
+    probe = fit(str(cache), layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.joblib"
+    with FeatureStore(cache) as st:
+        expected = joblib.load(probe).predict_proba(st.features("test", "pool"))
+        paths, prep = st.paths("test"), st.attrs["preprocessing"]
+    net = backbones.build_model(LITE)
+    head = backbones.replace_head(net, LITE, 2, seed=0)
+    init_head(net, head, read_probe(str(probe), LITE, "DEFAULT", ["cats", "dogs"], prep))
+    images = torch.stack([data.resize_crop(data.load_image(small / p), prep) for p in paths])
+    got = backbones.predict_proba(net.eval(), images, prep, torch.device("cpu"), "fp32", "none").numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)  # step 0 of LP-FT is the probe
+
+    rep = json.loads(finetune(LITE, str(small), init_head=str(probe), epochs=1, out=str(tmp_path / "ft"), **QUICK)
+                     .read_text())
+    assert [h["phase"] for h in rep["history"]] == ["finetune"] and rep["params"]["head_epochs"] == 0
+    assert rep["head_only"] is not None and rep["params"]["init_head"] == str(probe)
+
+    svm = fit(str(cache), clf="svm", layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.joblib"
+    with pytest.raises(BottleneckError, match="not a logreg probe"):
+        finetune(LITE, str(small), init_head=str(svm), epochs=1, out=str(tmp_path / "ft2"), **QUICK)
+    with pytest.raises(BottleneckError, match="preprocessing"):
+        finetune(LITE, str(small), init_head=str(probe), epochs=1, out=str(tmp_path / "ft3"),
+                 **QUICK | {"image_size": 96})
