@@ -66,7 +66,7 @@ def extract(s: ExtractSettings) -> Path:
             workers = default_workers() if s.workers is None else s.workers
             setup = time.perf_counter() - started
             run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
-                       workers, progress)
+                       workers, progress, batch_size)
         else:
             setup = 0.0
         attrs |= {"shard": f"{shard_i}/{shard_n}", "block_rows": block_rows,
@@ -132,8 +132,9 @@ def block_samples(manifest: data.Manifest, split: str, k: int, rows: int) -> lis
 
 def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, todo: dict[str, list[int]],
                rows: int, parts: store.Parts, prep: dict, device: torch.device, precision: str,
-               workers: int, progress: bool) -> None:
-    """Compute the missing blocks, saving each as soon as it is done."""
+               workers: int, progress: bool, batch_size: int | None = None) -> None:
+    """Compute the missing blocks, saving each as soon as it is done; the network sees at most
+    `batch_size` images at once (a resumed run keeps its blocks' size but may ask for less)."""
     apply_precision(precision)
     extractor = extractor.to(device, memory_format=torch.channels_last)
     # One loader over every split's missing blocks, each batch exactly one block: the decoding
@@ -153,7 +154,7 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
         task = bar.add_task("extracting", total=len(paths))
         tick = trimmed = time.perf_counter()
         for (split, k), (images, reasons) in zip(jobs, loader):
-            feats = backbones.run_batch(extractor, images, prep, device, precision)
+            feats = forward(extractor, images, prep, device, precision, batch_size or rows)
             block = make_block(feats, reasons, block_samples(manifest, split, k, rows))
             for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
                 warn(f"skipped {path}: {reason}")
@@ -165,6 +166,22 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
             if now - trimmed > runtime.TRIM_SECONDS:
                 runtime.release_freed_memory()
                 trimmed = now
+
+
+def forward(extractor: backbones.FeatureExtractor, images: torch.Tensor, prep: dict, device: torch.device,
+            precision: str, batch_size: int) -> dict[str, torch.Tensor]:
+    """The taps of a block's images, `batch_size` at a time; running out of memory is an error
+    that says what to do, not an allocator's traceback."""
+    try:
+        chunks = [backbones.run_batch(extractor, images[i:i + batch_size], prep, device, precision)
+                  for i in range(0, len(images), batch_size)]
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise BottleneckError(f"out of memory running {min(batch_size, len(images))} images at once on "
+                              f"{runtime.device_name(device)}; rerun with a smaller --batch-size (finished "
+                              "blocks are kept)") from None
+    return {t: torch.cat([c[t] for c in chunks]) for t in chunks[0]}
 
 
 def make_block(feats: dict[str, torch.Tensor], reasons: list[str], samples: list[tuple[str, int]]) -> dict:

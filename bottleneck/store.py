@@ -87,7 +87,9 @@ class Parts:
         meta_file = self.dir / "meta.json"
         if meta_file.is_file():
             old = json.loads(meta_file.read_text())
-            if old.get("fingerprint") == meta["fingerprint"]:
+            # Finished blocks fix the block size; with none yet (a first run that died, say out of
+            # memory), the new run's batch size is taken.
+            if old.get("fingerprint") == meta["fingerprint"] and any(self.dir.glob("*.npz")):
                 return old
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -341,3 +341,34 @@ def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tree, tmp_path):
                      "--no-progress")
     assert result.returncode == 1 and "holds a run with other settings" in result.stderr and "lr" in result.stderr
     assert "Traceback" not in result.stderr and ckpt.read_bytes() == before
+
+
+# Out of memory for real: the address space a process may allocate is capped (RLIMIT_DATA)
+# after torch is loaded, so the allocator itself fails on a batch that does not fit.
+MEMORY_CAPPED = """
+import resource, sys
+import torch, torchvision
+from bottleneck.cli import main
+import bottleneck.backbones, bottleneck.extract
+limit = int(sys.argv.pop(1)) << 20
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+sys.argv[0] = "bottleneck"
+main()
+"""
+
+
+def test_out_of_memory_in_extract_is_one_error_and_a_smaller_batch_takes_over(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": 40, "test": 4})  # 80 training images: one block of 80
+    args = ["2300", "extract", "--model", "vgg16", "--weights", "none", "--data", str(data), "--out",
+            str(tmp_path / "c"), "--workers", "0", "--no-progress", "--batch-size"]
+    run = [sys.executable, "-c", MEMORY_CAPPED]
+    big = subprocess.run([*run, *args, "80"], capture_output=True, text=True, timeout=300)
+    assert big.returncode == 1 and "Traceback" not in big.stderr and "DefaultCPUAllocator" not in big.stderr
+    assert "error: out of memory running 80 images at once" in big.stderr and "smaller --batch-size" in big.stderr
+    small = subprocess.run([*run, *args, "4"], capture_output=True, text=True, timeout=300)
+    assert small.returncode == 0, small.stderr
+    assert "batch size of the interrupted run" not in small.stderr  # no block was saved: 4 is taken
+    from bottleneck.store import FeatureStore
+
+    with FeatureStore(small.stdout.strip().splitlines()[-1]) as st:
+        assert st.attrs["block_rows"] == 4 and len(st.labels("train")) == 80
