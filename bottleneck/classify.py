@@ -100,11 +100,10 @@ def fit(s: FitSettings) -> Path:
 
     `layer`: a tap; "auto" (the default) picks, of the cache's taps and their concatenation, the
     one with the best validation score (5-fold CV on train when there is no validation split);
-    "concat" fits on every tap side by
-    side, each standardised and weighted equally; "all" fits one classifier per tap (a layer
-    probe). `train_sizes="10,50,all"` refits on that many training images per class (a learning
-    curve). Each result gets a folder named by what distinguishes it; one holding a result of
-    other settings is refused unless `force`.
+    "concat" fits on every tap side by side, each standardised and weighted equally; "all" fits
+    one classifier per tap (a layer probe). `train_sizes="10,50,all"` refits on that many
+    training images per class (a learning curve). Each result gets a folder named by what
+    distinguishes it; one holding a result of other settings is refused unless `force`.
     """
     features, layer = s.features, s.layer or "auto"
     with FeatureStore(features) as st:

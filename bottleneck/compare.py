@@ -137,6 +137,7 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
     cost = rep.get("cost") or {}
     if rep["stage"] == "finetune":
         method, seconds, device = "fine-tune", _number(cost.get("wall_seconds", 0.0)), cost.get("device", "")
+        seconds += _number(rep.get("probe_cost_seconds") or 0.0)  # LP-FT: the probe it started from counts too
     else:
         extraction = cost.get("extraction") or {}
         method = "fixed features"
@@ -147,7 +148,8 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
     folder = path.parent
     ident = str(folder.relative_to(run_dir)) if run_dir and folder.is_relative_to(run_dir) else str(folder)
     return {"id": ident, "method": method, "backbone": str(rep["model"]), "tap": rep.get("tap") or "",
-            "classifier": rep["clf"] if rep["stage"] == "fit" else "fine-tuned head",
+            "classifier": rep["clf"] if rep["stage"] == "fit" else
+            "head from a logreg probe (LP-FT)" if (rep.get("params") or {}).get("init_head") else "fine-tuned head",
             "accuracy": accuracy,
             "accuracy_ci": _interval(rep.get("accuracy_ci")) or stats.wilson(round(accuracy * n_test), n_test),
             "difference": None, "difference_ci": None, "p_value": None,

@@ -91,7 +91,8 @@ def finetune(s: FinetuneSettings) -> Path:
     if rank != 0:
         return out_dir / "report.json"
     return run.finish(classes, split_info, root, paths["test"], time.perf_counter() - started,
-                      {"preprocessing": prep, "preprocessing_rule": why})
+                      {"preprocessing": prep, "preprocessing_rule": why,
+                       "probe_cost_seconds": probe_cost(s.init_head) if s.init_head else None})
 
 
 @contextlib.contextmanager
@@ -189,6 +190,15 @@ def read_probe(path: str, model: str, weights: str, classes: list[str], prep: di
         w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
     order = np.argsort(clf.classes_)
     return {"weight": torch.tensor(w[order], dtype=torch.float32), "bias": torch.tensor(b[order], dtype=torch.float32)}
+
+
+def probe_cost(path: str) -> float | None:
+    """Extraction + fit seconds of the probe an LP-FT run started from, from the report beside it."""
+    try:
+        cost = json.loads((Path(path).parent / "report.json").read_text())["cost"]
+        return float(cost["fit_seconds"]) + float(cost["extraction"].get("wall_seconds") or 0.0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def init_head(net: nn.Module, head: str, probe: dict) -> None:
@@ -434,7 +444,7 @@ class Run:
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save under a temporary name, then rename: a crash or a full disk never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # two writers never share a temporary file
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

@@ -91,6 +91,12 @@ def load(path: str | Path) -> Experiment:
         exp.fit = _fit_table(where, doc["fit"], exp.backbones)
     exp.finetunes = [ft for i, t in enumerate(_array(where, doc, "finetune")) for ft in _finetune(where, i, t)]
     _unique_names(where, "finetune", exp.finetunes)
+    for i, t in enumerate(_array(where, doc, "finetune")):
+        if t.get("init_head") == PROBE and probed_backbone(exp, t["model"]) is None:
+            spec = backbones.get_spec(t["model"])
+            raise where.error("finetune", i, "init_head", f"\"{PROBE}\" starts the head from the logreg probe on "
+                              f"{t['model']}'s {spec.default_tap} tap, but no [[backbone]] of model {t['model']} "
+                              f"extracts {spec.default_tap}")
     if not exp.backbones and not exp.finetunes:
         raise where.error(None, 0, None, "defines no [[backbone]] and no [[finetune]]; nothing to run")
     return exp
@@ -287,14 +293,35 @@ def extract_args(exp: Experiment, bb: dict) -> dict:
                   "split_seed": exp.data["seed"]}
 
 
+PROBE = "probe"  # [[finetune]] init_head = "probe": LP-FT from this experiment's own linear probe
+
+
 def fit_args(exp: Experiment, bb: dict) -> list[dict]:
-    """classify.fit()'s arguments (all but the cache) for every tap × classifier of one backbone."""
-    if not exp.fit:
-        return []
-    out = str(exp.out / "fit" / bb["name"])
-    return [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
-             "seed": seed, "out": out}
-            for tap in exp.fit["layers"] for clf in exp.fit["classifiers"] for seed in exp.fit["seeds"]]
+    """classify.fit()'s arguments (all but the cache) for every tap × classifier of one backbone,
+    and the linear probe an LP-FT fine-tune starts from."""
+    runs = []
+    if exp.fit:
+        out = str(exp.out / "fit" / bb["name"])
+        runs = [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
+                 "seed": seed, "out": out}
+                for tap in exp.fit["layers"] for clf in exp.fit["classifiers"] for seed in exp.fit["seeds"]]
+    if any(probed_backbone(exp, ft["model"]) is bb for ft in exp.finetunes if ft.get("init_head") == PROBE):
+        probe = probe_args(exp, bb)
+        runs += [] if probe in runs else [probe]
+    return runs
+
+
+def probed_backbone(exp: Experiment, model: str) -> dict | None:
+    """The first [[backbone]] of `model` that extracts its penultimate tap (the new head's input)."""
+    tap = backbones.get_spec(model).default_tap
+    return next((bb for bb in exp.backbones if bb["model"] == model and tap in bb["layers"]), None)
+
+
+def probe_args(exp: Experiment, bb: dict) -> dict:
+    """The logistic-regression probe on the penultimate tap that LP-FT starts from."""
+    search = exp.fit["search"] if exp.fit else True
+    return {"clf": "logreg", "layer": backbones.get_spec(bb["model"]).default_tap, "search": search,
+            "class_weight": None, "seed": 0, "out": str(exp.out / "fit" / bb["name"])}
 
 
 def fit_report(args: dict) -> Path:
@@ -305,7 +332,11 @@ def fit_report(args: dict) -> Path:
 
 
 def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
-    """finetune()'s arguments for one [[finetune]] table: [data] decides its splits, as it does extract's."""
+    """finetune()'s arguments for one [[finetune]] table: [data] decides its splits, as it does extract's;
+    init_head = "probe" becomes the path of the probe this experiment fits."""
+    if ft.get("init_head") == PROBE:
+        probe = fit_report(probe_args(exp, probed_backbone(exp, ft["model"])))
+        ft = ft | {"init_head": str(probe.parent / "model.joblib")}
     return {k: v for k, v in ft.items() if k != "name"} | {
         "data_dir": exp.data["path"], "out": str(finetune_dir(exp, ft)), "val_fraction": exp.data["val_fraction"],
         "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["seed"]}

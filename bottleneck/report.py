@@ -76,7 +76,7 @@ def write_report(out: Path, report: dict) -> Path:
     """Write report.json and confusion_matrix.png into `out`; returns the JSON's path."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(f"report.json.tmp{os.getpid()}")  # two writers never share a temporary file
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(path)
     plot_confusion(np.array(report["confusion_matrix"]), report["classes"], out / "confusion_matrix.png",

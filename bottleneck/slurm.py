@@ -67,7 +67,7 @@ def plan(exp: pipeline.Experiment, opts: Options) -> list[Job]:
     jobs = []
     for bb in exp.backbones:
         jobs += extract_jobs(exp, bb, opts)
-        if exp.fit:
+        if pipeline.fit_args(exp, bb):
             jobs.append(fit_job(exp, bb, opts, after=jobs[-1].stage))
     jobs += [finetune_job(exp, ft, opts) for ft in exp.finetunes]
     ends = [j.stage for j in jobs if j.stage.startswith(("fit-", "finetune-"))]
@@ -141,8 +141,10 @@ def finetune_job(exp: pipeline.Experiment, ft: dict, opts: Options) -> Job:
         "exit $status",
     ]
     stage = f"finetune-{ft['name']}"
+    probed = pipeline.probed_backbone(exp, ft["model"]) if ft.get("init_head") == pipeline.PROBE else None
     return Job(stage, script(exp, stage, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines, gpu=True,
-                             requeue=True), log=log_pattern(exp, stage))
+                             requeue=True), log=log_pattern(exp, stage),
+               after=[f"fit-{probed['name']}"] if probed else [])  # LP-FT starts from that job's probe
 
 
 def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, lines: list[str], gpu: bool = False,

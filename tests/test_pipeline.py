@@ -35,7 +35,7 @@ search = false
     return path
 
 
-@pytest.mark.parametrize("shipped", ["elpv", "catsdogs"])
+@pytest.mark.parametrize("shipped", ["elpv", "elpv-paths", "catsdogs"])
 def test_shipped_experiments_are_valid(shipped):
     exp = pipeline.load(ROOT / "pipelines" / f"{shipped}.toml")
     assert exp.backbones and exp.fit and exp.finetunes and exp.out == Path("runs") / shipped
@@ -219,3 +219,23 @@ def test_seeds_repeat_a_configuration_on_the_same_split(tmp_path):
         path.write_text(GOOD + f'\n[[finetune]]\nmodel = "squeezenet1_1"\nseeds = {bad}\n')
         with pytest.raises(BottleneckError, match="seeds: must be a list of distinct non-negative integers"):
             pipeline.load(path)
+
+
+def test_lpft_from_the_experiments_own_probe(tmp_path):
+    from bottleneck import slurm
+
+    path = tmp_path / "x.toml"
+    path.write_text(GOOD.replace('layers = ["blocks.4"]', 'layers = ["blocks.4", "pool"]')
+                    + '\n[[finetune]]\nmodel = "efficientnet_lite0"\nname = "lpft"\ninit_head = "probe"\n')
+    exp = pipeline.load(path)
+    fits = pipeline.fit_args(exp, exp.backbones[0])
+    probe = {"clf": "logreg", "layer": "pool", "search": True, "class_weight": None, "seed": 0,
+             "out": str(exp.out / "fit" / "efficientnet_lite0")}
+    assert fits[-1] == probe and len(fits) == 2  # [fit]'s own auto fit, then the probe on the head's input tap
+    kwargs = pipeline.finetune_kwargs(exp, exp.finetunes[0])
+    assert kwargs["init_head"] == str(pipeline.fit_report(probe).parent / "model.joblib")
+    jobs = {j.stage: j for j in slurm.plan(exp, slurm.Options())}
+    assert jobs["finetune-lpft"].after == ["fit-efficientnet_lite0"]  # the job waits for its probe
+    path.write_text(GOOD + '\n[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = "probe"\n')
+    with pytest.raises(BottleneckError, match="init_head.*no .* of model efficientnet_lite0 extracts pool"):
+        pipeline.load(path)
