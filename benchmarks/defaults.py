@@ -18,7 +18,7 @@ import platform
 
 import numpy as np
 
-from bottleneck import report, stats
+from bottleneck import backbones, report, stats
 from bottleneck.classify import fit
 from bottleneck.extract import extract
 
@@ -37,7 +37,9 @@ def main() -> None:
     out = f"{args.out}/{os.path.basename(args.data.rstrip('/'))}"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; data {args.data}\n")
     results = {}
-    for name, extract_kw, fit_kw in [("before", {"layer": ["pool"], "crop": True}, {"search": False}),
+    penultimate = backbones.get_spec(args.model).default_tap
+    for name, extract_kw, fit_kw in [("before", {"layer": [penultimate], "crop": True},
+                                      {"layer": penultimate, "search": False}),
                                      ("after", {}, {})]:
         cache = extract(args.model, args.data, progress=False, **extract_kw)
         path = fit(str(cache), out=f"{out}/{name}", force=True, **fit_kw)
