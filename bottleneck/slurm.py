@@ -112,9 +112,9 @@ def fit_job(exp: pipeline.Experiment, bb: dict, opts: Options, after: str) -> Jo
     for args in pipeline.fit_args(exp, bb):
         # --force: the run owns these folders, and a re-extracted cache must be fitted again, as `run` does
         lines.append(command("fit", {"features": Shell('"$CACHE"')} | _without_defaults(fit, args) | {"force": True}))
-    clfs = ", ".join(exp.fit["classifiers"])
+    fits = ", ".join(dict.fromkeys(f"{a['clf']} on {a['layer']}" for a in pipeline.fit_args(exp, bb)))
     return Job(f"fit-{bb['name']}", script(exp, f"fit-{bb['name']}", opts,
-                                           f"Fit {clfs} on each tap of the {bb['model']} cache.", lines),
+                                           f"Fit {fits} of the {bb['model']} cache.", lines),
                log=log_pattern(exp, f"fit-{bb['name']}"), after=[after])
 
 

@@ -236,6 +236,12 @@ def test_lpft_from_the_experiments_own_probe(tmp_path):
     assert kwargs["init_head"] == str(pipeline.fit_report(probe).parent / "model.joblib")
     jobs = {j.stage: j for j in slurm.plan(exp, slurm.Options())}
     assert jobs["finetune-lpft"].after == ["fit-efficientnet_lite0"]  # the job waits for its probe
+    no_fit = GOOD.replace('layers = ["blocks.4"]', 'layers = ["pool"]').split("[fit]")[0]
+    path.write_text(no_fit + '[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = "probe"\n')
+    exp = pipeline.load(path)  # no [fit]: the probe is the only fit
+    assert [a["layer"] for a in pipeline.fit_args(exp, exp.backbones[0])] == ["pool"]
+    assert [j.stage for j in slurm.plan(exp, slurm.Options(array_size=1))] == [
+        "extract-efficientnet_lite0", "fit-efficientnet_lite0", "finetune-efficientnet_lite0", "compare"]
     path.write_text(GOOD + '\n[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = "probe"\n')
     with pytest.raises(BottleneckError, match="init_head.*no .* of model efficientnet_lite0 extracts pool"):
         pipeline.load(path)
