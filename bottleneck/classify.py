@@ -183,10 +183,13 @@ def split_data(st: FeatureStore, tap: str, seed: int) -> dict:
         source = "train" if "train" in d else st.splits[0]
         x, y, paths = d.pop(source)
         split_seed = st.attrs.get("split_info", {}).get("seed", 0)  # the split's seed, never the classifier's
-        parts = data.split_samples(list(zip(paths, y.tolist())), 0.0, data.DEFAULT_TEST_FRACTION, split_seed)
-        row = {p: i for i, p in enumerate(paths)}
+        images = list(dict.fromkeys(zip(paths, y.tolist())))  # one pair per image, whatever its views
+        parts = data.split_samples(images, 0.0, data.DEFAULT_TEST_FRACTION, split_seed)
+        rows: dict[str, list[int]] = {}
+        for i, p in enumerate(paths):
+            rows.setdefault(p, []).append(i)
         for name in ("train", "test"):
-            idx = np.array([row[p] for p, _ in parts[name]], dtype=int)
+            idx = np.array([i for p, _ in parts[name] for i in rows[p]], dtype=int)
             d[name] = (x[idx], y[idx], [paths[i] for i in idx])
         d["holdout"] = {"from": source, "test_fraction": data.DEFAULT_TEST_FRACTION, "seed": split_seed,
                         "by": "bottleneck.data.split_samples"}
@@ -231,19 +234,19 @@ def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool =
         pipe.fit(x, y)
     fit_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    y_pred = pipe.predict(x_test)
-    probs = class_probabilities(pipe, x_test, len(st.classes))
+    test_paths, y_test, y_pred, probs = predict_images(pipe, x_test, y_test, test_paths, len(st.classes))
     predict_seconds = time.perf_counter() - started
     pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout")}
     rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf, "settings": settings,
            "layer_choice": choice, "taps": taps_of(tap, st.taps), "preprocessing": st.attrs.get("preprocessing"),
+           "views": st.attrs.get("views", "none"),
            "params": estimator_params(pipe),
            "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in GRIDS[clf].items()},
                       "chosen": chosen} if search else None,
            "classes": st.classes, "split": "test", "holdout": d.get("holdout"), "trained_on": trained_on,
            "test_set": reports.test_set("test", test_paths, y_test, st.classes),
            "data_root": st.attrs.get("data_root"),
-           "n_train": int(len(y)), "n_test": int(len(y_test)),
+           "n_train": int(len(y)) // st.n_views, "n_test": int(len(y_test)),
            **reports.metrics(y_test, y_pred, st.classes),
            "cost": {"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
                     "extraction": st.attrs.get("cost", {})},
@@ -257,6 +260,22 @@ def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool =
     note(f"{clf} on {tap}: test accuracy {rep['accuracy']:.3f} (95 % CI {lo:.3f}-{hi:.3f}), balanced "
          f"{rep['balanced_accuracy']:.3f} (fit {_duration(fit_seconds)})")
     return path
+
+
+def predict_images(pipe: Pipeline, x: np.ndarray, y: np.ndarray, paths: list[str], n_classes: int):
+    """(paths, labels, predictions, probabilities) per image. The rows of one image (its views,
+    from `extract --views`) are scored by their mean probability; an image with one row keeps
+    the classifier's own label (an SVM's decision can disagree with its calibrated probability)."""
+    probs = class_probabilities(pipe, x, n_classes)
+    if len(set(paths)) == len(paths):
+        return paths, y, pipe.predict(x), probs
+    first: dict[str, int] = {}
+    group = np.array([first.setdefault(p, len(first)) for p in paths])
+    mean = np.zeros((len(first), n_classes))
+    np.add.at(mean, group, probs)
+    mean /= np.bincount(group)[:, None]
+    at = np.unique(group, return_index=True)[1]  # the first row of each image
+    return list(first), y[at], mean.argmax(1), mean
 
 
 def class_probabilities(pipe: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -305,6 +324,7 @@ def provenance(st: FeatureStore, tap: str, clf: str) -> dict:
     keys = ("model", "weights", "weights_arg", "pool", "preprocessing", "precision", "classes", "fingerprint",
             "dataset_fingerprint", "split_info")
     return {k: a.get(k) for k in keys} | {"tap": tap, "taps": taps_of(tap, st.taps), "clf": clf, "cache": str(st.path),
+                                          "views": a.get("views", "none"),
                                           "versions": a.get("versions", {}) | {"sklearn": sklearn.__version__}}
 
 
@@ -326,7 +346,7 @@ def layer_probe(paths: list[Path], out: Path, name: str = "layers") -> Path:
 def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weight: str | None, seed: int,
                    out: Path) -> Path:
     d = split_data(st, tap, seed)
-    (x, y, _), (x_test, y_test, _) = d["train"], d["test"]
+    (x, y, paths), (x_test, y_test, test_paths) = d["train"], d["test"]
     try:
         wanted = [None if s.strip() == "all" else int(s) for s in sizes.split(",")]
         if any(n is not None and n < 1 for n in wanted):  # 0 once meant "all", -25 was accepted
@@ -335,15 +355,19 @@ def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weigh
         raise BottleneckError(f"--train-sizes must be positive numbers per class or 'all', e.g. 10,50,all; "
                               f"not '{sizes}'") from None
     rng = np.random.default_rng(seed)
-    order = {c: rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)}
+    image = np.unique(paths, return_inverse=True)[1]  # a row's image: its views are drawn together
+    first = np.unique(image, return_index=True)[1]
+    order = {c: rng.permutation(first[y[first] == c]) for c in np.unique(y)}
     table = []
     for n in wanted:
-        idx = np.sort(np.concatenate([o[:n] if n else o for o in order.values()]))
+        chosen = np.concatenate([o[:n] if n else o for o in order.values()])
+        idx = np.flatnonzero(np.isin(image, image[chosen]))
         pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap)).fit(x[idx], y[idx])
-        m = reports.metrics(y_test, pipe.predict(x_test), st.classes)
-        table.append({"per_class": n or "all", "n_train": int(len(idx)), "accuracy": m["accuracy"],
+        _, y_true, y_pred, _ = predict_images(pipe, x_test, y_test, test_paths, len(st.classes))
+        m = reports.metrics(y_true, y_pred, st.classes)
+        table.append({"per_class": n or "all", "n_train": int(len(chosen)), "accuracy": m["accuracy"],
                       "balanced_accuracy": m["balanced_accuracy"]})
-        note(f"{n or 'all'} per class ({len(idx)} images): test accuracy {m['accuracy']:.3f}")
+        note(f"{n or 'all'} per class ({len(chosen)} images): test accuracy {m['accuracy']:.3f}")
     out.mkdir(parents=True, exist_ok=True)
     reports.plot_curve([r["n_train"] for r in table], [r["accuracy"] for r in table], "training images",
                        out / f"learning_curve-{tap}-{clf}.png", title=f"{st.attrs['model']} {tap} {clf}", log_x=True)

@@ -21,7 +21,7 @@ from bottleneck import backbones, data, preprocess, runtime, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import apply_precision, default_workers, resolve_device, resolve_precision
-from bottleneck.settings import ExtractSettings, takes
+from bottleneck.settings import VIEWS, ExtractSettings, takes
 
 
 @takes(ExtractSettings)
@@ -41,8 +41,8 @@ def extract(s: ExtractSettings) -> Path:
     ref = backbones.resolve_weights(model, s.weights)
     every = sorted(p for samples in manifest.splits.values() for p, _ in samples)
     prep, why = preprocess.choose(model, manifest.root, every, s.image_size, s.crop, s.interpolation)
-    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest) | {"preprocessing_rule": why}
-    path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n)
+    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest, s.views) | {"preprocessing_rule": why}
+    path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n, s.views)
 
     if path.is_file() and not force and store.is_complete(path):
         note(f"reusing complete cache {path} (use --force to extract again)")
@@ -66,7 +66,7 @@ def extract(s: ExtractSettings) -> Path:
             workers = default_workers() if s.workers is None else s.workers
             setup = time.perf_counter() - started
             run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
-                       workers, progress, batch_size)
+                       workers, progress, batch_size, s.views)
         else:
             setup = 0.0
         attrs |= {"shard": f"{shard_i}/{shard_n}", "block_rows": block_rows,
@@ -74,7 +74,8 @@ def extract(s: ExtractSettings) -> Path:
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         attrs["cost"] = extraction_cost(parts, plan, dev, prec, setup)
         blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
-        rows = {s: sum(len(block_samples(manifest, s, k, block_rows)) for k in ks) for s, ks in plan.items()}
+        rows = {split: VIEWS[s.views] * sum(len(block_samples(manifest, split, k, block_rows)) for k in ks)
+                for split, ks in plan.items()}
         store.write_cache(path, attrs, blocks, dtype, rows)
         parts.remove()
         with store.FeatureStore(path) as st:
@@ -95,9 +96,10 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 
 def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: str, prep: dict, precision: str,
-                dtype: str, manifest: data.Manifest) -> dict:
+                dtype: str, manifest: data.Manifest, views: str = "none") -> dict:
     """The metadata a later stage needs; everything but versions goes into the fingerprint."""
-    attrs = {"model": model, "weights": ref.id, "taps": taps, "pool": pool,
+    multi = {"views": views, "n_views": VIEWS[views]} if views != "none" else {}  # older caches' fingerprints stay
+    attrs = multi | {"model": model, "weights": ref.id, "taps": taps, "pool": pool,
              "preprocessing": prep, "precision": precision, "dtype": dtype,
              "classes": manifest.classes, "split_info": manifest.split_info,
              "dataset_fingerprint": data.dataset_fingerprint(manifest), "data_root": manifest.root,
@@ -109,8 +111,9 @@ def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: st
 
 
 def cache_path(out: str, model: str, taps: list[str], pool: str, fingerprint: str,
-               shard_i: int = 0, shard_n: int = 1) -> Path:
-    name = f"{backbones.file_name(model)}-{'+'.join(taps)}-{pool}-{fingerprint[:12]}"
+               shard_i: int = 0, shard_n: int = 1, views: str = "none") -> Path:
+    name = f"{backbones.file_name(model)}-{'+'.join(taps)}-{pool}{'' if views == 'none' else '-' + views}" \
+           f"-{fingerprint[:12]}"
     if shard_n > 1:
         name += f".shard-{shard_i}-of-{shard_n}"
     return Path(out) / f"{name}.h5"
@@ -132,9 +135,10 @@ def block_samples(manifest: data.Manifest, split: str, k: int, rows: int) -> lis
 
 def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, todo: dict[str, list[int]],
                rows: int, parts: store.Parts, prep: dict, device: torch.device, precision: str,
-               workers: int, progress: bool, batch_size: int | None = None) -> None:
+               workers: int, progress: bool, batch_size: int | None = None, views: str = "none") -> None:
     """Compute the missing blocks, saving each as soon as it is done; the network sees at most
-    `batch_size` images at once (a resumed run keeps its blocks' size but may ask for less)."""
+    `batch_size` images at once (a resumed run keeps its blocks' size but may ask for less).
+    With `views`, each image gives one row per view, the image's rows next to each other."""
     apply_precision(precision)
     extractor = extractor.to(device, memory_format=torch.channels_last)
     # One loader over every split's missing blocks, each batch exactly one block: the decoding
@@ -154,8 +158,9 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
         task = bar.add_task("extracting", total=len(paths))
         tick = trimmed = time.perf_counter()
         for (split, k), (images, reasons) in zip(jobs, loader):
-            feats = forward(extractor, images, prep, device, precision, batch_size or rows)
-            block = make_block(feats, reasons, block_samples(manifest, split, k, rows))
+            viewed = torch.stack(backbones.views_of(images, views), 1).flatten(0, 1)  # image-major rows
+            feats = forward(extractor, viewed, prep, device, precision, batch_size or rows)
+            block = make_block(feats, reasons, block_samples(manifest, split, k, rows), VIEWS[views])
             for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
                 warn(f"skipped {path}: {reason}")
             now = time.perf_counter()
@@ -184,11 +189,14 @@ def forward(extractor: backbones.FeatureExtractor, images: torch.Tensor, prep: d
     return {t: torch.cat([c[t] for c in chunks]) for t in chunks[0]}
 
 
-def make_block(feats: dict[str, torch.Tensor], reasons: list[str], samples: list[tuple[str, int]]) -> dict:
+def make_block(feats: dict[str, torch.Tensor], reasons: list[str], samples: list[tuple[str, int]],
+               n_views: int = 1) -> dict:
     ok = np.array([r == "" for r in reasons], dtype=bool)
-    return {"features": {t: v.cpu().numpy()[ok] for t, v in feats.items()},
-            "labels": np.array([lab for _, lab in samples], dtype=np.int64)[ok],
-            "paths": [p for (p, _), good in zip(samples, ok) if good],
+    rows = np.repeat(ok, n_views)  # each image's views, next to each other
+    return {"features": {t: v.cpu().numpy()[rows] for t, v in feats.items()},
+            "labels": np.repeat([lab for _, lab in samples], n_views).astype(np.int64)[rows],
+            "paths": [p for (p, _), good in zip(samples, ok) if good for _ in range(n_views)],
+            "view": np.tile(np.arange(n_views, dtype=np.int8), len(samples))[rows],
             "skipped_paths": [p for (p, _), good in zip(samples, ok) if not good],
             "skipped_reasons": [r for r in reasons if r]}
 

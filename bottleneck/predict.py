@@ -15,7 +15,7 @@ import torch
 
 from bottleneck import backbones, data
 from bottleneck import report as reports
-from bottleneck.classify import class_probabilities
+from bottleneck.classify import predict_images
 from bottleneck.console import progress_bar
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import resolve_device
@@ -80,10 +80,11 @@ def evaluate_classifier(model: str, features: str, split: str) -> tuple[dict, li
             st.attrs.get("fingerprint") == prov.get("fingerprint")
     # Older classifiers do not record their training splits: assume the usual train (+ val).
     trained_on = prov.get("trained_on", ["train", "val"]) if same_cache else []
+    paths, y, y_pred, probs = predict_images(pipe, x, y, paths, len(prov["classes"]))  # a cache's views averaged
     rep = {"stage": "evaluate", "model": prov["model"], "tap": prov["tap"], "clf": prov["clf"],
            "classes": prov["classes"], "split": split, "n_test": int(len(y)), "features": str(features),
            "trained_on": trained_on}
-    return rep, paths, y, pipe.predict(x), class_probabilities(pipe, x, len(prov["classes"]))
+    return rep, paths, y, y_pred, probs
 
 
 def evaluate_finetuned(model: str, features: str, split: str, device: str = "auto") -> tuple[dict, list, np.ndarray,
@@ -175,6 +176,7 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
         classes = [prov["classes"][c] for c in pipe.classes_]  # predict_proba's column order
         prep, precision = prov["preprocessing"], prov["precision"]
         taps = prov.get("taps") or [prov["tap"]]
+        views = prov.get("views", "none")
         net = backbones.FeatureExtractor(backbones.build_model(prov["model"], same_weights(prov)),
                                          prov["model"], taps, prov["pool"])
     net = net.to(dev, memory_format=torch.channels_last)
@@ -185,12 +187,16 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
         task = bar.add_task("predicting", total=len(files))
         for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
             if pipe is not None:
-                out = backbones.run_batch(net, images_u8, prep, dev, precision)
-                feats = torch.cat([out[t] for t in taps], dim=1).cpu().numpy()
-                probs = pipe.predict_proba(feats)
-                # The classifier's own label, as evaluate scores it: an SVM decides by its decision
-                # function, which its calibrated probabilities can disagree with near the boundary.
-                chosen = np.searchsorted(pipe.classes_, pipe.predict(feats))
+                outs = [backbones.run_batch(net, v, prep, dev, precision) for v in backbones.views_of(images_u8, views)]
+                feats = [torch.cat([out[t] for t in taps], dim=1).cpu().numpy() for out in outs]
+                if len(feats) == 1:
+                    probs = pipe.predict_proba(feats[0])
+                    # The classifier's own label, as evaluate scores it: an SVM decides by its decision
+                    # function, which its calibrated probabilities can disagree with near the boundary.
+                    chosen = np.searchsorted(pipe.classes_, pipe.predict(feats[0]))
+                else:  # trained on several views of each image: scored by their mean, as fit scored it
+                    probs = sum(pipe.predict_proba(f) for f in feats) / len(feats)
+                    chosen = probs.argmax(axis=1)
             else:
                 probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
                 chosen = probs.argmax(axis=1)

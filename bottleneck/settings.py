@@ -27,6 +27,7 @@ POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+VIEWS = {"none": 1, "hflip": 2, "flips": 4, "dihedral": 8}  # views per image, as test-time augmentation has them
 IMAGE_SIZE_HELP = "Network input N×N [default: the model's own]."
 CROP_HELP = ("Resize the short side and centre-crop (the model's own pipeline), or resize the whole image "
              "[default: the whole image for images smaller than the input, else crop].")
@@ -91,6 +92,9 @@ class ExtractSettings(Settings):
     image_size: int | None = setting(None, IMAGE_SIZE_HELP, low=8)
     crop: bool | None = setting(None, CROP_HELP, flags=("--crop/--no-crop",))
     interpolation: str | None = setting(None, INTERPOLATION_HELP, choices=INTERPOLATIONS)
+    views: str = setting("none", "Cache several views of each image: hflip (2), flips (4: horizontal, vertical, both) "
+                         "or dihedral (8: the flips and quarter turns, for images with no up). fit trains on every "
+                         "view and scores an image by averaging its views.", choices=tuple(VIEWS))
     weights: str = setting("DEFAULT", "DEFAULT, an enum name (IMAGENET1K_V1), a state_dict file, or none "
                            "(random init).")
     out: str = setting("cache", "Cache folder.", toml=False)

@@ -120,9 +120,11 @@ class Parts:
             yield self.read(split, k)
 
     def summary(self, split: str, k: int) -> dict:
-        """Images and seconds of one block, without reading its features."""
+        """Images and seconds of one block, without reading its features (a multi-view block has
+        one row per view of each image)."""
         with np.load(self.block_path(split, k), allow_pickle=False) as z:
-            return {"images": len(z["labels"]) + len(z["skipped_paths"]), "seconds": float(z["seconds"])}
+            views = int(z["view"].max()) + 1 if "view" in z.files and len(z["view"]) else 1
+            return {"images": len(z["labels"]) // views + len(z["skipped_paths"]), "seconds": float(z["seconds"])}
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -131,6 +133,7 @@ class Parts:
 def _flatten_block(block: dict) -> dict:
     flat = {f"features/{t}": v for t, v in block["features"].items()}
     flat["labels"] = np.asarray(block["labels"], dtype=np.int64)
+    flat["view"] = np.asarray(block.get("view", np.zeros(len(flat["labels"]))), dtype=np.int8)
     flat |= {k: np.asarray(block[k], dtype=str) for k in ("paths", "skipped_paths", "skipped_reasons")}
     flat["seconds"] = np.asarray(block.get("seconds", 0.0))
     return flat
@@ -202,12 +205,15 @@ def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dim
              for t in taps}
     labels = group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(chunk,))
     paths = group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(chunk,))
+    # Which view of its image each row is (0 = the image itself); a cache without views has only 0.
+    view = group.create_dataset("view", shape=(0,), maxshape=(None,), dtype="int8", chunks=(chunk,))
     skipped_rows: list[tuple[str, str]] = []
     # Checksums are taken as the rows stream in, so the written file is not read back.
-    hashes = {ds.name: hashlib.sha256() for ds in [labels, paths, *feats.values()]}
+    hashes = {ds.name: hashlib.sha256() for ds in [labels, paths, view, *feats.values()]}
     for block in blocks:
         n, n_new = labels.shape[0], len(block["labels"])
-        for ds, values in [(labels, block["labels"]), (paths, block["paths"]),
+        views = block["view"] if "view" in block else np.zeros(n_new)
+        for ds, values in [(labels, block["labels"]), (paths, block["paths"]), (view, views),
                            *[(feats[t], block["features"][t]) for t in taps]]:
             ds.resize(n + n_new, axis=0)
             if n_new:
@@ -217,7 +223,7 @@ def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dim
         skipped_rows += zip(map(str, block["skipped_paths"]), map(str, block["skipped_reasons"]))
     skipped = np.array(skipped_rows, dtype=[("path", text), ("reason", text)])
     group.create_dataset("skipped", data=skipped, dtype=skipped.dtype)
-    for ds in [labels, paths, *feats.values()]:
+    for ds in [labels, paths, view, *feats.values()]:
         ds.attrs["sha256"] = hashes[ds.name].hexdigest()
 
 
@@ -299,6 +305,16 @@ class FeatureStore:
     def paths(self, split: str) -> list[str]:
         return list(self._split(split)["paths"].asstr()[:])
 
+    @property
+    def n_views(self) -> int:
+        """Rows per image: 1, or the number of views of `extract --views`."""
+        return int(self.attrs.get("n_views", 1))
+
+    def views(self, split: str) -> np.ndarray:
+        """The view index of each row (older caches, which have no views, hold zeros)."""
+        g = self._split(split)
+        return g["view"][:] if "view" in g else np.zeros(g["labels"].shape[0], dtype=np.int8)
+
     def skipped(self, split: str) -> list[tuple[str, str]]:
         rows = self._split(split)["skipped"][:]
         return [(p.decode("utf-8", "replace"), r.decode("utf-8", "replace")) for p, r in rows]
@@ -312,8 +328,9 @@ class FeatureStore:
         splits = {}
         for s in self.splits:
             g = self.file[s]
-            splits[s] = {"images": int(g["labels"].shape[0]), "skipped": int(g["skipped"].shape[0]),
-                         "per_class": np.bincount(g["labels"][:], minlength=len(self.classes)).tolist()}
+            splits[s] = {"images": int(g["labels"].shape[0]) // self.n_views, "skipped": int(g["skipped"].shape[0]),
+                         "per_class": (np.bincount(g["labels"][:], minlength=len(self.classes))
+                                       // self.n_views).tolist()}
         return {"path": str(self.path), **self.attrs, "splits": splits,
                 "skipped": {s: self.skipped(s) for s in self.splits if splits[s]["skipped"]},
                 "bytes": self.path.stat().st_size}
@@ -345,7 +362,7 @@ def verify(path: str | os.PathLike) -> list[str]:
         for split in store.splits:
             g = store.file[split]
             n = g["labels"].shape[0]
-            datasets = {"labels": g["labels"], "paths": g["paths"],
+            datasets = {"labels": g["labels"], "paths": g["paths"], **({"view": g["view"]} if "view" in g else {}),
                         **{f"features/{t}": g[f"features/{t}"] for t in store.taps if f"features/{t}" in g}}
             problems += [f"{split}: tap {t} is missing" for t in store.taps if f"features/{t}" not in g]
             for name, ds in datasets.items():
@@ -368,7 +385,8 @@ def contents_equal(a: str | os.PathLike, b: str | os.PathLike) -> bool:
             return False
         for s in x.splits:
             names = ["labels", "paths", "skipped", *[f"features/{t}" for t in x.taps]]
-            if any(not np.array_equal(x.file[s][n][:], y.file[s][n][:]) for n in names):
+            if any(not np.array_equal(x.file[s][n][:], y.file[s][n][:]) for n in names) or \
+                    not np.array_equal(x.views(s), y.views(s)):
                 return False
     return True
 
@@ -427,7 +445,7 @@ def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
             rows = slice(start, start + CHUNK_ROWS)
             first_block = start == 0
             yield {"features": {t: g[f"features/{t}"][rows] for t in st.taps},
-                   "labels": g["labels"][rows], "paths": list(g["paths"].asstr()[rows]),
+                   "labels": g["labels"][rows], "paths": list(g["paths"].asstr()[rows]), "view": st.views(split)[rows],
                    "skipped_paths": [p for p, _ in skipped] if first_block else [],
                    "skipped_reasons": [r for _, r in skipped] if first_block else []}
 

@@ -208,3 +208,30 @@ def test_concatenated_taps_are_weighted_equally_and_predict_as_fitted(cache, tmp
     rows = predict(str(path.parent / "model.joblib"), [str(cache[1] / f) for f in files])
     assert [r["label"] for r in rows] == [saved[f]["predicted"] for f in files]
     assert evaluate(str(path.parent / "model.joblib"), str(cache[0]))["accuracy"] == rep["accuracy"]
+
+
+def test_fit_on_views_trains_on_every_view_and_scores_each_image_by_their_mean(cache, tmp_path):
+    from bottleneck import report as reports
+    from bottleneck.store import FeatureStore
+
+    views = extract("efficientnet_lite0", str(cache[1]), layer=["pool"], views="flips", out=str(tmp_path / "c"),
+                    batch_size=16, workers=0, progress=False)
+    with FeatureStore(views) as st:
+        assert st.n_views == 4 and st.info()["splits"]["test"]["images"] == 12
+        x, paths = st.features("test", "pool"), st.paths("test")
+        assert len(x) == 48 and list(st.views("test")[:8]) == [0, 1, 2, 3, 0, 1, 2, 3]
+        assert paths[0] == paths[3] != paths[4]  # an image's views are next to each other
+    path = fit(str(views), layer="pool", search=False, out=str(tmp_path / "f"))
+    rep = json.loads(path.read_text())
+    assert (rep["n_train"], rep["n_test"], rep["views"]) == (32, 12, "flips")
+    model = path.parent / "model.joblib"
+    row_probs = joblib.load(model).predict_proba(x)
+    saved = reports.read_predictions(path.parent / "predictions.csv")
+    assert len(saved) == 12
+    for i in range(0, 48, 4):  # each image: the mean of its four views' probabilities
+        mean = row_probs[i:i + 4].mean(0)
+        assert [saved[paths[i]]["probabilities"][c] for c in ("cats", "dogs")] == pytest.approx(mean, abs=1e-6)
+    assert evaluate(str(model), str(views))["accuracy"] == rep["accuracy"]
+    image = paths[4]
+    row = predict(str(model), [str(cache[1] / image)], top_k=2)[0]  # the views made again from the file
+    assert dict(row["top"])["dogs"] == pytest.approx(saved[image]["probabilities"]["dogs"], abs=1e-4)

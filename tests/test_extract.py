@@ -183,3 +183,23 @@ def test_twenty_random_kills_still_end_with_the_same_cache(tmp_path):
     final = subprocess.run(_extract_cmd(tree, out), capture_output=True, text=True, check=True)
     assert store.contents_equal(reference.stdout.strip().splitlines()[-1], final.stdout.strip().splitlines()[-1])
     assert store.verify(final.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_multi_view_cache_resumes_after_a_kill_to_an_identical_file(tmp_path):
+    tree = make_tree(tmp_path / "data", {"train": 6, "test": 2})
+    cmd = lambda out: _extract_cmd(tree, out) + ["--views", "dihedral", "--layer", "pool"]  # noqa: E731
+    reference = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, check=True)
+    ref_path = reference.stdout.strip().splitlines()[-1]
+    with store.FeatureStore(ref_path) as st:
+        assert st.n_views == 8 and len(st.labels("train")) == 8 * 12 and st.attrs["views"] == "dihedral"
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("*.parts/*.npz"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(out.glob("*.h5")) and list(out.glob("*.parts/*.npz")), "not killed mid-way"
+    resumed = subprocess.run(cmd(out), capture_output=True, text=True, check=True)
+    assert store.contents_equal(ref_path, resumed.stdout.strip().splitlines()[-1])
+    assert store.verify(resumed.stdout.strip().splitlines()[-1]) == []
