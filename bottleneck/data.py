@@ -292,6 +292,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 raise ValueError(f"image is {img.size[0]}x{img.size[1]} pixels, below {MIN_SIDE}x{MIN_SIDE}")
             try:
                 img = ImageOps.exif_transpose(img)
+            except Interrupted:  # a signal's handler raised it here: stop, do not swallow it
+                raise
             except Exception:  # a broken EXIF block: keep the pixels as stored
                 pass
             return _to_rgb(img)

@@ -207,3 +207,20 @@ def test_elpv_is_written_as_a_stratified_split_tree(tmp_path):
     assert sum(1 for _ in (tmp_path / "elpv").rglob("*.png")) == 2624 and again.splits != m.splits
     assert (tmp_path / "elpv" / "train").is_dir() and os.path.islink(
         tmp_path / "elpv" / again.splits["train"][0][0])
+
+
+def test_a_stop_signal_while_reading_exif_is_not_taken_for_a_broken_exif_block(tmp_path, monkeypatch):
+    # SIGTERM's handler raises Interrupted wherever the main thread is; inside the EXIF step
+    # the catch-all for broken EXIF blocks once swallowed it, and the run went on to the end.
+    from PIL import Image, ImageOps
+
+    from bottleneck.errors import Interrupted
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+
+    def signalled(img):
+        raise Interrupted("SIGTERM received")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", signalled)
+    with pytest.raises(Interrupted):
+        data.load_image(tmp_path / "a.png")
