@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import warnings
 
 from PIL import Image
 
@@ -71,8 +72,10 @@ def sample_shape(root: str, paths: list[str]) -> tuple[int, float] | None:
     shorts, ratios = [], []
     for rel in paths[::step][:SAMPLE]:
         try:
-            with Image.open(os.path.join(root, rel)) as img:  # reads the header only
-                w, h = img.size
+            with warnings.catch_warnings():  # a corrupt EXIF block or a huge image is decoding's to report
+                warnings.simplefilter("ignore")
+                with Image.open(os.path.join(root, rel)) as img:  # reads the header only
+                    w, h = img.size
         except Exception:  # an unreadable file is extract's to report, not this sample's
             continue
         if min(w, h) > 0:

@@ -45,7 +45,7 @@ def experiment(folder: Path, data: Path, name: str, extract: bool = True, finetu
     text = f'name = "{name}"\nout = "{folder / name}"\ncache = "{folder / name}-cache"\n\n[data]\npath = "{data}"\n'
     if extract:
         text += ('\n[[backbone]]\nmodel = "efficientnet_lite0"\nlayers = ["blocks.4", "pool"]\nbatch_size = 4\n'
-                 'workers = 0\n\n[fit]\nclassifiers = ["logreg", "knn"]\n')
+                 'workers = 0\n\n[fit]\nclassifiers = ["logreg", "knn"]\nlayers = ["blocks.4", "pool"]\n')
     if finetune:
         text += f'\n[[finetune]]\nmodel = "squeezenet1_1"\nweights = "none"\nbatch_size = 4\nimage_size = 64\n' \
                 f'workers = 0\n{finetune}'
