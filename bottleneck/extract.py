@@ -60,7 +60,7 @@ def extract(s: ExtractSettings) -> Path:
         todo = {s: [k for k in ks if not parts.has(s, k)] for s, ks in plan.items()}
         if any(todo.values()):
             backbones.fetch_weights(ref)
-            note(f"preprocessing: {preprocess.describe(prep)}" + (f" ({why})" if why else ""))
+            note(preprocess.describe(prep, why))
             net = backbones.build_model(model, ref)
             extractor = backbones.FeatureExtractor(net, model, taps, pool)
             workers = default_workers() if s.workers is None else s.workers
@@ -158,7 +158,8 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
         task = bar.add_task("extracting", total=len(paths))
         tick = trimmed = time.perf_counter()
         for (split, k), (images, reasons) in zip(jobs, loader):
-            viewed = torch.stack(backbones.views_of(images, views), 1).flatten(0, 1)  # image-major rows
+            # image-major rows: an image's views next to each other (no copy without views)
+            viewed = images if views == "none" else torch.stack(backbones.views_of(images, views), 1).flatten(0, 1)
             feats = forward(extractor, viewed, prep, device, precision, batch_size or rows)
             block = make_block(feats, reasons, block_samples(manifest, split, k, rows), VIEWS[views])
             for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):

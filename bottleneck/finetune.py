@@ -74,7 +74,7 @@ def finetune(s: FinetuneSettings) -> Path:
                                                     s.max_images)
     prep, why = preprocess.choose(model, root, [p for p, _ in splits["train"]], s.image_size, s.crop,
                                   s.interpolation)
-    note(f"preprocessing: {preprocess.describe(prep)}" + (f" ({why})" if why else ""))
+    note(preprocess.describe(prep, why))
     images, paths = {}, {}
     with stop_before_training():
         for split, samples in splits.items():

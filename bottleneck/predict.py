@@ -15,7 +15,7 @@ import torch
 
 from bottleneck import backbones, data
 from bottleneck import report as reports
-from bottleneck.classify import predict_images
+from bottleneck.classify import predict_images, trained_taps
 from bottleneck.console import progress_bar
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import resolve_device
@@ -67,7 +67,7 @@ def evaluate_classifier(model: str, features: str, split: str) -> tuple[dict, li
             if st.attrs.get(key) != prov.get(key):
                 raise BottleneckError(f"{features} does not match {model}: its {key} is {st.attrs.get(key)!r}, "
                                       f"the classifier was trained on {prov.get(key)!r}")
-        taps = prov.get("taps") or [prov["tap"]]  # several for a fit on concatenated taps
+        taps = trained_taps(prov)  # several for a fit on concatenated taps
         missing = [t for t in taps if t not in st.taps]
         if missing:
             raise BottleneckError(f"{features} has no tap '{missing[0]}', which {model} was trained on")
@@ -175,7 +175,7 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
         prov = pipe.bottleneck_
         classes = [prov["classes"][c] for c in pipe.classes_]  # predict_proba's column order
         prep, precision = prov["preprocessing"], prov["precision"]
-        taps = prov.get("taps") or [prov["tap"]]
+        taps = trained_taps(prov)
         views = prov.get("views", "none")
         net = backbones.FeatureExtractor(backbones.build_model(prov["model"], same_weights(prov)),
                                          prov["model"], taps, prov["pool"])

@@ -86,8 +86,9 @@ def sample_shape(root: str, paths: list[str]) -> tuple[int, float] | None:
     return int(statistics.median(shorts)), float(statistics.median(ratios))
 
 
-def describe(prep: dict) -> str:
-    """'whole image → 224 px, bilinear' or 'resize 256, crop 224 px, bicubic'."""
+def describe(prep: dict, why: str = "") -> str:
+    """'preprocessing: whole image → 224 px, bicubic (why)' or 'preprocessing: resize 256, centre
+    crop 224 px, bicubic'."""
     how = (f"resize {prep['resize']}, centre crop {prep['size']} px" if prep.get("crop", True)
            else f"whole image → {prep['size']} px")
-    return f"{how}, {prep['interpolation']}"
+    return f"preprocessing: {how}, {prep['interpolation']}" + (f" ({why})" if why else "")
