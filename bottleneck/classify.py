@@ -99,7 +99,8 @@ def fit(s: FitSettings) -> Path:
     """Train a classifier on a cache's features; returns the path of its report.json.
 
     `layer`: a tap; "auto" (the default) picks, of the cache's taps and their concatenation, the
-    one with the best validation score (5-fold CV on train when there is no validation split);
+    one with the best validation score (5-fold CV on train when there is no validation split, fewer
+    folds for classes of fewer than 5 images);
     "concat" fits on every tap side by side, each standardised and weighted equally; "all" fits
     one classifier per tap (a layer probe). `train_sizes="10,50,all"` refits on that many
     training images per class (a learning curve). Each result gets a folder named by what
@@ -143,7 +144,7 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
     classifier scores best on validation.
 
     Each candidate is scored as the final fit would train (with the search when asked), on the
-    validation split, or by 5-fold CV on train when there is none. Test images never take part.
+    validation split, or by 5-fold CV on train when there is none (see cv_folds). Test images never take part.
     A tie goes to a single tap before the concatenation, and to the deeper of two taps.
     """
     if len(st.taps) == 1:
@@ -156,7 +157,8 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
         scores[tap] = search_params(pipe, settings["clf"], d, settings["seed"], grid)[1]["cv_accuracy"]
     rank = {t: (round(scores[t], 12), t != CONCAT, st.taps.index(t) if t in st.taps else -1) for t in scores}
     best = max(scores, key=rank.get)
-    how = "validation split" if "val" in st.splits else "5-fold stratified CV on train"
+    how = "validation split" if "val" in st.splits else \
+        f"{cv_folds(st.labels('train'), st.paths('train'))}-fold stratified CV on train"
     note("tap by " + how + ": " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()) + f"; chose {best}")
     return best, {"by": how, "scores": {t: round(v, 4) for t, v in scores.items()}, "chosen": best}
 
@@ -202,7 +204,20 @@ def split_data(st: FeatureStore, tap: str, seed: int) -> dict:
             raise BottleneckError(f"{st.path} has no test split and too few images per class to hold one out")
     if "train" not in d:
         raise BottleneckError(f"{st.path} has no train split to fit on")
+    for split in ("train", "test"):
+        _check_every_class_in(st, split, d[split][1])
     return d
+
+
+def _check_every_class_in(st: FeatureStore, split: str, labels: np.ndarray) -> None:
+    """Every class must be in train (a classifier cannot learn an absent class) and in test (an
+    absent class would go unscored), whichever way the cache came to lack it."""
+    missing = sorted(set(range(len(st.classes))) - set(np.unique(labels).tolist()))
+    if missing:
+        skipped = len(st.skipped(split)) if split in st.splits else 0
+        raise BottleneckError(f"the {split} split of {st.path} holds no image of class {st.classes[missing[0]]!r}"
+                              + (f" ({skipped} of its files were skipped as unreadable)" if skipped else "")
+                              + "; extract again from data with images of every class in every split")
 
 
 def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> None:
@@ -300,22 +315,32 @@ def _duration(seconds: float) -> str:
 
 
 def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict):
-    """Grid search on the validation split when there is one, else 5-fold CV on train (an empty
+    """Grid search on the validation split when there is one, else 5-fold CV on train (cv_folds; an empty
     grid scores the classifier's fixed settings the same way)."""
-    (x, y, _) = d["train"]
+    (x, y, paths) = d["train"]
     if "val" in d:
         xv, yv, _ = d["val"]
         cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yv))])
         x, y = np.concatenate([x, xv]), np.concatenate([y, yv])  # refit on train + val
     else:
-        cv = StratifiedKFold(5, shuffle=True, random_state=seed)
+        cv = StratifiedKFold(cv_folds(y, paths), shuffle=True, random_state=seed)
     grid = GridSearchCV(pipe, grid or {"clf": [pipe.named_steps["clf"]]}, cv=cv, n_jobs=-1, scoring="accuracy",
                         refit=True)
     grid.fit(x, y)
     chosen = {k.removeprefix("clf__"): _plain(v) for k, v in grid.best_params_.items()}
-    chosen["cv"] = "validation split" if "val" in d else "5-fold stratified on train"
+    chosen["cv"] = "validation split" if "val" in d else f"{cv.n_splits}-fold stratified on train"
     chosen["cv_accuracy"] = float(grid.best_score_)
     return grid.best_estimator_, chosen, x, y
+
+
+def cv_folds(y: np.ndarray, paths: list[str]) -> int:
+    """5 folds, or as many as the smallest class has training images (2 at the least)."""
+    images = dict(zip(paths, y.tolist()))  # one label per image, whatever its views
+    smallest = min(np.bincount(list(images.values())).tolist() or [0])
+    if smallest < 2:
+        raise BottleneckError("a class has fewer than 2 training images, too few to choose a tap or setting by "
+                              "cross-validation; add images or a val split, or pass --no-search and --layer TAP")
+    return min(5, smallest)
 
 
 def estimator_params(pipe: Pipeline) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from bottleneck.console import warn
 from bottleneck.errors import BottleneckError, Interrupted
 
 SPLITS = ("train", "val", "test")
@@ -67,16 +68,18 @@ def load_manifest(data: str | os.PathLike, val_fraction: float | None = None, te
         manifest = _from_csv(path)
     else:
         subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        hidden: list[str] = []
         if set(subdirs) & set(SPLITS):
             others = sorted(set(subdirs) - set(SPLITS))
             if others:
                 raise BottleneckError(f"{data} mixes split folders with other folders ({', '.join(others)}); "
                                       "move or remove them")
-            manifest = _from_split_folders(path, subdirs)
+            hidden += [p.name for p in sorted(path.iterdir()) if p.name.startswith(".")]
+            manifest = _from_split_folders(path, subdirs, hidden)
         else:
-            samples, classes = _class_folders(path)
-            manifest = Manifest(str(path.resolve()), classes, {"train": samples},
-                                {"source": "class-folders"})
+            samples, classes = _class_folders(path, "", hidden)
+            manifest = Manifest(str(path.resolve()), classes, {"train": samples}, {"source": "class-folders"})
+        _warn_hidden(data, hidden)
     if "split" in manifest.split_info or manifest.split_info["source"] == "folders":
         given = [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f and s in manifest.splits]
         if given:
@@ -87,9 +90,9 @@ def load_manifest(data: str | os.PathLike, val_fraction: float | None = None, te
     else:
         carve = {"val": DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
                  "test": DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction}
+    _check(manifest)  # before carving: what is wrong with the data as given is said first
     if any(carve.values()):
         carve_splits(manifest, carve, seed)
-    _check(manifest)
     return manifest
 
 
@@ -110,11 +113,39 @@ def carve_splits(m: Manifest, fractions: dict[str, float], seed: int) -> None:
     """Move `fractions` of each class of train into new splits, recording how in `split_info`."""
     if "train" not in m.splits:
         raise BottleneckError(f"{m.root} has no train split to take {' and '.join(fractions)} images from")
-    parts = split_samples(m.splits.pop("train"), fractions.get("val", 0.0), fractions.get("test", 0.0), seed)
+    train = m.splits["train"]
+    parts = split_samples(train, fractions.get("val", 0.0), fractions.get("test", 0.0), seed)
+    _check_every_class_held_out(m, train, parts, fractions)
+    del m.splits["train"]
     merged = m.splits | {s: v for s, v in parts.items() if v}
     m.splits = {s: sorted(merged[s]) for s in SPLITS if merged.get(s)}
     m.split_info |= {"split": "stratified", "seed": seed,
                      **{f"{s}_fraction": f for s, f in fractions.items() if f}}
+
+
+def _check_every_class_held_out(m: Manifest, train: list, parts: dict, fractions: dict[str, float]) -> None:
+    """A class with no image in a held-out split would go unscored (its accuracy read as 1.0 on
+    the rest), so a class too small to be split is an error before any work."""
+    carved = [s for s, f in fractions.items() if f]
+    for split in carved:
+        missing = sorted(set(range(len(m.classes))) - {lab for _, lab in parts[split]})
+        if missing:
+            name = m.classes[missing[0]]
+            count = sum(lab == missing[0] for _, lab in train)
+            raise BottleneckError(
+                f"class {name!r} has {count} image{'s' if count != 1 else ''} in {m.root}, too few to hold out "
+                f"{' and '.join(carved)} images and keep one for training (a class needs at least "
+                f"{_smallest_splittable_class(fractions)}); add images, merge or drop the class, or give "
+                "train/val/test folders")
+
+
+def _smallest_splittable_class(fractions: dict[str, float]) -> int:
+    """The fewest images of a class that split_samples splits into every split with a fraction."""
+    for n in range(2, 1000):
+        parts = split_samples([(str(i), 0) for i in range(n)], fractions.get("val", 0.0), fractions.get("test", 0.0), 0)
+        if all(parts[s] for s, f in fractions.items() if f):
+            return n
+    return 1000
 
 
 def split_samples(samples: list[tuple[str, int]], val_fraction: float, test_fraction: float,
@@ -150,9 +181,15 @@ def split_digest(pairs: list[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def _class_folders(root: Path, prefix: str = "") -> tuple[list[tuple[str, int]], list[str]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+def _class_folders(root: Path, prefix: str = "", hidden: list[str] | None = None
+                   ) -> tuple[list[tuple[str, int]], list[str]]:
+    """(samples, classes) of root/<class>/...; names starting with '.' are left out and added to
+    `hidden`, so that the caller can say how many."""
+    hidden = [] if hidden is None else hidden
+    entries = sorted(root.iterdir())
+    hidden += [f"{prefix}{p.name}" for p in entries if p.name.startswith(".")]
+    classes = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+    loose = [p.name for p in entries if p.is_file() and not p.name.startswith(".")]
     if loose:
         raise BottleneckError(f"{root} holds files outside class folders ({', '.join(loose[:3])}); "
                               f"images must be in {root}/<class>/")
@@ -160,28 +197,46 @@ def _class_folders(root: Path, prefix: str = "") -> tuple[list[tuple[str, int]],
         raise BottleneckError(f"{root} has no class folders; expected {root}/<class>/<image files>")
     samples = []
     for label, name in enumerate(classes):
-        files = _files_under(root / name)
+        files = _files_under(root / name, hidden, f"{prefix}{name}/")
         if not files:
             raise BottleneckError(f"class folder {root / name} holds no files; remove it or add images")
         samples += [(f"{prefix}{name}/{f}", label) for f in files]
     return samples, classes
 
 
-def _files_under(folder: Path) -> list[str]:
-    # Every non-hidden file is a candidate: one that will not decode is skipped with its
-    # reason at extraction time instead of being filtered out here by its extension.
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+def _files_under(folder: Path, hidden: list[str], prefix: str = "") -> list[str]:
+    """Every non-hidden file under `folder`, through symlinked folders too (a folder reached twice,
+    as by a link to its parent, is walked once). Hidden names go to `hidden`.
+
+    Every such file is a candidate: one that will not decode is skipped with its reason at
+    extraction time instead of being filtered out here by its extension.
+    """
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
         rel = os.path.relpath(dirpath, folder)
-        found += [f if rel == "." else f"{rel}/{f}" for f in filenames if not f.startswith(".")]
+        rel = "" if rel == "." else f"{rel}/"
+        if real in seen:
+            hidden.append(f"{prefix}{rel} (a link to a folder already listed)")
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        hidden += [f"{prefix}{rel}{n}" for n in sorted(dirnames + filenames) if n.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [f"{rel}{f}" for f in filenames if not f.startswith(".")]
     return sorted(found)
 
 
-def _from_split_folders(root: Path, present: list[str]) -> Manifest:
+def _warn_hidden(root: str | Path, hidden: list[str]) -> None:
+    if hidden:
+        warn(f"left out {len(hidden)} hidden name{'s' if len(hidden) > 1 else ''} under {root} "
+             f"(e.g. {hidden[0]}): files and folders whose names start with '.' are not read")
+
+
+def _from_split_folders(root: Path, present: list[str], hidden: list[str]) -> Manifest:
     splits, classes = {}, None
     for split in [s for s in SPLITS if s in present]:
-        samples, split_classes = _class_folders(root / split, prefix=f"{split}/")
+        samples, split_classes = _class_folders(root / split, f"{split}/", hidden)
         if classes is not None and split_classes != classes:
             raise BottleneckError(
                 f"classes differ between splits: {split} has {split_classes}, expected {classes}")
@@ -259,6 +314,18 @@ def _check(m: Manifest) -> None:
     for split, samples in m.splits.items():
         if not samples:
             raise BottleneckError(f"split '{split}' of {m.root} holds no images")
+    _check_files_exist(m)
+
+
+def _check_files_exist(m: Manifest) -> None:
+    """A class whose files are all missing (a manifest of another machine's paths, say) is an error
+    before any work; single missing files are skipped with their reason like unreadable ones."""
+    for split, samples in m.splits.items():
+        for label, name in enumerate(m.classes):
+            files = [rel for rel, lab in samples if lab == label]
+            if files and not any(os.path.exists(os.path.join(m.root, rel)) for rel in files):
+                raise BottleneckError(f"none of the {len(files)} {split} images of class {name!r} exists under "
+                                      f"{m.root} (e.g. {files[0]}); a manifest's paths are relative to its folder")
 
 
 def dataset_fingerprint(m: Manifest) -> str:

@@ -13,10 +13,13 @@ class WeightsUnavailable(BottleneckError):
     exit_code = 3
 
 
-class CacheBusy(BottleneckError):
-    """Another process holds the write lock of a feature cache."""
+class Busy(BottleneckError):
+    """Another process holds the write lock of a cache or a result folder."""
 
     exit_code = 4
+
+
+CacheBusy = Busy  # the name it had when only caches were locked
 
 
 class Interrupted(BottleneckError):

@@ -11,7 +11,6 @@ then renamed to its name. A killed run leaves whole blocks behind and resumes fr
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import hashlib
 import json
@@ -24,7 +23,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bottleneck.errors import BottleneckError, CacheBusy, write_error
+from bottleneck.errors import BottleneckError, write_error
+from bottleneck.locks import WriteLock, held
 
 FORMAT = "bottleneck-features/1"
 JSON_ATTRS = ("taps", "preprocessing", "classes", "versions", "split_info", "cost", "dims")
@@ -34,44 +34,16 @@ CHUNK_ROWS = 1024
 
 # --------------------------------------------------------------------------- locking
 
-class CacheLock:
-    """An exclusive, non-blocking lock on `<cache>.lock`, released when the process dies.
-
-    A POSIX record lock, not flock: DataLoader workers forked from the writer must not
-    inherit it (they can outlive a killed writer by seconds), and it also works over NFS.
-    """
+class CacheLock(WriteLock):
+    """The one writer of a cache holds `<cache>.lock` (bottleneck.locks)."""
 
     def __init__(self, cache: Path):
-        self.path = Path(f"{cache}.lock")
-        self.cache = cache
-
-    def __enter__(self) -> CacheLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise CacheBusy(f"{self.cache} is being written by another process (pid {holder}); "
-                            "wait for it to finish, then rerun to reuse its result") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
+        super().__init__(Path(f"{cache}.lock"), str(cache))
 
 
 def writer_running(cache: Path) -> bool | None:
     """True while an extract holds the cache's lock, False when none does, None if it cannot be told."""
-    try:
-        with CacheLock(cache):
-            return False
-    except CacheBusy:
-        return True
-    except OSError:  # a read-only folder: no lock file can be opened
-        return None
+    return held(Path(f"{cache}.lock"))
 
 
 # --------------------------------------------------------------------------- blocks
@@ -171,6 +143,8 @@ def write_cache(path: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtyp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         failure = write_error(e, tmp)
+    except BaseException as e:  # a damaged shard found mid-merge, an interrupt: no half file stays
+        failure = e
     if failure:  # outside the except block, whose traceback kept the h5py objects alive
         gc.collect()
         tmp.unlink(missing_ok=True)
@@ -263,13 +237,57 @@ class FeatureStore:
         except OSError:
             raise BottleneckError(f"{path} is not a readable HDF5 file (truncated or damaged); "
                                   "delete it and run 'bottleneck extract' again") from None
-        self.attrs = {k: json.loads(v) if k in JSON_ATTRS else _plain(v) for k, v in self.file.attrs.items()}
-        if self.attrs.get("format") != FORMAT:
-            raise BottleneckError(f"{path} is not a bottleneck feature cache (format "
-                                  f"{self.attrs.get('format')!r}, expected {FORMAT!r})")
-        if require_complete and not self.attrs.get("complete"):
-            raise BottleneckError(f"{path} is incomplete (its extraction did not finish); rerun the same "
-                                  "'bottleneck extract' command to finish it")
+        try:
+            self.attrs = {k: _attr(self.path, k, v) for k, v in self.file.attrs.items()}
+            if self.attrs.get("format") != FORMAT:
+                raise BottleneckError(f"{path} is not a bottleneck feature cache (format "
+                                      f"{self.attrs.get('format')!r}, expected {FORMAT!r})")
+            if require_complete and not self.attrs.get("complete"):
+                raise BottleneckError(f"{path} is incomplete (its extraction did not finish); rerun the same "
+                                      "'bottleneck extract' command to finish it")
+            self._check_schema()
+        except BottleneckError:
+            self.file.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Shapes, types and ranges, from metadata and labels only (cheap at every open): an edited or
+        foreign file is one error here, not a traceback or a wrong score later."""
+        a = self.attrs
+        def bad(what: str) -> BottleneckError:
+            return _damaged(self.path, what)
+        if not (isinstance(a.get("classes"), list) and len(a["classes"]) >= 1
+                and all(isinstance(c, str) for c in a["classes"])):
+            raise bad("its 'classes' attribute is not a list of class names")
+        if not (isinstance(a.get("taps"), list) and a["taps"] and all(isinstance(t, str) for t in a["taps"])):
+            raise bad("its 'taps' attribute is not a list of tap names")
+        dims = a.get("dims")
+        if dims is not None and not (isinstance(dims, dict) and set(dims) == set(a["taps"])
+                                     and all(isinstance(d, int) and d > 0 for d in dims.values())):
+            raise bad("its 'dims' attribute does not give a positive size for each tap")
+        for split in self.splits:
+            g = self.file[split]
+            for name in ("labels", "paths", "skipped", *[f"features/{t}" for t in a["taps"]]):
+                if not isinstance(g.get(name), h5py.Dataset):
+                    raise bad(f"split {split} has no dataset {name}")
+            n = g["labels"].shape[0]
+            if g["labels"].ndim != 1 or g["labels"].dtype.kind not in "iu":
+                raise bad(f"{split}/labels are not integers")
+            if g["paths"].shape != (n,) or g["paths"].dtype.kind not in "OSU":
+                raise bad(f"{split}/paths are not {n} file names")
+            if "view" in g and g["view"].shape != (n,):
+                raise bad(f"{split}/view has {g['view'].shape[0]} rows, labels have {n}")
+            for tap in a["taps"]:
+                ds = g[f"features/{tap}"]
+                if ds.ndim != 2 or ds.shape[0] != n or ds.dtype.kind != "f":
+                    raise bad(f"{split}/features/{tap} is {ds.dtype} of shape {ds.shape}, expected floats of "
+                              f"{n} rows")
+                if dims is not None and ds.shape[1] != dims[tap]:
+                    raise bad(f"{split}/features/{tap} has {ds.shape[1]} columns, its 'dims' say {dims[tap]}")
+            labels = g["labels"][:]
+            if n and (labels.min() < 0 or labels.max() >= len(a["classes"])):
+                raise bad(f"{split}/labels hold {labels.min() if labels.min() < 0 else labels.max()}, outside the "
+                          f"{len(a['classes'])} classes")
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -297,7 +315,10 @@ class FeatureStore:
         tap = tap or self.taps[-1]
         if tap not in self.taps:
             raise BottleneckError(f"{self.path} has no tap '{tap}'; it holds {', '.join(self.taps)}")
-        return self._split(split)[f"features/{tap}"][:]
+        x = self._split(split)[f"features/{tap}"][:]
+        if not np.isfinite(x).all():  # one NaN makes a scaler, and so every prediction, NaN
+            raise _damaged(self.path, f"{split}/features/{tap} holds NaN or inf")
+        return x
 
     def labels(self, split: str) -> np.ndarray:
         return self._split(split)["labels"][:]
@@ -336,6 +357,19 @@ class FeatureStore:
                 "bytes": self.path.stat().st_size}
 
 
+def _damaged(path: Path, what: str) -> BottleneckError:
+    return BottleneckError(f"{path} is damaged or was edited: {what}; delete it and run 'bottleneck extract' again")
+
+
+def _attr(path: Path, key: str, value):
+    if key not in JSON_ATTRS:
+        return _plain(value)
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        raise _damaged(path, f"its attribute {key!r} is not valid JSON") from None
+
+
 def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
@@ -371,6 +405,9 @@ def verify(path: str | os.PathLike) -> list[str]:
                 try:
                     if _digest(ds) != ds.attrs.get("sha256"):
                         problems.append(f"{split}/{name} does not match its checksum (damaged)")
+                    if name.startswith("features/") and not all(
+                            np.isfinite(ds[i:i + CHUNK_ROWS]).all() for i in range(0, n, CHUNK_ROWS)):
+                        problems.append(f"{split}/{name} holds NaN or inf")
                 except OSError as e:
                     problems.append(f"{split}/{name} cannot be read ({e})")
     return problems
@@ -444,7 +481,11 @@ def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
         for start in range(0, max(1, g["labels"].shape[0]), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             first_block = start == 0
-            yield {"features": {t: g[f"features/{t}"][rows] for t in st.taps},
+            features = {t: g[f"features/{t}"][rows] for t in st.taps}
+            bad = next((t for t, x in features.items() if not np.isfinite(x).all()), None)
+            if bad:
+                raise _damaged(st.path, f"{split}/features/{bad} holds NaN or inf")
+            yield {"features": features,
                    "labels": g["labels"][rows], "paths": list(g["paths"].asstr()[rows]), "view": st.views(split)[rows],
                    "skipped_paths": [p for p, _ in skipped] if first_block else [],
                    "skipped_reasons": [r for _, r in skipped] if first_block else []}

@@ -235,3 +235,14 @@ def test_fit_on_views_trains_on_every_view_and_scores_each_image_by_their_mean(c
     image = paths[4]
     row = predict(str(model), [str(cache[1] / image)], top_k=2)[0]  # the views made again from the file
     assert dict(row["top"])["dogs"] == pytest.approx(saved[image]["probabilities"]["dogs"], abs=1e-4)
+
+
+def test_a_cache_lacking_a_class_in_a_split_is_refused_by_fit(tmp_path):
+    tree = make_tree(tmp_path / "data", {"train": 4, "test": 2})
+    for f in (tree / "test" / "dogs").iterdir():
+        f.write_bytes(b"not an image")  # every test dog is skipped at extraction
+    path = extract("efficientnet_lite0", str(tree), layer=["pool"], out=str(tmp_path / "c"), batch_size=8,
+                   workers=0, progress=False)
+    with pytest.raises(BottleneckError, match=r"test split .* holds no image of class 'dogs' \(2 of its files were"):
+        fit(str(path), out=str(tmp_path / "fit"))
+    assert not (tmp_path / "fit").exists()

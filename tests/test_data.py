@@ -62,7 +62,7 @@ def test_csv_manifest_with_and_without_split_column(tmp_path):
     assert m.splits == {"train": [("x/0.png", 0), ("x/1.png", 1)], "test": [("x/2.png", 0), ("x/3.png", 1)]}
     assert m.classes == ["cat", "dog"]
     (tmp_path / "n.csv").write_text("x/0.png,cat\nx/1.png,dog\n")
-    assert list(data.load_manifest(tmp_path / "n.csv").splits) == ["train"]
+    assert list(data.load_manifest(tmp_path / "n.csv", val_fraction=0, test_fraction=0).splits) == ["train"]
     bad = {"row 1 has 4 columns": "x/0.png,cat,train,extra\n",
            "mixes rows": "x/0.png,cat,train\nx/1.png,dog\n",
            "empty path or label": "x/0.png,\n",
@@ -224,3 +224,42 @@ def test_a_stop_signal_while_reading_exif_is_not_taken_for_a_broken_exif_block(t
     monkeypatch.setattr(ImageOps, "exif_transpose", signalled)
     with pytest.raises(Interrupted):
         data.load_image(tmp_path / "a.png")
+
+
+def test_symlinked_folders_are_read_and_hidden_names_are_counted_aloud(tmp_path, capsys):
+    root = make_tree(tmp_path / "d", {"all": 6}, split_folders=False)
+    elsewhere = make_tree(tmp_path / "elsewhere", {"more": 5}, split_folders=False)
+    os.symlink(elsewhere / "cats", root / "cats" / "linked")
+    os.symlink(root / "cats", root / "cats" / "linked" / "back")  # a loop: the class folder again
+    for i in range(4):
+        make_image(root / "..dots" / f"{i}.png", i, 2)
+    make_image(root / "dogs" / ".thumb.png", 9, 1)
+    m = data.load_manifest(root, val_fraction=0, test_fraction=0)
+    cats = [rel for rel, lab in m.splits["train"] if lab == 0]
+    assert len(cats) == 11 and "cats/linked/more_000.png" in cats  # the linked folder's 5 images count
+    assert not any("back" in rel for rel in cats)  # the loop is walked once
+    assert m.classes == ["cats", "dogs"]
+    warned = capsys.readouterr().err
+    assert "left out 3 hidden names" in warned and "..dots" in warned
+
+
+def test_a_class_too_small_to_split_is_refused_before_any_work(tmp_path):
+    for n in (1, 2):
+        root = make_tree(tmp_path / f"d{n}", {"all": 8}, split_folders=False)
+        for f in sorted((root / "dogs").iterdir())[n:]:
+            f.unlink()
+        with pytest.raises(BottleneckError, match=rf"class 'dogs' has {n} images?.*needs at least 3"):
+            data.load_manifest(root)
+        data.load_manifest(root, val_fraction=0, test_fraction=0)  # nothing to hold out: fine
+    with pytest.raises(BottleneckError, match="class 'cats' has 1 image.*hold out val"):  # finetune's val, carved later
+        data.ensure_splits(data.load_manifest(make_tree(tmp_path / "s", {"train": 1, "test": 1})), ("val",), 0)
+
+
+def test_a_manifest_whose_files_are_all_missing_is_refused(tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\n" + "".join(f"gone/{i}.png,{'ab'[i % 2]}\n" for i in range(12)))
+    with pytest.raises(BottleneckError, match="none of the .* images of class 'a' exists"):
+        data.load_manifest(csv)
+    make_image(tmp_path / "gone" / "0.png", 0, 0)  # one class present, the other still all missing
+    with pytest.raises(BottleneckError, match="class 'b'"):
+        data.load_manifest(csv)

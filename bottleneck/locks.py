@@ -1,0 +1,67 @@
+"""One writer per result: an exclusive, non-blocking lock file beside what is being written.
+
+A POSIX record lock, not flock: DataLoader workers forked from the writer must not inherit it
+(they can outlive a killed writer by seconds), and it also works over NFS. The lock file is
+removed when the writer is done, so none is left behind; a process that opened the file just
+before it was removed notices (the name no longer leads to its file) and tries again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from bottleneck.errors import Busy
+
+
+class WriteLock:
+    """`with WriteLock(Path("x.lock"), "x"):` holds the lock or raises Busy naming the holder's pid."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = Path(path), what
+
+    def __enter__(self) -> WriteLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise Busy(f"{self.what} is being written by another process (pid {holder}); wait for it to "
+                           "finish, then rerun to reuse its result") from None
+            if self._still_named(fd):
+                break
+            os.close(fd)  # the holder before us removed this file: lock the one now under the name
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def _still_named(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.path.unlink()  # while still holding it: whoever waits on this file will retry
+        except OSError:
+            pass
+        os.close(self.fd)
+
+
+def held(path: Path, what: str = "") -> bool | None:
+    """True while some process holds the lock at `path`, False when none does, None if it cannot be told."""
+    if not Path(path).exists():
+        return False
+    try:
+        with WriteLock(path, what):
+            return False
+    except Busy:
+        return True
+    except OSError:  # a read-only folder: no lock file can be opened
+        return None

@@ -1,0 +1,84 @@
+"""The HDF5 feature cache as a file: every reader checks its schema, so an edited or damaged cache is
+one error line, never a traceback, a NaN score or a half-written merge."""
+
+import json
+import re
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from conftest import make_tree, run_cli
+
+from bottleneck import store
+from bottleneck.errors import BottleneckError
+from bottleneck.extract import extract
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    tree = make_tree(root / "data", {"train": 4, "test": 2})
+    return [extract("squeezenet1_1", str(tree), layer=["fire7", "fire9"], out=str(root / "c"), batch_size=4,
+                    workers=0, progress=False, weights="none", shard=shard) for shard in ("0/1", "0/2", "1/2")]
+
+
+def _replace(f: h5py.File, name: str, value) -> None:
+    del f[name]
+    f[name] = value
+
+
+EDITS = {
+    "rows": (r"features/fire9 is float32 of shape \(\d+, \d+\), expected floats of \d+ rows",
+             lambda f: _replace(f, "train/features/fire9", f["train/features/fire9"][:-1])),
+    "nan": ("holds NaN or inf", lambda f: f["train/features/fire9"].write_direct(
+        np.full((1, f["train/features/fire9"].shape[1]), np.nan, dtype="float32"), dest_sel=np.s_[0:1])),
+    "bytes": (r"features/fire9 is \|S8", lambda f: _replace(f, "train/features/fire9",
+                                                         np.array([b"x" * 8] * f["train/labels"].shape[0]
+                                                                  ).reshape(-1, 1))),
+    "label-7": ("labels hold 7, outside the 2 classes", lambda f: f["train/labels"].write_direct(
+        np.array([7], dtype=f["train/labels"].dtype), dest_sel=np.s_[0:1])),
+    "label-minus-1": ("labels hold -1", lambda f: f["train/labels"].write_direct(
+        np.array([-1], dtype=f["train/labels"].dtype), dest_sel=np.s_[0:1])),
+    "labels-float": ("labels are not integers", lambda f: _replace(f, "train/labels",
+                                                                  f["train/labels"][:].astype("float64"))),
+    "classes-not-json": ("attribute 'classes' is not valid JSON", lambda f: f.attrs.__setitem__("classes", "[cats,")),
+    "classes-not-list": ("'classes' attribute is not a list", lambda f: f.attrs.__setitem__("classes", '"cats"')),
+    "dims": ("'dims' attribute does not give a positive size", lambda f: f.attrs.__setitem__(
+        "dims", json.dumps({"fire7": "x", "fire9": 512}))),
+    "dims-wrong": ("has 512 columns, its 'dims' say 9", lambda f: f.attrs.__setitem__(
+        "dims", json.dumps({"fire7": 384, "fire9": 9}))),
+    "no-paths": ("has no dataset paths", lambda f: f.__delitem__("train/paths")),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edited_cache_is_one_error_in_every_reader_and_merge_leaves_nothing(shards, tmp_path, edit):
+    message, change = EDITS[edit]
+    damaged = [tmp_path / p.name for p in shards]  # the whole cache and its two shards
+    for src, dst in zip(shards, damaged):
+        shutil.copy(src, dst)
+    for path in damaged[:2]:
+        with h5py.File(path, "r+") as f:
+            change(f)
+    verify = run_cli("cache", "verify", str(damaged[0]))
+    assert verify.returncode == 1 and "Traceback" not in verify.stderr
+    assert re.search(message, verify.stdout), verify.stdout
+    readers = [["fit", "--features", str(damaged[0]), "--out", str(tmp_path / "fit")],
+               ["cache", "merge", *map(str, damaged[1:]), "--out", str(tmp_path / "merged.h5")]]
+    if edit != "nan":  # info reads metadata and labels, never the features themselves
+        readers.append(["cache", "info", str(damaged[0])])
+    for args in readers:
+        result = run_cli(*args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and "damaged or was edited" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in damaged)  # no .tmp, no fit
+    assert store.verify(shards[0]) == []  # the original is untouched
+
+
+def test_a_sound_cache_passes_the_schema_and_reads_back(shards):
+    with store.FeatureStore(shards[0]) as st:
+        x = st.features("train", "fire9")
+        assert x.dtype == np.float32 and np.isfinite(x).all() and len(st.labels("train")) == x.shape[0]
+    with pytest.raises(BottleneckError, match="does not exist"):
+        store.FeatureStore(shards[0].with_name("nope.h5"))
