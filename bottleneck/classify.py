@@ -30,6 +30,7 @@ from bottleneck import data
 from bottleneck import report as reports
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
+from bottleneck.locks import WriteLock
 from bottleneck.settings import CLASSIFIERS, FitSettings, takes
 from bottleneck.store import FeatureStore
 
@@ -239,10 +240,15 @@ def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> 
 
 def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool = False,
             choice: dict | None = None) -> Path:
+    d = split_data(st, tap, settings["seed"])
+    with WriteLock(out.with_name(f"{out.name}.lock"), str(out)):  # one writer per result folder
+        return _fit_locked(st, tap, settings | {"tap": "auto" if choice else tap}, out, force, choice, d)
+
+
+def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool, choice: dict | None,
+                d: dict) -> Path:
     clf, search, class_weight, seed = (settings[k] for k in ("clf", "search", "class_weight", "seed"))
-    d = split_data(st, tap, seed)
     (x, y, _), (x_test, y_test, test_paths) = d["train"], d["test"]
-    settings = settings | {"tap": "auto" if choice else tap}
     check_previous(out, settings, st.attrs["fingerprint"], force)
     pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap))
     started = time.perf_counter()
@@ -272,7 +278,9 @@ def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool =
                     "extraction": st.attrs.get("cost", {})},
            "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]}}
     out.mkdir(parents=True, exist_ok=True)
-    # Model and predictions first, the report last: a report always describes the files beside it.
+    # The old report goes first and the new one comes last: a report present always describes the
+    # model and predictions beside it, even when the writer is killed between two files.
+    (out / "report.json").unlink(missing_ok=True)
     save_classifier(pipe, out / "model.joblib")
     reports.write_predictions(out, test_paths, y_test, y_pred, probs, st.classes)
     path = reports.write_report(out, rep)

@@ -224,11 +224,34 @@ def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Pat
     for parts in sorted(folder.glob("*.h5.parts")):
         blocks = len(list(parts.glob("*.npz")))
         cache = Path(str(parts).removesuffix(".parts"))
+        if store.is_complete(cache) and not store.writer_running(cache):
+            continue  # blocks left beside a finished cache by a writer killed at its last step
         state = {True: f"being written ({blocks} blocks so far)",
                  False: f"interrupted after {blocks} blocks: rerun its extract command to resume",
                  None: f"unfinished ({blocks} blocks)"}[store.writer_running(cache)]
         table.add_row(cache.name, "", "", "", "", state)
     out.print(table)
+
+
+@cache_app.command("clean")
+def cache_clean(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Path("cache"),
+                interrupted: Annotated[bool, typer.Option(
+                    help="Also remove the blocks of interrupted extractions (rerunning their command would "
+                         "resume from them).")] = False,
+                dry_run: Annotated[bool, typer.Option(help="List what would be removed; remove nothing.")] = False
+                ) -> None:
+    """Remove what no extraction will use again: blocks beside finished caches and temporary files of
+    writers that are gone."""
+    if not folder.is_dir():
+        raise BottleneckError(f"cache folder {folder} does not exist")
+    found = store.leftovers(folder, interrupted)
+    size = sum(f.stat().st_size for p in found for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    for path in found:
+        out.print(str(path))
+    if not dry_run:
+        store.remove(found)
+    err.print(f"{'would remove' if dry_run else 'removed'} {len(found)} leftover{'s' if len(found) != 1 else ''}, "
+              f"{size / 1e6:.1f} MB")
 
 
 @cache_app.command("info")

@@ -8,6 +8,7 @@ killed at any moment resumes where it stopped and ends with the same file.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import time
@@ -20,7 +21,7 @@ import torch
 from bottleneck import backbones, data, preprocess, runtime, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
-from bottleneck.runtime import apply_precision, default_workers, resolve_device, resolve_precision
+from bottleneck.runtime import apply_precision, resolve_device, resolve_precision
 from bottleneck.settings import VIEWS, ExtractSettings, takes
 
 
@@ -46,7 +47,11 @@ def extract(s: ExtractSettings) -> Path:
 
     if path.is_file() and not force and store.is_complete(path):
         note(f"reusing complete cache {path} (use --force to extract again)")
+        blocks = Path(f"{path}.parts")  # left by a writer killed between renaming the cache and cleaning up
+        if blocks.is_dir() and store.writer_running(path) is False:
+            store.remove([blocks])
         return path
+    note_other_interrupted(path)
     with store.CacheLock(path):
         parts = store.Parts(path)
         if force:  # the old cache stays readable until the new one is renamed over it
@@ -63,7 +68,7 @@ def extract(s: ExtractSettings) -> Path:
             note(preprocess.describe(prep, why))
             net = backbones.build_model(model, ref)
             extractor = backbones.FeatureExtractor(net, model, taps, pool)
-            workers = default_workers() if s.workers is None else s.workers
+            workers = runtime.workers(s.workers)
             setup = time.perf_counter() - started
             run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
                        workers, progress, batch_size, s.views)
@@ -83,6 +88,18 @@ def extract(s: ExtractSettings) -> Path:
         if skipped:
             warn(f"skipped {skipped} files that would not decode; 'bottleneck cache info {path}' lists them")
     return path
+
+
+def note_other_interrupted(path: Path) -> None:
+    """Blocks of an interrupted extraction of the same model and taps whose data or settings then
+    changed are never resumed; say so, once, where they lie."""
+    if ".shard-" in path.name:
+        return
+    stem = path.name.rsplit("-", 1)[0]  # the name without its fingerprint
+    others = [p for p in path.parent.glob(f"{glob.escape(stem)}-*.h5.parts") if p.name != f"{path.name}.parts"]
+    if others:
+        note(f"{path.parent} also holds {len(others)} interrupted extraction{'s' if len(others) > 1 else ''} of "
+             f"{stem} for other data or settings; 'bottleneck cache clean --interrupted {path.parent}' removes them")
 
 
 def parse_shard(shard: str) -> tuple[int, int]:

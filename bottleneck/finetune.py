@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bottleneck import backbones, preprocess
+from bottleneck import backbones, preprocess, runtime
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.data import describe_error
 from bottleneck.errors import BottleneckError, Interrupted, write_error
 from bottleneck.finetune_data import augment_batch, load_images, load_splits, tta_views
+from bottleneck.locks import WriteLock
 from bottleneck.runtime import (
     apply_precision,
     device_name,
@@ -59,10 +60,20 @@ def finetune(s: FinetuneSettings) -> Path:
     """
     args = run_args(s)
     validate(args)
-    model, out, device, progress = s.model, s.out, s.device, s.progress
-    out_dir = Path(out) if out else Path("runs") / "finetune" / backbones.file_name(model)
+    out_dir = Path(s.out) if s.out else Path("runs") / "finetune" / backbones.file_name(s.model)
     if (out_dir / "report.json").is_file():
         return finished_run(out_dir, args)
+    # One run per folder: a second one would share its checkpoint. Only the first process of a
+    # multi-GPU run takes the lock; the others write nothing but through it.
+    first = int(os.environ.get("RANK", "0")) == 0
+    with WriteLock(out_dir.with_name(f"{out_dir.name}.lock"), str(out_dir)) if first else contextlib.nullcontext():
+        if (out_dir / "report.json").is_file():  # finished by another process while we waited
+            return finished_run(out_dir, args)
+        return _finetune(s, args, out_dir)
+
+
+def _finetune(s: FinetuneSettings, args: dict, out_dir: Path) -> Path:
+    model, device, progress = s.model, s.device, s.progress
     started = time.perf_counter()
     rank, world = setup_distributed()
     dev = resolve_device(f"cuda:{local_rank()}" if device == "auto" and torch.cuda.is_available() else device)
@@ -76,10 +87,11 @@ def finetune(s: FinetuneSettings) -> Path:
                                   s.interpolation)
     note(preprocess.describe(prep, why))
     images, paths = {}, {}
+    workers = runtime.workers(s.workers)
     with stop_before_training():
         for split, samples in splits.items():
             note(f"decoding {split}: {len(samples)} images")
-            x, y, paths[split] = load_images(root, samples, prep, s.workers, progress and rank == 0)
+            x, y, paths[split] = load_images(root, samples, prep, workers, progress and rank == 0)
             images[split] = (x, y)
     net = backbones.build_model(model, s.weights)
     head = backbones.replace_head(net, model, len(classes), s.seed)

@@ -40,8 +40,8 @@ def load_images(root: str, samples: list, prep: dict, workers: int | None, progr
     from bottleneck.runtime import default_workers
 
     dataset = data.ImageDataset(root, [p for p, _ in samples], prep)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=default_workers()
-                                         if workers is None else workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64,
+                                         num_workers=default_workers() if workers is None else workers)
     images, keep = torch.empty(n, 3, size, size, dtype=torch.uint8), []
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("decoding", total=n)

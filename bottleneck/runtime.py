@@ -47,7 +47,28 @@ def apply_precision(precision: str) -> None:
 
 
 def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return max(1, min(8, usable_cpus() // 2))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a Slurm job's allocation, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 2
+
+
+def workers(asked: int | None) -> int:
+    """Decoding worker processes: the default, or as many as asked up to one per usable CPU (more only
+    compete for the same cores, and torch warns about each DataLoader)."""
+    if asked is None:
+        return default_workers()
+    if asked > usable_cpus():
+        from bottleneck.console import note
+
+        note(f"--workers {asked}: this process may use {usable_cpus()} CPUs; using {usable_cpus()} workers")
+        return usable_cpus()
+    return asked
 
 
 def versions() -> dict:

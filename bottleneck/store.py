@@ -77,11 +77,15 @@ class Parts:
     def write(self, split: str, k: int, block: dict) -> None:
         target = self.block_path(split, k)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **_flatten_block(block))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **_flatten_block(block))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as e:  # a full disk: name the file, and leave no partial block behind
+            tmp.unlink(missing_ok=True)
+            raise write_error(e, target) from None
 
     def read(self, split: str, k: int) -> dict:
         with np.load(self.block_path(split, k), allow_pickle=False) as z:
@@ -120,8 +124,12 @@ def _unflatten_block(flat: dict) -> dict:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, path) from None
 
 
 # --------------------------------------------------------------------------- writing
@@ -374,6 +382,31 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value.decode() if isinstance(value, bytes) else value
+
+
+def leftovers(folder: str | os.PathLike, interrupted: bool = False) -> list[Path]:
+    """What in a cache folder no extraction will use again: blocks beside a finished cache, and
+    temporary files whose writer is gone; with `interrupted`, also the blocks of interrupted
+    extractions (a rerun of their command would resume from them: after a change of data or
+    settings, it never comes)."""
+    found = []
+    for parts in sorted(Path(folder).glob("*.h5.parts")):
+        cache = Path(str(parts).removesuffix(".parts"))
+        if writer_running(cache) is False and (interrupted or is_complete(cache)):
+            found.append(parts)
+    for tmp in sorted(Path(folder).glob("*.h5.tmp*")):
+        cache = Path(str(tmp).split(".tmp")[0])
+        if writer_running(cache) is False:
+            found.append(tmp)
+    return found
+
+
+def remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def is_complete(path: str | os.PathLike) -> bool:

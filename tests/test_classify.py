@@ -246,3 +246,37 @@ def test_a_cache_lacking_a_class_in_a_split_is_refused_by_fit(tmp_path):
     with pytest.raises(BottleneckError, match=r"test split .* holds no image of class 'dogs' \(2 of its files were"):
         fit(str(path), out=str(tmp_path / "fit"))
     assert not (tmp_path / "fit").exists()
+
+
+def _hold_lock(path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path\n"
+                               "from bottleneck.locks import WriteLock\n"
+                               f"with WriteLock(Path('{path}'), 'x'):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_one_writer_per_result_folder_and_a_report_always_matches_its_model(cache, tmp_path, monkeypatch):
+    args = ("fit", "--features", str(cache[0]), "--out", str(tmp_path), "--layer", "pool", "--no-search")
+    holder = _hold_lock(tmp_path / "pool-logreg.lock")
+    try:
+        busy = run_cli(*args)
+        assert busy.returncode == 4 and f"being written by another process (pid {holder.pid})" in busy.stderr
+        assert not (tmp_path / "pool-logreg").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cli(*args).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool-logreg"]  # no lock file left behind
+    report_before = (tmp_path / "pool-logreg" / "report.json").read_text()
+
+    def dies(*a, **k):  # the writer dies after the new model, before its predictions and report
+        raise KeyboardInterrupt
+
+    from bottleneck import report
+    monkeypatch.setattr(report, "write_predictions", dies)
+    with pytest.raises(KeyboardInterrupt):  # --force replaces the result: the old report must not survive it
+        fit(str(cache[0]), layer="pool", search=False, out=str(tmp_path), force=True)
+    assert report_before and not (tmp_path / "pool-logreg" / "report.json").exists()
+    assert (tmp_path / "pool-logreg" / "model.joblib").is_file()

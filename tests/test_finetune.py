@@ -213,6 +213,24 @@ def test_a_finished_run_is_returned_only_for_the_same_settings(small, tmp_path):
     assert report.stat().st_mtime_ns == stamp
 
 
+def test_a_second_run_into_a_folder_being_trained_is_refused_at_once(small, tmp_path):
+    from bottleneck.errors import Busy
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path\n"
+                               "from bottleneck.locks import WriteLock\n"
+                               f"with WriteLock(Path('{out}.lock'), 'x'):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Busy, match=f"{out} is being written by another process \\(pid {holder.pid}\\)"):
+            finetune(LITE, str(small), head_epochs=0, epochs=1, out=str(out), **QUICK)
+        assert not out.exists()  # nothing decoded, nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_evaluate_refuses_images_that_are_gone(small, tmp_path):
     """Moved data once scored its missing images as black placeholders: accuracy 0.50, exit 0."""
     import shutil

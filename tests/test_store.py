@@ -4,6 +4,11 @@ one error line, never a traceback, a NaN score or a half-written merge."""
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -82,3 +87,30 @@ def test_a_sound_cache_passes_the_schema_and_reads_back(shards):
         assert x.dtype == np.float32 and np.isfinite(x).all() and len(st.labels("train")) == x.shape[0]
     with pytest.raises(BottleneckError, match="does not exist"):
         store.FeatureStore(shards[0].with_name("nope.h5"))
+
+
+def test_leftovers_are_listed_once_and_cleaned_and_other_data_is_pointed_out(tmp_path):
+    tree = make_tree(tmp_path / "data", {"train": 10, "test": 4})
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "bottleneck", "extract", "--model", "squeezenet1_1", "--weights", "none",
+           "--layer", "fire9", "--data", str(tree), "--out", str(out), "--batch-size", "2", "--workers", "0",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("*.parts/*.npz")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = next(out.glob("*.parts"))
+    shutil.copy(next((tree / "train" / "cats").iterdir()), tree / "train" / "cats" / "added.png")  # data change
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "also holds 1 interrupted extraction of squeezenet1_1-fire9-avg" in done.stderr
+    path = Path(done.stdout.strip().splitlines()[-1])
+    shutil.copytree(interrupted, f"{path}.parts")  # as left by a writer killed just after its final rename
+    listing = run_cli("cache", "ls", str(out)).stdout
+    assert listing.count(path.name[:20]) == 2, listing  # the finished cache once, the other data's run once
+    dry = run_cli("cache", "clean", str(out), "--dry-run")
+    assert dry.stdout.split() == [f"{path}.parts"] and "would remove 1 leftover" in dry.stderr
+    assert run_cli("cache", "clean", str(out), "--interrupted").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == [path.name]  # neither blocks nor lock files remain
+    assert subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().endswith(path.name)
