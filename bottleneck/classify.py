@@ -135,11 +135,6 @@ def taps_of(tap: str, st_taps: list[str]) -> list[str]:
     return list(st_taps) if tap == CONCAT else [tap]
 
 
-def trained_taps(prov: dict) -> list[str]:
-    """The cache taps a saved classifier reads, in order (classifiers from before `concat` record one)."""
-    return prov.get("taps") or [prov["tap"]]
-
-
 def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
     """(tap, how it was chosen): of the cache's taps and their concatenation, the one whose
     classifier scores best on validation.

@@ -394,7 +394,7 @@ def resize_crop(img: Image.Image, prep: dict) -> torch.Tensor:
     from torchvision.transforms import v2
 
     interpolation = v2.InterpolationMode(prep["interpolation"])
-    if prep.get("crop", True):  # caches and models from before the choice existed were cropped
+    if prep.get("crop", True):  # as preprocess.complete: caches and models from before the choice were cropped
         img = v2.functional.resize(img, prep["resize"], interpolation=interpolation, antialias=True)
         img = v2.functional.center_crop(img, prep["size"])
     else:

@@ -32,7 +32,6 @@ from torch import nn
 from bottleneck import backbones, preprocess, runtime
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
-from bottleneck.data import describe_error
 from bottleneck.errors import BottleneckError, Interrupted, write_error
 from bottleneck.finetune_data import augment_batch, load_images, load_splits, tta_views
 from bottleneck.locks import WriteLock
@@ -45,8 +44,8 @@ from bottleneck.runtime import (
     versions,
 )
 from bottleneck.settings import FinetuneSettings, takes
+from bottleneck.trained import NETWORK_FORMAT, load_classifier
 
-MODEL_FORMAT = "bottleneck-finetuned/1"
 LABEL_SMOOTHING = 0.1
 
 
@@ -171,14 +170,11 @@ def read_probe(path: str, model: str, weights: str, classes: list[str], prep: di
     The probe must come from this model's penultimate tap (the head's input), the same weights,
     classes and preprocessing; anything else would start the head from another function.
     """
-    import joblib
-
     try:
-        pipe = joblib.load(path)
-        prov, scaler, clf = pipe.bottleneck_, pipe.named_steps["scale"], pipe.named_steps["clf"]
-    except Exception as e:
-        raise BottleneckError(f"--init-head {path} is not a classifier written by 'bottleneck fit' "
-                              f"({type(e).__name__})") from None
+        probe = load_classifier(path)
+    except BottleneckError as e:
+        raise BottleneckError(f"--init-head: {e}") from None
+    prov, scaler, clf = probe.meta, probe.pipe.named_steps.get("scale"), probe.pipe.named_steps["clf"]
     spec = backbones.get_spec(model)
     ref = backbones.resolve_weights(model, weights)
     problems = [
@@ -189,7 +185,7 @@ def read_probe(path: str, model: str, weights: str, classes: list[str], prep: di
         (prov.get("weights") != ref.id, "its backbone weights differ from --weights"),
         (prov.get("classes") != classes, "its classes differ from this data's"),
         (len(clf.classes_) != len(classes), "it was fitted without every class"),
-        ({**prov.get("preprocessing", {}), "crop": prov.get("preprocessing", {}).get("crop", True)} != prep,
+        (preprocess.complete(prov["preprocessing"]) != prep,
          f"its preprocessing ({prov.get('preprocessing')}) differs from this run's ({prep}); give the same "
          "--image-size/--crop/--interpolation"),
     ]
@@ -443,7 +439,7 @@ class Run:
         rep["test_set"] = reports.test_set("test", test_paths, final["y_true"], classes)
         reports.write_predictions(self.out, test_paths, final["y_true"], final["y_pred"], final["probs"].numpy(),
                                   classes)
-        save_atomic({"format": MODEL_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
+        save_atomic({"format": NETWORK_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
                      "classes": classes, "preprocessing": self.prep, "precision": self.precision,
                      "tta": self.tta_views(), "head": self.head, "weights": self.args["weights"],
                      "trained_on": ["train", "val"],  # val chose the epoch: its score is optimistic too
@@ -538,21 +534,3 @@ def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wa
                      "epochs_run": len(s["history"]), "peak_memory_mb": round(peak / 2**20),
                      "precision": run.precision, "processes": run.world},
             "data": a["data_dir"]}
-
-
-def load_finetuned(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """A network saved by finetune (weights only, never code) and its metadata."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BottleneckError(f"{path} is not a readable fine-tuned model ({type(e).__name__})") from None
-    if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
-        raise BottleneckError(f"{path} was not written by 'bottleneck finetune'")
-    try:
-        net = backbones.build_model(saved["arch"], "none")
-        backbones.replace_head(net, saved["arch"], len(saved["classes"]))
-        net.load_state_dict(saved["model"])
-    except (KeyError, TypeError, RuntimeError, BottleneckError) as e:
-        raise BottleneckError(f"{path}: its weights do not match its metadata ({describe_error(e)}); "
-                              "fine-tune it again") from None
-    return net.eval(), {k: v for k, v in saved.items() if k != "model"}

@@ -1,7 +1,6 @@
-"""Use a trained classifier: re-score it on a cache (evaluate) or label new images (predict).
+"""Use a trained model: re-score it on a cache (evaluate) or label new images (predict).
 
-`model.joblib` files are pickles: loading one runs code chosen by whoever wrote it. Only load
-classifiers you trained or trust (docs/reports.md).
+Both read the model through bottleneck.trained, whichever stage made it.
 """
 
 from __future__ import annotations
@@ -9,13 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import joblib
 import numpy as np
 import torch
 
-from bottleneck import backbones, data
+from bottleneck import backbones, data, trained
 from bottleneck import report as reports
-from bottleneck.classify import predict_images, trained_taps
+from bottleneck.classify import predict_images
 from bottleneck.console import progress_bar
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import resolve_device
@@ -24,28 +22,15 @@ from bottleneck.store import FeatureStore
 COMPATIBLE_KEYS = ("model", "weights", "pool", "preprocessing", "classes")
 
 
-def load_classifier(path: str | os.PathLike):
-    """A fitted Pipeline written by 'bottleneck fit', with its provenance in `.bottleneck_`."""
-    if not Path(path).is_file():
-        raise BottleneckError(f"classifier file {path} does not exist")
-    try:
-        pipe = joblib.load(path)
-    except Exception as e:
-        raise BottleneckError(f"{path} is not a readable classifier file ({data.describe_error(e)}); "
-                              "fit it again with 'bottleneck fit'") from None
-    if not hasattr(pipe, "bottleneck_") or not hasattr(pipe, "predict_proba"):
-        raise BottleneckError(f"{path} was not written by 'bottleneck fit'")
-    return pipe
-
-
 def evaluate(model: str, features: str, *, split: str = "test", out: str | None = None) -> dict:
     """Metrics of a saved classifier (or fine-tuned network) on one split of a compatible cache.
 
     With `out`, writes report.json and predictions.csv there. A split the model was trained on
     is scored all the same, but the result says so: it measures memory, not generalisation.
     """
-    scored = evaluate_finetuned if str(model).endswith(".pt") else evaluate_classifier
-    rep, paths, y_true, y_pred, probs = scored(model, features, split)
+    t = trained.load(model)
+    scored = evaluate_finetuned if t.kind == "network" else evaluate_classifier
+    rep, paths, y_true, y_pred, probs = scored(t, features, split)
     rep |= {**reports.metrics(y_true, y_pred, rep["classes"]),
             "test_set": reports.test_set(split, paths, y_true, rep["classes"])}
     if split in rep["trained_on"]:
@@ -57,23 +42,23 @@ def evaluate(model: str, features: str, *, split: str = "test", out: str | None 
     return rep
 
 
-def evaluate_classifier(model: str, features: str, split: str) -> tuple[dict, list[str], np.ndarray, np.ndarray,
-                                                                       np.ndarray]:
+def evaluate_classifier(t: trained.Trained, features: str, split: str) -> tuple[dict, list[str], np.ndarray,
+                                                                                np.ndarray, np.ndarray]:
     """A classifier's description, and its test paths, labels, predictions and probabilities on `split`."""
-    pipe = load_classifier(model)
-    prov = pipe.bottleneck_
+    model, pipe, prov = t.path, t.pipe, t.meta
     with FeatureStore(features) as st:
         for key in COMPATIBLE_KEYS:
             if st.attrs.get(key) != prov.get(key):
                 raise BottleneckError(f"{features} does not match {model}: its {key} is {st.attrs.get(key)!r}, "
                                       f"the classifier was trained on {prov.get(key)!r}")
-        taps = trained_taps(prov)  # several for a fit on concatenated taps
+        taps = t.taps  # several for a fit on concatenated taps
         missing = [t for t in taps if t not in st.taps]
         if missing:
             raise BottleneckError(f"{features} has no tap '{missing[0]}', which {model} was trained on")
         if split not in st.splits:
             raise BottleneckError(f"{features} has no split '{split}'; it holds {', '.join(st.splits)}")
-        x, y, paths = np.hstack([st.features(split, t) for t in taps]), st.labels(split), st.paths(split)
+        x, y, paths = np.hstack([st.features(split, tap) for tap in taps]), st.labels(split), st.paths(split)
+        t.check_width(x.shape[1], f"{features} at {', '.join(taps)}")
         # The same images in the same splits (another precision or tap set of them too), or the same cache.
         same_cache = (st.attrs.get("dataset_fingerprint"), st.attrs.get("split_info")) == \
             (prov.get("dataset_fingerprint"), prov.get("split_info")) if "dataset_fingerprint" in prov else \
@@ -87,13 +72,11 @@ def evaluate_classifier(model: str, features: str, split: str) -> tuple[dict, li
     return rep, paths, y, y_pred, probs
 
 
-def evaluate_finetuned(model: str, features: str, split: str, device: str = "auto") -> tuple[dict, list, np.ndarray,
-                                                                                             np.ndarray, np.ndarray]:
+def evaluate_finetuned(t: trained.Trained, features: str, split: str, device: str = "auto"
+                       ) -> tuple[dict, list, np.ndarray, np.ndarray, np.ndarray]:
     """A fine-tuned network scored on the images a cache lists for `split` (read from disk); returns
     as evaluate_classifier does."""
-    from bottleneck.finetune import load_finetuned
-
-    net, meta = load_finetuned(model)
+    model, net, meta = t.path, t.net, t.meta
     with FeatureStore(features) as st:
         if st.classes != meta["classes"]:
             raise BottleneckError(f"{features} has classes {st.classes}, {model} was trained on {meta['classes']}")
@@ -155,54 +138,30 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
     if top_k < 1:
         raise BottleneckError("--top-k must be at least 1")
     dev = resolve_device(device)
-    views = "none"  # test-time views of a whole network's predictions (a fine-tuned one's own)
     if imagenet:
         from torchvision.models import ResNet18_Weights
 
-        classes = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
-        net, prep, precision, pipe = backbones.build_model(backbone, weights), backbones.preprocessing(backbone), \
-            "fp32", None
-    elif model is not None and str(model).endswith(".pt"):
-        from bottleneck.finetune import load_finetuned
-
-        net, meta = load_finetuned(model)
-        classes, prep, precision, pipe = meta["classes"], meta["preprocessing"], meta["precision"], None
-        views = meta["tta"]
+        t = trained.Trained("", "network", backbone, ResNet18_Weights.IMAGENET1K_V1.meta["categories"],
+                            backbones.preprocessing(backbone), "fp32", "none", [], {},
+                            net=backbones.build_model(backbone, weights))
+    elif model is None:
+        raise BottleneckError("give a classifier (MODEL.joblib or model.pt) or --imagenet")
     else:
-        if model is None:
-            raise BottleneckError("give a classifier (MODEL.joblib or model.pt) or --imagenet")
-        pipe = load_classifier(model)
-        prov = pipe.bottleneck_
-        classes = [prov["classes"][c] for c in pipe.classes_]  # predict_proba's column order
-        prep, precision = prov["preprocessing"], prov["precision"]
-        taps = trained_taps(prov)
-        views = prov.get("views", "none")
-        net = backbones.FeatureExtractor(backbones.build_model(prov["model"], same_weights(prov)),
-                                         prov["model"], taps, prov["pool"])
-    net = net.to(dev, memory_format=torch.channels_last)
+        t = trained.load(model)
+        if t.kind == "classifier":
+            t.network(same_weights(t.meta))
+    t.net = t.network().to(dev, memory_format=torch.channels_last)
+    classes, prep = t.classes, t.preprocessing
     files = image_files(images)
     dataset = data.ImageDataset("", files, prep)
     rows = []
     with progress_bar(enabled=progress) as bar:  # on stderr: the table or CSV on stdout stays clean
         task = bar.add_task("predicting", total=len(files))
         for images_u8, reasons in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            if pipe is not None:
-                outs = [backbones.run_batch(net, v, prep, dev, precision) for v in backbones.views_of(images_u8, views)]
-                feats = [torch.cat([out[t] for t in taps], dim=1).cpu().numpy() for out in outs]
-                if len(feats) == 1:
-                    probs = pipe.predict_proba(feats[0])
-                    # The classifier's own label, as evaluate scores it: an SVM decides by its decision
-                    # function, which its calibrated probabilities can disagree with near the boundary.
-                    chosen = np.searchsorted(pipe.classes_, pipe.predict(feats[0]))
-                else:  # trained on several views of each image: scored by their mean, as fit scored it
-                    probs = sum(pipe.predict_proba(f) for f in feats) / len(feats)
-                    chosen = probs.argmax(axis=1)
-            else:
-                probs = backbones.predict_proba(net, images_u8, prep, dev, precision, views).numpy()
-                chosen = probs.argmax(axis=1)
-                if imagenet and probs.shape[1] != len(classes):  # a timm: model trained on ImageNet-21k, or headless
-                    raise BottleneckError(f"{backbone} outputs {probs.shape[1]} classes, not ImageNet's "
-                                          f"{len(classes)}; --imagenet needs a model with an ImageNet-1k classifier")
+            probs, chosen = t.predict_batch(images_u8, dev)
+            if imagenet and probs.shape[1] != len(classes):  # a timm: model trained on ImageNet-21k, or headless
+                raise BottleneckError(f"{backbone} outputs {probs.shape[1]} classes, not ImageNet's "
+                                      f"{len(classes)}; --imagenet needs a model with an ImageNet-1k classifier")
             for p, c, reason in zip(probs, chosen, reasons):
                 rows.append(_row(files[len(rows)], p, int(c), reason, classes, top_k))
             bar.advance(task, len(reasons))

@@ -92,3 +92,9 @@ def describe(prep: dict, why: str = "") -> str:
     how = (f"resize {prep['resize']}, centre crop {prep['size']} px" if prep.get("crop", True)
            else f"whole image → {prep['size']} px")
     return f"preprocessing: {how}, {prep['interpolation']}" + (f" ({why})" if why else "")
+
+
+def complete(prep: dict) -> dict:
+    """A preprocessing dict with every key: caches and models from before the crop choice existed
+    were cropped."""
+    return {**prep, "crop": prep.get("crop", True)}

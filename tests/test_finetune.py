@@ -11,7 +11,8 @@ from conftest import make_tree
 
 from bottleneck import backbones
 from bottleneck.errors import BottleneckError
-from bottleneck.finetune import finetune, load_finetuned
+from bottleneck.finetune import finetune
+from bottleneck.trained import load_network
 
 LITE = "efficientnet_lite0"
 QUICK = dict(batch_size=4, workers=0, progress=False, precision="fp32", image_size=64)
@@ -23,8 +24,8 @@ def small(tmp_path_factory):
 
 
 def _weights(path):
-    net, meta = load_finetuned(path)
-    return net.state_dict(), meta
+    t = load_network(path)
+    return t.net.state_dict(), t.meta
 
 
 def test_head_phase_changes_only_the_head_and_reports_before_and_after(small, tmp_path):

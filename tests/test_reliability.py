@@ -321,14 +321,49 @@ def test_pickles_with_code_are_refused_and_never_run(tree, tmp_path):
 def test_a_model_whose_weights_do_not_match_its_metadata_is_refused(tree, tmp_path):
     import torch
 
-    from bottleneck.finetune import MODEL_FORMAT
+    from bottleneck.backbones import preprocessing
+    from bottleneck.trained import NETWORK_FORMAT as MODEL_FORMAT
 
     state = torch.nn.Linear(3, 2).state_dict()
-    torch.save({"format": MODEL_FORMAT, "arch": "efficientnet_lite0", "classes": ["cats", "dogs"],
-                "model": state}, tmp_path / "model.pt")
+    meta = {"format": MODEL_FORMAT, "arch": "efficientnet_lite0", "classes": ["cats", "dogs"], "precision": "fp32",
+            "preprocessing": preprocessing("efficientnet_lite0"), "tta": "none"}
+    torch.save(meta | {"model": state}, tmp_path / "model.pt")
     result = run_cli("predict", str(tmp_path / "model.pt"), str(tree))
     assert result.returncode == 1 and "do not match its metadata" in result.stderr
     assert "Traceback" not in result.stderr
+    del meta["preprocessing"]  # once a traceback, or a silently wrong resize
+    torch.save(meta | {"model": state}, tmp_path / "model.pt")
+    result = run_cli("predict", str(tmp_path / "model.pt"), str(tree))
+    assert result.returncode == 1 and "metadata lacks preprocessing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_provenance_copied_onto_another_estimator_is_refused(tree, tmp_path):
+    """Once a traceback (a 7-feature estimator) or a silent score (a bare LogisticRegression)."""
+    import joblib
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from bottleneck.classify import fit
+    from bottleneck.extract import extract
+
+    cache = extract("squeezenet1_1", str(tree), layer=["fire9"], out=str(tmp_path / "c"), batch_size=8, workers=0,
+                    progress=False, weights="none")
+    report = fit(str(cache), layer="fire9", search=False, out=str(tmp_path / "fit"))
+    prov = joblib.load(report.parent / "model.joblib").bottleneck_
+    rng = np.random.default_rng(0)
+    others = {"narrow": Pipeline([("clf", LogisticRegression().fit(rng.random((20, 7)), [0, 1] * 10))]),
+              "bare": LogisticRegression().fit(rng.random((20, 512)), [0, 1] * 10)}
+    for name, est in others.items():
+        est.bottleneck_ = prov
+        joblib.dump(est, tmp_path / f"{name}.joblib")
+        for args in (["evaluate", str(tmp_path / f"{name}.joblib"), "--features", str(cache)],
+                     ["predict", str(tmp_path / f"{name}.joblib"), str(tree / "test")]):
+            result = run_cli(*args)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert "not the logreg pipeline that 'bottleneck fit' builds" in result.stderr or \
+                "was not written by 'bottleneck fit'" in result.stderr, result.stderr
 
 
 def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tree, tmp_path):

@@ -1,0 +1,158 @@
+"""A trained model, whichever stage made it, behind one small interface.
+
+`fit` writes a classifier on cached features (`model.joblib`, a scikit-learn Pipeline with its
+provenance in `.bottleneck_`); `finetune` writes a whole network (`model.pt`, weights and plain
+metadata). `load` reads either and checks it before use: what it says it is must be what it
+holds, or it is refused with one line. `evaluate` and `predict` use nothing else, so neither
+imports the stage that trained the model.
+
+`model.joblib` files are pickles: loading one runs code chosen by whoever wrote it. Only load
+classifiers you trained or trust (docs/reports.md). `model.pt` files are read as tensors and
+plain values only.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bottleneck import backbones
+from bottleneck.data import describe_error
+from bottleneck.errors import BottleneckError
+
+NETWORK_FORMAT = "bottleneck-finetuned/1"
+PROVENANCE_KEYS = ("model", "weights", "pool", "preprocessing", "precision", "classes", "tap", "clf")
+
+
+@dataclass
+class Trained:
+    path: str
+    kind: str  # "classifier" (fit) or "network" (finetune)
+    model: str  # the backbone's name
+    classes: list[str]  # in the order of predict_proba's columns
+    preprocessing: dict
+    precision: str
+    views: str  # views of each image whose probabilities are averaged
+    trained_on: list[str]
+    meta: dict  # a classifier's provenance, or a network's saved metadata
+    pipe: object | None = None
+    net: nn.Module | None = None  # the fine-tuned network, or the backbone cut at the classifier's taps
+
+    @property
+    def taps(self) -> list[str]:
+        """The cache taps a classifier reads, in order (classifiers from before `concat` record one)."""
+        return self.meta.get("taps") or [self.meta["tap"]]
+
+    def check_width(self, width: int, source: str) -> None:
+        """Features of another width than the classifier was fitted on would be a crash or a wrong score."""
+        expected = getattr(self.pipe, "n_features_in_", width)
+        if width != expected:
+            raise BottleneckError(f"{self.path} expects {expected} features per image, {source} gives {width}; "
+                                  "it was not fitted on these taps")
+
+    def network(self, weights_ref=None) -> nn.Module:
+        """The network that turns images into what the model scores: the fine-tuned network itself, or
+        the backbone cut at the classifier's taps (built on first use: it may need its weights)."""
+        if self.net is None:
+            self.net = backbones.FeatureExtractor(backbones.build_model(self.model, weights_ref), self.model,
+                                                  self.taps, self.meta["pool"])
+        return self.net
+
+    def predict_batch(self, images_u8: torch.Tensor, dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, chosen column) for a uint8 NCHW batch, views averaged as at training."""
+        net = self.network()
+        if self.kind == "network":
+            probs = backbones.predict_proba(net, images_u8, self.preprocessing, dev, self.precision, self.views)
+            probs = probs.numpy()
+            return probs, probs.argmax(axis=1)
+        outs = [backbones.run_batch(net, v, self.preprocessing, dev, self.precision)
+                for v in backbones.views_of(images_u8, self.views)]
+        feats = [torch.cat([out[t] for t in self.taps], dim=1).float().cpu().numpy() for out in outs]
+        self.check_width(feats[0].shape[1], f"{self.model} at {', '.join(self.taps)}")
+        if len(feats) == 1:
+            # The classifier's own label, as evaluate scores it: an SVM decides by its decision
+            # function, which its calibrated probabilities can disagree with near the boundary.
+            return self.pipe.predict_proba(feats[0]), np.searchsorted(self.pipe.classes_, self.pipe.predict(feats[0]))
+        probs = sum(self.pipe.predict_proba(f) for f in feats) / len(feats)  # scored by the views' mean, as fit did
+        return probs, probs.argmax(axis=1)
+
+
+def load(path: str | os.PathLike) -> Trained:
+    """A classifier written by fit or a network written by finetune, told apart by content (torch
+    files are zip archives), checked, as a Trained."""
+    if not Path(path).is_file():
+        raise BottleneckError(f"model file {path} does not exist")
+    return load_network(path) if zipfile.is_zipfile(path) else load_classifier(path)
+
+
+def load_classifier(path: str | os.PathLike) -> Trained:
+    """A fitted Pipeline written by 'bottleneck fit'; its provenance must describe the estimator it
+    is attached to (same steps as fit builds, every class known), or it is refused."""
+    import joblib
+    from sklearn.pipeline import Pipeline
+
+    if not Path(path).is_file():
+        raise BottleneckError(f"classifier file {path} does not exist")
+    try:
+        pipe = joblib.load(path)
+    except Exception as e:
+        raise BottleneckError(f"{path} is not a readable classifier file ({describe_error(e)}); "
+                              "fit it again with 'bottleneck fit'") from None
+    prov = getattr(pipe, "bottleneck_", None)
+    if not isinstance(prov, dict) or not isinstance(pipe, Pipeline) or not hasattr(pipe, "predict_proba"):
+        raise BottleneckError(f"{path} was not written by 'bottleneck fit'")
+    missing = [k for k in PROVENANCE_KEYS if k not in prov]
+    if missing or not isinstance(prov["classes"], list) or not isinstance(prov["preprocessing"], dict):
+        raise BottleneckError(f"{path}: its provenance lacks {', '.join(missing) or 'well-formed classes'}; "
+                              "fit it again with 'bottleneck fit'")
+    if not _same_steps(pipe, prov):
+        raise BottleneckError(f"{path}: its estimator is not the {prov['clf']} pipeline that 'bottleneck fit' "
+                              "builds (a provenance copied onto another estimator?); fit it again")
+    known = np.asarray(getattr(pipe, "classes_", []))
+    if not len(known) or known.dtype.kind not in "iu" or known.min() < 0 or known.max() >= len(prov["classes"]):
+        raise BottleneckError(f"{path}: its estimator's classes {known.tolist()} are not indices of its "
+                              f"{len(prov['classes'])} classes; fit it again")
+    return Trained(str(path), "classifier", prov["model"], [prov["classes"][c] for c in known],
+                   prov["preprocessing"], prov["precision"], prov.get("views", "none"),
+                   prov.get("trained_on", ["train", "val"]), prov, pipe=pipe)
+
+
+def _same_steps(pipe, prov: dict) -> bool:
+    from bottleneck.classify import make_classifier
+
+    taps = prov.get("taps") or [prov["tap"]]
+    try:
+        fresh = make_classifier(prov["clf"], dims=(1,) * len(taps))
+    except BottleneckError:
+        return False
+    return [(n, type(s)) for n, s in pipe.steps] == [(n, type(s)) for n, s in fresh.steps]
+
+
+def load_network(path: str | os.PathLike) -> Trained:
+    """A network saved by finetune (weights only, never code) and its metadata."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BottleneckError(f"{path} is not a readable fine-tuned model ({type(e).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("format") != NETWORK_FORMAT:
+        raise BottleneckError(f"{path} was not written by 'bottleneck finetune'")
+    meta = {k: v for k, v in saved.items() if k != "model"}
+    missing = [k for k in ("arch", "classes", "preprocessing", "precision", "tta") if k not in meta]
+    if missing or not isinstance(meta["preprocessing"], dict):
+        raise BottleneckError(f"{path}: its metadata lacks {', '.join(missing) or 'a preprocessing dict'}; "
+                              "fine-tune it again")
+    try:
+        net = backbones.build_model(meta["arch"], "none")
+        backbones.replace_head(net, meta["arch"], len(meta["classes"]))
+        net.load_state_dict(saved["model"])
+    except (KeyError, TypeError, RuntimeError, BottleneckError) as e:
+        raise BottleneckError(f"{path}: its weights do not match its metadata ({describe_error(e)}); "
+                              "fine-tune it again") from None
+    return Trained(str(path), "network", meta["arch"], meta["classes"], meta["preprocessing"], meta["precision"],
+                   meta["tta"], meta.get("trained_on", ["train"]), meta, net=net.eval())
