@@ -115,15 +115,37 @@ def fit(s: FitSettings) -> Path:
         out_dir = Path(s.out) if s.out else Path("runs") / "fit" / Path(features).stem
         settings = {"clf": s.clf, "search": s.search, "class_weight": s.class_weight, "seed": s.seed}
         if layer == "all":
-            paths = [fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force) for tap in st.taps]
+            paths = [finished_fit(out_dir / folder_name(tap, **settings), settings | {"tap": tap}, st, s.reuse)
+                     or fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force or s.reuse)
+                     for tap in st.taps]
             return layer_probe(paths, out_dir, folder_name("layers", **settings))
+        if s.train_sizes:
+            tap = choose_tap(st, settings)[0] if layer == "auto" else layer
+            return learning_curve(st, tap, s.clf, s.train_sizes, s.class_weight, s.seed, out_dir)
+        out = out_dir / folder_name(layer, **settings)
+        done = finished_fit(out, settings | {"tap": layer}, st, s.reuse)
+        if done:
+            return done
         choice = None
         if layer == "auto":
             layer, choice = choose_tap(st, settings)
-        if s.train_sizes:
-            return learning_curve(st, layer, s.clf, s.train_sizes, s.class_weight, s.seed, out_dir)
-        folder = folder_name("auto" if choice else layer, **settings)
-        return fit_one(st, layer, settings, out_dir / folder, s.force, choice)
+        return fit_one(st, layer, settings, out, s.force or s.reuse, choice)
+
+
+def finished_fit(out: Path, settings: dict, st: FeatureStore, reuse: bool) -> Path | None:
+    """With `reuse`, the report of a finished fit in `out` made with these settings from this very
+    cache (the fit stage's own "already done?" check, for run and for Slurm jobs alike)."""
+    path = out / "report.json"
+    if not reuse or not path.is_file():
+        return None
+    try:
+        rep = json.loads(path.read_text())
+        same = rep["settings"] == settings and rep["cache"]["fingerprint"] == st.attrs["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if same:
+        note(f"{settings['clf']} on {settings['tap']}: done before ({path})")
+    return path if same else None
 
 
 LAYER_MODES = ("auto", "concat", "all")

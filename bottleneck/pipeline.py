@@ -11,7 +11,6 @@ one resumes from its checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import typing
@@ -367,29 +366,72 @@ def save_copy(exp: Experiment) -> None:
         shutil.copyfile(exp.file, target)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One step of an experiment: `run` calls it here, `run --slurm` makes it a job, `status` reports it."""
+
+    name: str  # extract-<backbone>, fit-<backbone>, finetune-<name>, compare
+    kind: str  # a key of RUNNERS
+    after: tuple[str, ...] = ()  # stages whose outputs it reads
+    table: dict | None = None  # its [[backbone]] or [[finetune]] table
+    gpu: bool = False
+
+
+def stages(exp: Experiment) -> list[Stage]:
+    """Every stage of an experiment, in an order that runs each after what it reads: the one list
+    behind local runs, Slurm plans and status."""
+    found = []
+    for bb in exp.backbones:
+        found.append(Stage(f"extract-{bb['name']}", "extract", (), bb, gpu=True))
+        if fit_args(exp, bb):
+            found.append(Stage(f"fit-{bb['name']}", "fit", (f"extract-{bb['name']}",), bb))
+    for ft in exp.finetunes:
+        probed = probed_backbone(exp, ft["model"]) if ft.get("init_head") == PROBE else None
+        found.append(Stage(f"finetune-{ft['name']}", "finetune", (f"fit-{probed['name']}",) if probed else (), ft,
+                           gpu=True))  # LP-FT starts from that stage's probe
+    ends = tuple(s.name for s in found if s.kind in ("fit", "finetune"))
+    return found + [Stage("compare", "compare", ends or tuple(s.name for s in found))]
+
+
+def run_stage(exp: Experiment, stage: Stage, progress: bool = True) -> Path:
+    """Run one stage here; each skips what it finds done (a complete cache, a fit of the same settings
+    from the same cache, a finished fine-tune of the same settings)."""
+    return RUNNERS[stage.kind](exp, stage.table, progress)
+
+
 def run(experiment: str | Path, *, force: bool = False, progress: bool = True) -> Path:
     """Run every stage of an experiment on this machine, skipping finished ones; returns comparison.md.
 
     A fine-tune whose folder holds a finished run of other settings is refused before anything
     runs (the folder keeps describing what it holds); `force` deletes that run and redoes it.
     """
-    from bottleneck.compare import compare
-    from bottleneck.extract import extract
-
     exp = load(experiment)
     check_finished(exp, force)
     prepare_data(exp)
     save_copy(exp)
-    for bb in exp.backbones:
-        note(f"extract: {bb['model']} {', '.join(bb['layers'])}")
-        cache = extract(**extract_args(exp, bb), progress=progress)
-        cache_record(exp, bb).parent.mkdir(parents=True, exist_ok=True)
-        cache_record(exp, bb).write_text(f"{cache}\n")
-        for args in fit_args(exp, bb):
-            fit_once(cache, args)
-    for ft in exp.finetunes:
-        note(f"finetune: {ft['name']}")
-        run_finetune(exp, ft, progress)
+    for stage in stages(exp):
+        result = run_stage(exp, stage, progress)
+    return result
+
+
+def run_extract(exp: Experiment, bb: dict, progress: bool) -> Path:
+    from bottleneck.extract import extract
+
+    note(f"extract: {bb['model']} {', '.join(bb['layers'])}")
+    cache = extract(**extract_args(exp, bb), progress=progress)
+    cache_record(exp, bb).parent.mkdir(parents=True, exist_ok=True)
+    cache_record(exp, bb).write_text(f"{cache}\n")
+    return cache
+
+
+def run_fits(exp: Experiment, bb: dict, progress: bool) -> Path:
+    cache = Path(cache_record(exp, bb).read_text().strip())
+    return [fit_once(cache, args) for args in fit_args(exp, bb)][-1]
+
+
+def run_compare(exp: Experiment, table: None, progress: bool) -> Path:
+    from bottleneck.compare import compare
+
     return compare([str(exp.out)], out=str(exp.out))
 
 
@@ -413,26 +455,35 @@ def check_finished(exp: Experiment, force: bool = False) -> None:
 
 
 def fit_once(cache: Path, args: dict) -> Path:
-    """Fit unless a report made from this very cache with the same search setting exists."""
+    """Fit, keeping a finished fit of the same settings from this very cache (the run owns its
+    folders: a fit from another cache is replaced)."""
     from bottleneck.classify import fit
-    from bottleneck.store import FeatureStore
 
-    path = fit_report(args)
-    if path.is_file():
-        with FeatureStore(cache) as st:
-            fingerprint = st.attrs["fingerprint"]
-        try:
-            rep = json.loads(path.read_text())
-            same = rep["cache"]["fingerprint"] == fingerprint and rep["settings"]["tap"] == args["layer"]
-        except (ValueError, KeyError, TypeError):
-            same = False
-        if same:
-            note(f"fit {args['clf']} on {args['layer']}: done before ({path})")
-            return path
-    return fit(str(cache), **args, force=True)  # the run owns its folders: a changed cache is fitted again
+    return fit(str(cache), **args, reuse=True)
 
 
 def run_finetune(exp: Experiment, ft: dict, progress: bool) -> Path:
     from bottleneck.finetune import finetune
 
+    note(f"finetune: {ft['name']}")
     return finetune(**finetune_kwargs(exp, ft), progress=progress)
+
+
+RUNNERS = {"extract": run_extract, "fit": run_fits, "finetune": run_finetune, "compare": run_compare}
+
+
+def stage_output(exp: Experiment, stage: Stage) -> str:
+    """What a stage has left on disk so far: "done: ..." once it is finished."""
+    if stage.kind == "extract":
+        record = cache_record(exp, stage.table)
+        made = record.read_text().strip() if record.is_file() else ""
+        return f"done: {made}" if made else "missing"
+    if stage.kind == "fit":
+        reports = [fit_report(a) for a in fit_args(exp, stage.table)]
+        n = sum(p.is_file() for p in reports)
+        return f"{'done: ' if n == len(reports) else ''}{n}/{len(reports)} reports"
+    if stage.kind == "finetune":
+        folder = finetune_dir(exp, stage.table)
+        return ("done: report.json" if (folder / "report.json").is_file() else
+                "checkpoint" if (folder / "checkpoint.pt").is_file() else "missing")
+    return "done: comparison.md" if (exp.out / "comparison.md").is_file() else "missing"

@@ -128,6 +128,8 @@ class FitSettings(Settings):
     out: str | None = setting(None, "Output folder [default: runs/fit/<cache name>].", toml=False)
     train_sizes: str | None = setting(None, "Learning curve: images per class, e.g. 10,25,50,100,all.", toml=False)
     force: bool = setting(False, "Replace a result of other settings in the same folder.", toml=False)
+    reuse: bool = setting(False, "Keep a finished fit of the same settings and cache instead of fitting again, and "
+                          "replace any other (what 'bottleneck run' does with its own folders).", toml=False)
 
 
 @dataclass(frozen=True)

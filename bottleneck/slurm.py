@@ -63,23 +63,27 @@ class Job:
 # --------------------------------------------------------------------------- writing the scripts
 
 def plan(exp: pipeline.Experiment, opts: Options) -> list[Job]:
-    """Every job of an experiment in submission order."""
-    jobs = []
-    for bb in exp.backbones:
-        jobs += extract_jobs(exp, bb, opts)
-        if pipeline.fit_args(exp, bb):
-            jobs.append(fit_job(exp, bb, opts, after=jobs[-1].stage))
-    jobs += [finetune_job(exp, ft, opts) for ft in exp.finetunes]
-    ends = [j.stage for j in jobs if j.stage.startswith(("fit-", "finetune-"))]
-    jobs.append(Job("compare", script(exp, "compare", opts, "Put every report of the run side by side.",
-                                      [command("compare", {"run_dirs": [str(exp.out)]})]),
-                    log=log_pattern(exp, "compare"), after=ends or [j.stage for j in jobs], dependency="afterany"))
+    """Every job of an experiment in submission order: one or two per stage of pipeline.stages."""
+    jobs, last = [], {}  # last: the job that finishes each stage (an array's merge job)
+    for stage in pipeline.stages(exp):
+        made = WRITERS[stage.kind](exp, stage, opts)
+        for job in made[:1]:
+            job.after = [last[name] for name in stage.after]
+        jobs += made
+        last[stage.name] = made[-1].stage
     return jobs
 
 
-def extract_jobs(exp: pipeline.Experiment, bb: dict, opts: Options) -> list[Job]:
+def compare_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
+    return [Job("compare", script(exp, "compare", opts, "Put every report of the run side by side.",
+                                  [command("compare", {"run_dirs": [str(exp.out)]})]),
+                log=log_pattern(exp, "compare"), dependency="afterany")]
+
+
+def extract_jobs(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
     from bottleneck.extract import extract
 
+    bb = stage.table
     args = _without_defaults(extract, pipeline.extract_args(exp, bb)) | {"progress": False}
     record = pipeline.cache_record(exp, bb)
     n = opts.array_size
@@ -105,22 +109,23 @@ def extract_jobs(exp: pipeline.Experiment, bb: dict, opts: Options) -> list[Job]
     return [extract_job, merge_job]
 
 
-def fit_job(exp: pipeline.Experiment, bb: dict, opts: Options, after: str) -> Job:
+def fit_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
     from bottleneck.classify import fit
 
+    bb = stage.table
     lines = [f"CACHE=$(cat {_q(pipeline.cache_record(exp, bb))})"]
     for args in pipeline.fit_args(exp, bb):
-        # --force: the run owns these folders, and a re-extracted cache must be fitted again, as `run` does
-        lines.append(command("fit", {"features": Shell('"$CACHE"')} | _without_defaults(fit, args) | {"force": True}))
+        # --reuse, as `run` fits: a finished fit of this very cache is kept, one of another cache replaced
+        lines.append(command("fit", {"features": Shell('"$CACHE"')} | _without_defaults(fit, args) | {"reuse": True}))
     fits = ", ".join(dict.fromkeys(f"{a['clf']} on {a['layer']}" for a in pipeline.fit_args(exp, bb)))
-    return Job(f"fit-{bb['name']}", script(exp, f"fit-{bb['name']}", opts,
-                                           f"Fit {fits} of the {bb['model']} cache.", lines),
-               log=log_pattern(exp, f"fit-{bb['name']}"), after=[after])
+    return [Job(stage.name, script(exp, stage.name, opts, f"Fit {fits} of the {bb['model']} cache.", lines),
+                log=log_pattern(exp, stage.name))]
 
 
-def finetune_job(exp: pipeline.Experiment, ft: dict, opts: Options) -> Job:
+def finetune_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
     from bottleneck.finetune import finetune
 
+    ft = stage.table
     kwargs = _without_defaults(finetune, pipeline.finetune_kwargs(exp, ft))
     run = command("finetune", kwargs | {"progress": False})
     lines = [
@@ -140,11 +145,11 @@ def finetune_job(exp: pipeline.Experiment, ft: dict, opts: Options) -> Job:
         "fi",
         "exit $status",
     ]
-    stage = f"finetune-{ft['name']}"
-    probed = pipeline.probed_backbone(exp, ft["model"]) if ft.get("init_head") == pipeline.PROBE else None
-    return Job(stage, script(exp, stage, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines, gpu=True,
-                             requeue=True), log=log_pattern(exp, stage),
-               after=[f"fit-{probed['name']}"] if probed else [])  # LP-FT starts from that job's probe
+    return [Job(stage.name, script(exp, stage.name, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines,
+                                   gpu=True, requeue=True), log=log_pattern(exp, stage.name))]
+
+
+WRITERS = {"extract": extract_jobs, "fit": fit_job, "finetune": finetune_job, "compare": compare_job}
 
 
 def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, lines: list[str], gpu: bool = False,
@@ -347,26 +352,17 @@ def status(run_dir: str | Path) -> list[dict]:
 
 
 def outputs(exp: pipeline.Experiment) -> dict[str, str]:
-    """What each stage has left on disk so far."""
+    """What each stage has left on disk so far (an extraction run as an array: its shards, then its merge)."""
     found = {}
-    for bb in exp.backbones:
-        record = pipeline.cache_record(exp, bb)
-        made = record.read_text().strip() if record.is_file() else ""
-        cache = f"done: {made}" if made else "missing"
-        found[f"extract-{bb['name']}"] = cache
-        if _jobs_file(exp.out).is_file() and f"merge-{bb['name']}" in _planned_stages(exp):
-            shards = len(list(record.parent.glob(f"{glob.escape(bb['name'])}.shard-*.path")))
-            found[f"extract-{bb['name']}"] = f"{shards} shards" if cache == "missing" else f"done: {shards} shards"
-            found[f"merge-{bb['name']}"] = cache
-        if exp.fit:
-            reports = [pipeline.fit_report(a) for a in pipeline.fit_args(exp, bb)]
-            n = sum(p.is_file() for p in reports)
-            found[f"fit-{bb['name']}"] = f"{'done: ' if n == len(reports) else ''}{n}/{len(reports)} reports"
-    for ft in exp.finetunes:
-        folder = pipeline.finetune_dir(exp, ft)
-        found[f"finetune-{ft['name']}"] = ("done: report.json" if (folder / "report.json").is_file() else
-                                           "checkpoint" if (folder / "checkpoint.pt").is_file() else "missing")
-    found["compare"] = "done: comparison.md" if (exp.out / "comparison.md").is_file() else "missing"
+    for stage in pipeline.stages(exp):
+        found[stage.name] = pipeline.stage_output(exp, stage)
+        if stage.kind == "extract" and _jobs_file(exp.out).is_file() and \
+                f"merge-{stage.table['name']}" in _planned_stages(exp):
+            record = pipeline.cache_record(exp, stage.table)
+            shards = len(list(record.parent.glob(f"{glob.escape(stage.table['name'])}.shard-*.path")))
+            cache = found[stage.name]
+            found[stage.name] = f"{shards} shards" if cache == "missing" else f"done: {shards} shards"
+            found[f"merge-{stage.table['name']}"] = cache
     return found
 
 

@@ -280,3 +280,19 @@ def test_one_writer_per_result_folder_and_a_report_always_matches_its_model(cach
         fit(str(cache[0]), layer="pool", search=False, out=str(tmp_path), force=True)
     assert report_before and not (tmp_path / "pool-logreg" / "report.json").exists()
     assert (tmp_path / "pool-logreg" / "model.joblib").is_file()
+
+
+def test_reuse_keeps_a_finished_fit_of_this_cache_and_replaces_one_of_another(cache, tmp_path):
+    """The fit stage's own "already done?" check, which run and the Slurm fit jobs (--reuse) rely on."""
+    first = fit(str(cache[0]), layer="pool", search=False, out=str(tmp_path), reuse=True)
+    stamp = first.stat().st_mtime_ns
+    assert fit(str(cache[0]), layer="pool", search=False, out=str(tmp_path), reuse=True) == first
+    assert first.stat().st_mtime_ns == stamp
+    again = run_cli("fit", "--features", str(cache[0]), "--layer", "pool", "--no-search", "--out", str(tmp_path),
+                    "--reuse")
+    assert again.returncode == 0 and "done before" in again.stderr and first.stat().st_mtime_ns == stamp
+    other = extract("efficientnet_lite0", str(cache[1]), layer=["pool"], out=str(tmp_path / "c2"), batch_size=16,
+                    workers=0, progress=False, dtype="float16")
+    assert fit(str(other), layer="pool", search=False, out=str(tmp_path), reuse=True) == first
+    assert json.loads(first.read_text())["cache"]["path"] == str(other)  # another cache: fitted again
+    assert fit(str(other), layer="pool", search=False, out=str(tmp_path), force=True).stat().st_mtime_ns != stamp

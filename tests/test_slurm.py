@@ -157,6 +157,7 @@ def test_hostile_names_and_paths_reach_the_commands_as_text_and_never_run(tmp_pa
     assert calls[2] == ["cache", "merge", "/made/by/extract", "/made/by/extract"]
     assert (out / "caches" / f"{bb}.path").read_text() == "/made/by/cache\n"
     assert given(fit, "--features") == "/made/by/cache" and given(fit, "--out") == str(out / "fit" / bb)
+    assert "--reuse" in fit and "--force" not in fit  # a finished fit of this cache is kept, as `run` keeps it
     assert given(finetune, "--data") == str(data) and given(finetune, "--out") == str(out / "finetune" / ft)
     assert calls[5] == ["compare", "--", str(out)]
     status = {r["stage"]: r for r in slurm.status(out)}
