@@ -16,83 +16,17 @@ from pathlib import Path
 import joblib
 import numpy as np
 import sklearn
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.svm import SVC, LinearSVC
 
 from bottleneck import data
 from bottleneck import report as reports
+from bottleneck.classifiers import GRIDS, make_classifier
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
 from bottleneck.locks import WriteLock
-from bottleneck.settings import CLASSIFIERS, FitSettings, takes
+from bottleneck.settings import FitSettings, takes
 from bottleneck.store import FeatureStore
-
-# The main hyperparameter of each, searched by --search.
-GRIDS = {
-    "logreg": {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]},
-    "svm": {"clf__estimator__C": [0.3, 1.0, 3.0, 10.0]},
-    "linear-svm": {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]},
-    "mlp": {"clf__alpha": [1e-3, 1e-2, 1e-1, 1.0], "clf__hidden_layer_sizes": [(256,), (1024,)]},
-    "knn": {"clf__n_neighbors": [1, 5, 11, 21]},
-}
-
-
-class PlattSVC(CalibratedClassifierCV):
-    """An SVM that labels by its own decision function, with Platt-scaled probabilities.
-
-    Probabilities come from sigmoids fitted to 3-fold cross-validated decision values, then one
-    SVM is fitted on all the data (`ensemble=False`). SVC(probability=True) did the same with
-    5 folds inside libsvm: the same labels at 1.6 times the fitting time on 5,000 CIFAR-10
-    feature vectors (docs/benchmarks.md), and scikit-learn 1.11 removes it. Labels stay the
-    SVM's own, not the argmax of the calibrated probabilities, which can disagree with it.
-    """
-
-    def predict(self, X):
-        return self.calibrated_classifiers_[0].estimator.predict(X)
-
-
-class EqualTaps(BaseEstimator, TransformerMixin):
-    """Scale each tap's block of standardised features by 1/sqrt(its width), so that every tap
-    of a concatenation carries the same total variance: the 1280-d penultimate vector does not
-    drown a 112-d mid-level tap under one shared penalty."""
-
-    def __init__(self, dims: tuple[int, ...] = ()):
-        self.dims = dims
-
-    def fit(self, x, y=None):
-        return self
-
-    def transform(self, x):
-        return x * np.repeat([1 / np.sqrt(d) for d in self.dims], self.dims) if len(self.dims) > 1 else x
-
-
-def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None,
-                    dims: tuple[int, ...] = ()) -> Pipeline:
-    """An unfitted Pipeline for one of CLASSIFIERS; `dims` are the widths of concatenated taps."""
-    if clf not in CLASSIFIERS:
-        raise BottleneckError(f"unknown classifier '{clf}'; choose one of {', '.join(CLASSIFIERS)}")
-    if clf == "logreg":
-        est = LogisticRegression(C=0.01, max_iter=3000, class_weight=class_weight)
-    elif clf == "svm":
-        est = PlattSVC(SVC(C=1.0, class_weight=class_weight, random_state=seed), cv=3, ensemble=False)
-    elif clf == "linear-svm":
-        # Calibrated so that predict_proba exists, as for every other classifier.
-        est = CalibratedClassifierCV(LinearSVC(C=0.001, class_weight=class_weight, random_state=seed), cv=3)
-    elif clf == "mlp":
-        # One hidden layer, L2 penalty and early stopping on a held-out tenth of the training data.
-        est = MLPClassifier(hidden_layer_sizes=(256,), alpha=0.01, early_stopping=True, validation_fraction=0.1,
-                            n_iter_no_change=10, max_iter=300, random_state=seed)
-    else:
-        return Pipeline([("scale", Normalizer()), ("clf", KNeighborsClassifier(n_neighbors=5))])
-    scale = [("scale", StandardScaler())] + ([("taps", EqualTaps(tuple(dims)))] if len(dims) > 1 else [])
-    return Pipeline(scale + [("clf", est)])
 
 
 @takes(FitSettings)

@@ -20,9 +20,9 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
+from bottleneck.classifiers import CLASSIFIERS  # the one table of classifiers
 from bottleneck.errors import BottleneckError
 
-CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")

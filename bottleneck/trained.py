@@ -124,7 +124,7 @@ def load_classifier(path: str | os.PathLike) -> Trained:
 
 
 def _same_steps(pipe, prov: dict) -> bool:
-    from bottleneck.classify import make_classifier
+    from bottleneck.classifiers import make_classifier
 
     taps = prov.get("taps") or [prov["tap"]]
     try:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import make_tree, run_cli
 
-from bottleneck.classify import CLASSIFIERS, fit
+from bottleneck.classifiers import CLASSIFIERS
+from bottleneck.classify import fit
 from bottleneck.errors import BottleneckError
 from bottleneck.extract import extract
 from bottleneck.predict import evaluate, predict
