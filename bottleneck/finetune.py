@@ -22,6 +22,7 @@ import resource
 import signal
 import threading
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,33 @@ def setup_distributed() -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- training
 
+@dataclass
+class TrainState:
+    """Where a run stands; a checkpoint holds it as a plain dict, so a resumed run continues exactly."""
+
+    epoch: int = 0  # finished epochs
+    step: int = 0  # finished steps of the current epoch
+    history: list[dict] = field(default_factory=list)  # one row of losses and accuracies per epoch
+    best_score: float | None = None  # of the monitored validation measure
+    best_epoch: int | None = None
+    best_model: dict | None = None  # its weights, restored at the end
+    bad_epochs: int = 0  # epochs since the best, for early stopping
+    head_only: dict | None = None  # test predictions before the backbone trained (the head-only model)
+    train_seconds: float = 0.0
+    train_images: int = 0
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: the weights are not copied
+
+    @classmethod
+    def from_dict(cls, d: dict, path: Path) -> TrainState:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise BottleneckError(f"checkpoint {path} holds a state this version does not know "
+                                  f"({', '.join(sorted(unknown))}); delete it to start over")
+        return cls(**d)
+
+
 class Run:
     """One fine-tuning run: its model, optimiser, history and checkpoints."""
 
@@ -244,8 +272,7 @@ class Run:
         self.dev, self.precision, self.rank, self.world, self.out = dev, precision, rank, world, out
         self.model = net
         self.scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-        self.state = {"epoch": 0, "step": 0, "history": [], "best_score": None, "best_model": None,
-                      "bad_epochs": 0, "head_only": None, "train_seconds": 0.0, "train_images": 0}
+        self.state = TrainState()
         self.opt = self.sched = self.opt_phase = None
         self.stop_signal = None
         self.total = args["head_epochs"] + args["epochs"]
@@ -287,7 +314,7 @@ class Run:
         ckpt = {"format": "bottleneck-checkpoint/1", "args": self.args, "model": self.net.state_dict(),
                 "optimizer": self.opt.state_dict(), "lr_scheduler": self.sched.state_dict(),
                 "scaler": self.scaler.state_dict(), "phase": self.opt_phase,
-                "rng": torch.get_rng_state(), "state": self.state}
+                "rng": torch.get_rng_state(), "state": self.state.as_dict()}
         self.out.mkdir(parents=True, exist_ok=True)
         save_atomic(ckpt, self.checkpoint_path())
 
@@ -305,10 +332,10 @@ class Run:
             raise BottleneckError(f"{self.out} holds a run with other settings ({', '.join(changed) or 'format'}); "
                                   "use another --out or delete it")
         self.net.load_state_dict(ckpt["model"])
-        self.state = ckpt["state"]
+        self.state = TrainState.from_dict(ckpt["state"], path)
         torch.set_rng_state(ckpt["rng"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        note(f"resuming {self.out} at epoch {self.state['epoch'] + 1}, step {self.state['step']}")
+        note(f"resuming {self.out} at epoch {self.state.epoch + 1}, step {self.state.step}")
         return ckpt
 
     # -- the loop ---------------------------------------------------------------
@@ -330,8 +357,8 @@ class Run:
     def _loop(self, ckpt: dict | None, bar) -> None:
         current = None
         note(f"training: {self.steps_per_epoch()} steps per epoch, {self.total} epochs at most")
-        while self.state["epoch"] < self.total and not self.stopped_early():
-            epoch = self.state["epoch"]
+        while self.state.epoch < self.total and not self.stopped_early():
+            epoch = self.state.epoch
             phase = self.phase(epoch)
             if phase != current:
                 self.start_phase(phase, ckpt)
@@ -340,19 +367,19 @@ class Run:
             self.end_epoch(epoch, phase)
             if self.stopped_early():
                 note(f"early stop after epoch {epoch + 1}: no improvement in {self.args['patience']} epochs")
-        if self.args["restore_best"] and self.state["best_model"] is not None:
-            self.net.load_state_dict(self.state["best_model"])
+        if self.args["restore_best"] and self.state.best_model is not None:
+            self.net.load_state_dict(self.state.best_model)
 
     def stopped_early(self) -> bool:
         """Whether the last finished epoch, a fine-tuning one, ran out of patience. Read from the
         state, not decided in the loop, so a run resumed after its early stop stops there too."""
-        return self.state["epoch"] > self.args["head_epochs"] and self.state["bad_epochs"] >= self.args["patience"]
+        return self.state.epoch > self.args["head_epochs"] and self.state.bad_epochs >= self.args["patience"]
 
     def start_phase(self, phase: str, ckpt: dict | None) -> None:
         if phase == "finetune" and (self.args["head_epochs"] or self.args["init_head"]) and \
-                self.state["head_only"] is None:
+                self.state.head_only is None:
             head_only = self.evaluate("test")  # the course's before/after comparison (LP-FT: the probe's)
-            self.state["head_only"] = {k: v for k, v in head_only.items() if k != "probs"}
+            self.state.head_only = {k: v for k, v in head_only.items() if k != "probs"}
         self.set_trainable(phase)
         if self.world > 1:  # wrapped after freezing: DDP syncs only the parameters that train
             self.model = nn.parallel.DistributedDataParallel(self.net)
@@ -368,9 +395,9 @@ class Run:
         order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(a["seed"] * 100003 + epoch))
         steps = self.steps_per_epoch()
         task = bar.add_task(f"epoch {epoch + 1}/{self.total} ({self.phase(epoch)})", total=steps)
-        bar.advance(task, self.state["step"])
+        bar.advance(task, self.state.step)
         set_train_mode(self.net)
-        for step in range(self.state["step"], steps):
+        for step in range(self.state.step, steps):
             tick = time.perf_counter()
             idx = order[step * a["batch_size"]:(step + 1) * a["batch_size"]]
             gen = torch.Generator().manual_seed(a["seed"] * 7919 + epoch * 100003 + step)
@@ -388,9 +415,9 @@ class Run:
             self.scaler.step(self.opt)
             self.scaler.update()
             self.sched.step()
-            self.state["step"] = step + 1
-            self.state["train_seconds"] += time.perf_counter() - tick
-            self.state["train_images"] += len(idx) * self.world
+            self.state.step = step + 1
+            self.state.train_seconds += time.perf_counter() - tick
+            self.state.train_images += len(idx) * self.world
             bar.advance(task)
             if self.stop_signal:
                 self.save_checkpoint()
@@ -401,18 +428,18 @@ class Run:
     def end_epoch(self, epoch: int, phase: str) -> None:
         train = self.evaluate("train", limit=len(self.images["val"][1]), views="none")
         val = self.evaluate("val", views="none")
-        self.state["history"].append({"epoch": epoch + 1, "phase": phase, "train_loss": train["loss"],
+        self.state.history.append({"epoch": epoch + 1, "phase": phase, "train_loss": train["loss"],
                                       "train_accuracy": train["accuracy"], "val_loss": val["loss"],
                                       "val_accuracy": val["accuracy"]})
         score = -val["loss"] if self.args["monitor"] == "loss" else val["accuracy"]
-        if self.state["best_score"] is None or score > self.state["best_score"]:
-            self.state |= {"best_score": score, "bad_epochs": 0, "best_epoch": epoch + 1,
-                           "best_model": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
+        if self.state.best_score is None or score > self.state.best_score:
+            self.state.best_score, self.state.bad_epochs, self.state.best_epoch = score, 0, epoch + 1
+            self.state.best_model = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         else:
-            self.state["bad_epochs"] += 1
+            self.state.bad_epochs += 1
         note(f"epoch {epoch + 1} ({phase}): train loss {train['loss']:.3f}, val loss {val['loss']:.3f}, "
              f"val accuracy {val['accuracy']:.3f}")
-        self.state["epoch"], self.state["step"] = epoch + 1, 0
+        self.state.epoch, self.state.step = epoch + 1, 0
         self.save_checkpoint()
 
     def tta_views(self) -> str:
@@ -444,7 +471,7 @@ class Run:
                      "tta": self.tta_views(), "head": self.head, "weights": self.args["weights"],
                      "trained_on": ["train", "val"],  # val chose the epoch: its score is optimistic too
                      "versions": versions()}, self.out / "model.pt")
-        reports.plot_history(self.state["history"], self.out / "learning_curve.png", title=f"{self.args['model']}")
+        reports.plot_history(self.state.history, self.out / "learning_curve.png", title=f"{self.args['model']}")
         path = reports.write_report(self.out, rep)
         self.checkpoint_path().unlink(missing_ok=True)
         return path
@@ -515,10 +542,10 @@ def lr_factor(schedule: str, steps: int, phase: str):
 
 def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wall: float) -> dict:
     s, a = run.state, run.args
-    head_only = s["head_only"]
+    head_only = s.head_only
     peak = (torch.cuda.max_memory_allocated(run.dev) if run.dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    speed = round(s["train_images"] / s["train_seconds"], 2) if s["train_seconds"] else None
+    speed = round(s.train_images / s.train_seconds, 2) if s.train_seconds else None
     return {"stage": "finetune", "model": a["model"], "tap": None, "clf": "finetune",
             "params": {k: v for k, v in a.items() if k not in ("model", "data_dir")}, "classes": classes,
             "split": "test", "split_info": split_info, "trained_on": ["train", "val"],
@@ -527,10 +554,10 @@ def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wa
             **reports.metrics(np.array(final["y_true"]), np.array(final["y_pred"]), classes),
             "head_only": None if head_only is None else
             reports.metrics(np.array(head_only["y_true"]), np.array(head_only["y_pred"]), classes),
-            "best_epoch": s.get("best_epoch"), "history": s["history"],
+            "best_epoch": s.best_epoch, "history": s.history,
             "cost": {"wall_seconds": round(wall, 1), "device": device_name(run.dev),
-                     "device_seconds": round(s["train_seconds"], 1),
+                     "device_seconds": round(s.train_seconds, 1),
                      "images_per_second": speed,
-                     "epochs_run": len(s["history"]), "peak_memory_mb": round(peak / 2**20),
+                     "epochs_run": len(s.history), "peak_memory_mb": round(peak / 2**20),
                      "precision": run.precision, "processes": run.world},
             "data": a["data_dir"]}
