@@ -116,17 +116,6 @@ def image_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def same_weights(prov: dict) -> backbones.WeightsRef:
-    """The backbone weights a classifier was fitted on features of, refused if they changed since
-    (a weights file replaced under the same name gives other features, and silently other labels)."""
-    ref = backbones.resolve_weights(prov["model"], prov.get("weights_arg", "DEFAULT"))
-    if prov.get("weights") and ref.id != prov["weights"]:
-        raise BottleneckError(f"the backbone weights changed since this classifier was fitted: it was fitted on "
-                              f"features of {prov['weights']}, and {prov.get('weights_arg')} is now {ref.id}; "
-                              "extract and fit again with the new weights, or restore the old file")
-    return ref
-
-
 def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: bool = False,
             backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", batch_size: int = 32,
             device: str = "auto", progress: bool = True) -> list[dict]:
@@ -148,8 +137,6 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
         raise BottleneckError("give a classifier (MODEL.joblib or model.pt) or --imagenet")
     else:
         t = trained.load(model)
-        if t.kind == "classifier":
-            t.network(same_weights(t.meta))
     t.net = t.network().to(dev, memory_format=torch.channels_last)
     classes, prep = t.classes, t.preprocessing
     files = image_files(images)

@@ -56,12 +56,12 @@ class Trained:
             raise BottleneckError(f"{self.path} expects {expected} features per image, {source} gives {width}; "
                                   "it was not fitted on these taps")
 
-    def network(self, weights_ref=None) -> nn.Module:
+    def network(self) -> nn.Module:
         """The network that turns images into what the model scores: the fine-tuned network itself, or
         the backbone cut at the classifier's taps (built on first use: it may need its weights)."""
         if self.net is None:
-            self.net = backbones.FeatureExtractor(backbones.build_model(self.model, weights_ref), self.model,
-                                                  self.taps, self.meta["pool"])
+            self.net = backbones.FeatureExtractor(backbones.build_model(self.model, same_weights(self.meta)),
+                                                  self.model, self.taps, self.meta["pool"])
         return self.net
 
     def predict_batch(self, images_u8: torch.Tensor, dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +81,17 @@ class Trained:
             return self.pipe.predict_proba(feats[0]), np.searchsorted(self.pipe.classes_, self.pipe.predict(feats[0]))
         probs = sum(self.pipe.predict_proba(f) for f in feats) / len(feats)  # scored by the views' mean, as fit did
         return probs, probs.argmax(axis=1)
+
+
+def same_weights(prov: dict) -> backbones.WeightsRef:
+    """The backbone weights a classifier was fitted on features of, refused if they changed since
+    (a weights file replaced under the same name gives other features, and silently other labels)."""
+    ref = backbones.resolve_weights(prov["model"], prov.get("weights_arg", "DEFAULT"))
+    if prov.get("weights") and ref.id != prov["weights"]:
+        raise BottleneckError(f"the backbone weights changed since this classifier was fitted: it was fitted on "
+                              f"features of {prov['weights']}, and {prov.get('weights_arg')} is now {ref.id}; "
+                              "extract and fit again with the new weights, or restore the old file")
+    return ref
 
 
 def load(path: str | os.PathLike) -> Trained:
