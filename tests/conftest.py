@@ -47,3 +47,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     """Run the installed command in a fresh process, as a user would."""
     return subprocess.run([sys.executable, "-m", "bottleneck", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding the write lock at `path` until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path\n"
+                               "from bottleneck.locks import WriteLock\n"
+                               f"with WriteLock(Path({str(path)!r}), 'x'):\n"
+                               " print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder

@@ -5,7 +5,7 @@ import sys
 import joblib
 import numpy as np
 import pytest
-from conftest import make_tree, run_cli
+from conftest import hold_lock, make_tree, run_cli
 
 from bottleneck.classifiers import CLASSIFIERS
 from bottleneck.classify import fit
@@ -249,18 +249,9 @@ def test_a_cache_lacking_a_class_in_a_split_is_refused_by_fit(tmp_path):
     assert not (tmp_path / "fit").exists()
 
 
-def _hold_lock(path):
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path\n"
-                               "from bottleneck.locks import WriteLock\n"
-                               f"with WriteLock(Path('{path}'), 'x'):\n print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
-
-
 def test_one_writer_per_result_folder_and_a_report_always_matches_its_model(cache, tmp_path, monkeypatch):
     args = ("fit", "--features", str(cache[0]), "--out", str(tmp_path), "--layer", "pool", "--no-search")
-    holder = _hold_lock(tmp_path / "pool-logreg.lock")
+    holder = hold_lock(tmp_path / "pool-logreg.lock")
     try:
         busy = run_cli(*args)
         assert busy.returncode == 4 and f"being written by another process (pid {holder.pid})" in busy.stderr

@@ -1,8 +1,7 @@
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import hold_lock
 
 from bottleneck.errors import Busy
 from bottleneck.locks import WriteLock, held
@@ -10,12 +9,8 @@ from bottleneck.locks import WriteLock, held
 
 def test_a_lock_is_exclusive_across_processes_and_leaves_no_file(tmp_path):
     path = tmp_path / "x.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path\n"
-                               "from bottleneck.locks import WriteLock\n"
-                               f"with WriteLock(Path('{path}'), 'x'):\n print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(path)
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert held(path) is True
         with pytest.raises(Busy, match=f"pid {holder.pid}"):
             with WriteLock(path, "x"):
