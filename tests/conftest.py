@@ -58,3 +58,15 @@ def hold_lock(path: Path) -> subprocess.Popen:
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A small Lite0 cache with two taps, and its image tree (for classifiers and their use)."""
+    from bottleneck.extract import extract
+
+    root = tmp_path_factory.mktemp("clf")
+    tree = make_tree(root / "data", {"train": 16, "val": 4, "test": 6})
+    path = extract("efficientnet_lite0", str(tree), layer=["blocks.4", "pool"], out=str(root / "c"),
+                   batch_size=16, workers=0, progress=False)
+    return path, tree
