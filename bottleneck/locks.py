@@ -55,13 +55,24 @@ class WriteLock:
 
 
 def held(path: Path, what: str = "") -> bool | None:
-    """True while some process holds the lock at `path`, False when none does, None if it cannot be told."""
+    """True while some process holds the lock at `path`, False when none does, None if it cannot be
+    told (a folder without write permission). Only looks: the lock file stays as it is."""
     if not Path(path).exists():
         return False
     try:
-        with WriteLock(path, what):
-            return False
-    except Busy:
-        return True
-    except OSError:  # a read-only folder: no lock file can be opened
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
         return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def is_stale(path: Path) -> bool:
+    """Whether `path` is a lock file nobody holds (left by a writer from before lock files were
+    removed, say)."""
+    return held(path) is False and Path(path).exists()

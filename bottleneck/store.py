@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from bottleneck.errors import BottleneckError, write_error
-from bottleneck.locks import WriteLock, held
+from bottleneck.locks import WriteLock, held, is_stale
 
 FORMAT = "bottleneck-features/1"
 JSON_ATTRS = ("taps", "preprocessing", "classes", "versions", "split_info", "cost", "dims")
@@ -385,10 +385,10 @@ def _plain(value):
 
 
 def leftovers(folder: str | os.PathLike, interrupted: bool = False) -> list[Path]:
-    """What in a cache folder no extraction will use again: blocks beside a finished cache, and
-    temporary files whose writer is gone; with `interrupted`, also the blocks of interrupted
-    extractions (a rerun of their command would resume from them: after a change of data or
-    settings, it never comes)."""
+    """What in a cache folder no extraction will use again: blocks beside a finished cache,
+    temporary files whose writer is gone, and lock files nobody holds; with `interrupted`, also
+    the blocks of interrupted extractions (a rerun of their command would resume from them:
+    after a change of data or settings, it never comes)."""
     found = []
     for parts in sorted(Path(folder).glob("*.h5.parts")):
         cache = Path(str(parts).removesuffix(".parts"))
@@ -398,7 +398,7 @@ def leftovers(folder: str | os.PathLike, interrupted: bool = False) -> list[Path
         cache = Path(str(tmp).split(".tmp")[0])
         if writer_running(cache) is False:
             found.append(tmp)
-    return found
+    return found + [lock for lock in sorted(Path(folder).glob("*.h5.lock")) if is_stale(lock)]
 
 
 def remove(paths: list[Path]) -> None:

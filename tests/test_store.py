@@ -109,8 +109,11 @@ def test_leftovers_are_listed_once_and_cleaned_and_other_data_is_pointed_out(tmp
     shutil.copytree(interrupted, f"{path}.parts")  # as left by a writer killed just after its final rename
     listing = run_cli("cache", "ls", str(out)).stdout
     assert listing.count(path.name[:20]) == 2, listing  # the finished cache once, the other data's run once
+    Path(f"{path}.lock").write_text("12345")  # as left by a writer from before lock files were removed
     dry = run_cli("cache", "clean", str(out), "--dry-run")
-    assert dry.stdout.split() == [f"{path}.parts"] and "would remove 1 leftover" in dry.stderr
+    killed_lock = str(interrupted).removesuffix(".parts") + ".lock"  # a killed writer cannot remove its lock file
+    assert sorted(dry.stdout.split()) == sorted([f"{path}.parts", f"{path}.lock", killed_lock])
+    assert "would remove 3 leftovers" in dry.stderr and Path(killed_lock).exists()
     assert run_cli("cache", "clean", str(out), "--interrupted").returncode == 0
     assert sorted(p.name for p in out.iterdir()) == [path.name]  # neither blocks nor lock files remain
     assert subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().endswith(path.name)
