@@ -132,23 +132,6 @@ def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -
     return path
 
 
-def head_in_fp32(layer: nn.Module) -> None:
-    """Run `layer` in float32 whatever the autocast around it.
-
-    A head folded from a standardised probe weights features by 1/std: on features of small
-    spread (Lite0's pooled vector: median std 0.07, some 1e-4) its weights reach 80, and the bias
-    cancels sums of large products. In bfloat16 (8 significant bits) that cancellation loses
-    about one logit, so the LP-FT head keeps full precision (the network around it does not).
-    """
-    forward = layer.forward
-
-    def fp32_forward(x):
-        with torch.autocast(x.device.type, enabled=False):
-            return forward(x.float())
-
-    layer.forward = fp32_forward
-
-
 def file_name(name: str) -> str:
     """`name` in a file or folder name: 'timm:resnet18' → 'timm-resnet18'.
 

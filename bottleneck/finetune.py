@@ -218,7 +218,6 @@ def init_head(net: nn.Module, head: str, probe: dict) -> None:
     with torch.no_grad():
         layer.weight.copy_(probe["weight"])
         layer.bias.copy_(probe["bias"])
-    backbones.head_in_fp32(layer)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -470,7 +469,6 @@ class Run:
         save_atomic({"format": NETWORK_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
                      "classes": classes, "preprocessing": self.prep, "precision": self.precision,
                      "tta": self.tta_views(), "head": self.head, "weights": self.args["weights"],
-                     "head_precision": "fp32" if self.args["init_head"] else self.precision,
                      "trained_on": ["train", "val"],  # val chose the epoch: its score is optimistic too
                      "versions": versions()}, self.out / "model.pt")
         reports.plot_history(self.state.history, self.out / "learning_curve.png", title=f"{self.args['model']}")

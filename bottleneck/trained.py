@@ -162,8 +162,6 @@ def load_network(path: str | os.PathLike) -> Trained:
         net = backbones.build_model(meta["arch"], "none")
         backbones.replace_head(net, meta["arch"], len(meta["classes"]))
         net.load_state_dict(saved["model"])
-        if meta.get("head_precision") == "fp32":  # an LP-FT head runs as it trained (backbones.head_in_fp32)
-            backbones.head_in_fp32(net.get_submodule(meta["head"]))
     except (KeyError, TypeError, RuntimeError, BottleneckError) as e:
         raise BottleneckError(f"{path}: its weights do not match its metadata ({describe_error(e)}); "
                               "fine-tune it again") from None
