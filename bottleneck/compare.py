@@ -149,7 +149,7 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
     ident = str(folder.relative_to(run_dir)) if run_dir and folder.is_relative_to(run_dir) else str(folder)
     return {"id": ident, "method": method, "backbone": str(rep["model"]), "tap": rep.get("tap") or "",
             "classifier": rep["clf"] if rep["stage"] == "fit" else
-            _lpft(rep["params"]) if (rep.get("params") or {}).get("init_head") else "fine-tuned head",
+            _lpft(rep["params"], folder.name) if (rep.get("params") or {}).get("init_head") else "fine-tuned head",
             "accuracy": accuracy,
             "accuracy_ci": _interval(rep.get("accuracy_ci")) or stats.wilson(round(accuracy * n_test), n_test),
             "difference": None, "difference_ci": None, "p_value": None,
@@ -164,9 +164,9 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
             "classes": rep.get("classes"), "data_root": rep.get("data_root")}
 
 
-def _lpft(params: dict) -> str:
-    # Several LP-FT runs differ by their training length first; the id column tells the rest apart.
-    return f"head from a logreg probe (LP-FT), {params.get('epochs')} epochs"
+def _lpft(params: dict, name: str) -> str:
+    # Several LP-FT runs (other probes, other lengths) are told apart by their run's name and length.
+    return f"head from a logreg probe (LP-FT {name}, {params.get('epochs')} epochs)"
 
 
 def _interval(value) -> list[float] | None:

@@ -256,14 +256,14 @@ def test_repeats_over_seeds_show_their_spread(runs):
     assert "Across seeds" in compare([str(runs / "a"), str(runs / "b")]).read_text()
 
 
-def test_lp_ft_rows_say_how_long_they_trained(tmp_path):
+def test_lp_ft_rows_say_which_run_and_how_long_they_trained(tmp_path):
     from bottleneck.compare import row
 
     base = {"stage": "finetune", "model": "m", "clf": "finetune", "accuracy": 0.8, "balanced_accuracy": 0.8,
             "n_test": 10, "n_train": 20, "cost": {"wall_seconds": 5.0}, "probe_cost_seconds": 2.0}
     rows = [row(base | {"params": {"init_head": "p.joblib", "epochs": e}}, tmp_path / f"r{e}" / "report.json")
             for e in (2, 8)]
-    assert [r["classifier"] for r in rows] == ["head from a logreg probe (LP-FT), 2 epochs",
-                                               "head from a logreg probe (LP-FT), 8 epochs"]
+    assert [r["classifier"] for r in rows] == ["head from a logreg probe (LP-FT r2, 2 epochs)",
+                                               "head from a logreg probe (LP-FT r8, 8 epochs)"]
     assert rows[0]["cost_seconds"] == 7.0  # the probe it started from is part of its cost
     assert row(base | {"params": {"epochs": 2}}, tmp_path / "f" / "report.json")["classifier"] == "fine-tuned head"
