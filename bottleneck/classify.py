@@ -19,7 +19,7 @@ import sklearn
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
-from bottleneck import data
+from bottleneck import data, locks
 from bottleneck import report as reports
 from bottleneck.classifiers import GRIDS, make_classifier
 from bottleneck.console import note
@@ -106,11 +106,11 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
         d = split_data(st, tap, settings["seed"])
         pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"], tap_dims(st, tap))
         grid = GRIDS[settings["clf"]] if settings["search"] else {}
-        scores[tap] = search_params(pipe, settings["clf"], d, settings["seed"], grid)[1]["cv_accuracy"]
+        chosen = search_params(pipe, settings["clf"], d, settings["seed"], grid)[1]
+        scores[tap] = chosen["cv_accuracy"]
     rank = {t: (round(scores[t], 12), t != CONCAT, st.taps.index(t) if t in st.taps else -1) for t in scores}
     best = max(scores, key=rank.get)
-    how = "validation split" if "val" in st.splits else \
-        f"{cv_folds(st.labels('train'), st.paths('train'))}-fold stratified CV on train"
+    how = "validation split" if "val" in st.splits else chosen["cv"].replace("stratified on", "stratified CV on")
     note("tap by " + how + ": " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()) + f"; chose {best}")
     return best, {"by": how, "scores": {t: round(v, 4) for t, v in scores.items()}, "chosen": best}
 
@@ -192,7 +192,7 @@ def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> 
 def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool = False,
             choice: dict | None = None) -> Path:
     d = split_data(st, tap, settings["seed"])
-    with WriteLock(out.with_name(f"{out.name}.lock"), str(out)):  # one writer per result folder
+    with WriteLock(locks.beside(out), str(out)):  # one writer per result folder
         return _fit_locked(st, tap, settings | {"tap": "auto" if choice else tap}, out, force, choice, d)
 
 

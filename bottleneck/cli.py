@@ -246,10 +246,10 @@ def cache_clean(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = 
         raise BottleneckError(f"cache folder {folder} does not exist")
     found = store.leftovers(folder, interrupted)
     size = sum(f.stat().st_size for p in found for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    if not dry_run:
+        found = store.remove(found)  # what a writer started meanwhile holds is kept
     for path in found:
         out.print(str(path))
-    if not dry_run:
-        store.remove(found)
     err.print(f"{'would remove' if dry_run else 'removed'} {len(found)} leftover{'s' if len(found) != 1 else ''}, "
               f"{size / 1e6:.1f} MB")
 

@@ -195,32 +195,36 @@ def _class_folders(root: Path, prefix: str = "", hidden: list[str] | None = None
                               f"images must be in {root}/<class>/")
     if not classes:
         raise BottleneckError(f"{root} has no class folders; expected {root}/<class>/<image files>")
-    samples = []
+    samples, seen = [], {}
     for label, name in enumerate(classes):
-        files = _files_under(root / name, hidden, f"{prefix}{name}/")
+        files = _files_under(root / name, hidden, f"{prefix}{name}/", seen)
         if not files:
             raise BottleneckError(f"class folder {root / name} holds no files; remove it or add images")
         samples += [(f"{prefix}{name}/{f}", label) for f in files]
     return samples, classes
 
 
-def _files_under(folder: Path, hidden: list[str], prefix: str = "") -> list[str]:
-    """Every non-hidden file under `folder`, through symlinked folders too (a folder reached twice,
-    as by a link to its parent, is walked once). Hidden names go to `hidden`.
+def _files_under(folder: Path, hidden: list[str], prefix: str = "", seen: dict | None = None) -> list[str]:
+    """Every non-hidden file under `folder`, through symlinked folders too. A folder reached twice
+    within one class (a link to its parent) is walked once; one reached from two classes would
+    give its images two labels, and is an error. Names left out go to `hidden`.
 
     Every such file is a candidate: one that will not decode is skipped with its reason at
     extraction time instead of being filtered out here by its extension.
     """
-    found, seen = [], set()
+    found, seen = [], {} if seen is None else seen  # real path → the class folder that reached it
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         rel = os.path.relpath(dirpath, folder)
         rel = "" if rel == "." else f"{rel}/"
+        if real in seen and seen[real] != prefix:
+            raise BottleneckError(f"{folder}/{rel} is reached from two classes ({seen[real]} and {prefix}) "
+                                  "through a symbolic link; an image can have one label, so remove the link")
         if real in seen:
             hidden.append(f"{prefix}{rel} (a link to a folder already listed)")
             dirnames[:] = []
             continue
-        seen.add(real)
+        seen[real] = prefix
         hidden += [f"{prefix}{rel}{n}" for n in sorted(dirnames + filenames) if n.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [f"{rel}{f}" for f in filenames if not f.startswith(".")]
@@ -229,8 +233,8 @@ def _files_under(folder: Path, hidden: list[str], prefix: str = "") -> list[str]
 
 def _warn_hidden(root: str | Path, hidden: list[str]) -> None:
     if hidden:
-        warn(f"left out {len(hidden)} hidden name{'s' if len(hidden) > 1 else ''} under {root} "
-             f"(e.g. {hidden[0]}): files and folders whose names start with '.' are not read")
+        warn(f"left out {len(hidden)} name{'s' if len(hidden) > 1 else ''} under {root} (e.g. {hidden[0]}): "
+             "files and folders whose names start with '.', and folders a link leads back to, are not read")
 
 
 def _from_split_folders(root: Path, present: list[str], hidden: list[str]) -> Manifest:

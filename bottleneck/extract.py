@@ -48,8 +48,8 @@ def extract(s: ExtractSettings) -> Path:
     if path.is_file() and not force and store.is_complete(path):
         note(f"reusing complete cache {path} (use --force to extract again)")
         blocks = Path(f"{path}.parts")  # left by a writer killed between renaming the cache and cleaning up
-        if blocks.is_dir() and store.writer_running(path) is False:
-            store.remove([blocks])
+        if blocks.is_dir():
+            store.remove([blocks])  # under the cache's lock: kept if a writer holds it
         return path
     note_other_interrupted(path)
     with store.CacheLock(path):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bottleneck import backbones, preprocess, runtime
+from bottleneck import backbones, locks, preprocess, runtime
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError, Interrupted, write_error
@@ -66,7 +66,7 @@ def finetune(s: FinetuneSettings) -> Path:
     # One run per folder: a second one would share its checkpoint. Only the first process of a
     # multi-GPU run takes the lock; the others write nothing but through it.
     first = int(os.environ.get("RANK", "0")) == 0
-    with WriteLock(out_dir.with_name(f"{out_dir.name}.lock"), str(out_dir)) if first else contextlib.nullcontext():
+    with WriteLock(locks.beside(out_dir), str(out_dir)) if first else contextlib.nullcontext():
         if (out_dir / "report.json").is_file():  # finished by another process while we waited
             return finished_run(out_dir, args)
         return _finetune(s, args, out_dir)

@@ -48,15 +48,24 @@ class WriteLock:
 
     def __exit__(self, *exc) -> None:
         try:
-            self.path.unlink()  # while still holding it: whoever waits on this file will retry
+            if self._still_named(self.fd):  # never another writer's file under the same name
+                self.path.unlink()  # while still holding it: whoever waits on this file will retry
         except OSError:
             pass
         os.close(self.fd)
 
 
+def beside(folder: Path) -> Path:
+    """The lock file of a result folder: `<folder>.lock` next to it (also for `.` or a trailing `/`)."""
+    folder = Path(folder).resolve()
+    return folder.with_name(f"{folder.name}.lock")
+
+
 def held(path: Path, what: str = "") -> bool | None:
     """True while some process holds the lock at `path`, False when none does, None if it cannot be
-    told (a folder without write permission). Only looks: the lock file stays as it is."""
+    told (a folder without write permission). The lock file stays as it is; the probe takes the
+    lock for an instant, so a writer starting in that instant is told to wait (never called by a
+    holder on its own lock: closing the probe would release it)."""
     if not Path(path).exists():
         return False
     try:

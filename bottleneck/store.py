@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bottleneck.errors import BottleneckError, write_error
+from bottleneck.errors import BottleneckError, Busy, write_error
 from bottleneck.locks import WriteLock, held, is_stale
 
 FORMAT = "bottleneck-features/1"
@@ -257,6 +257,9 @@ class FeatureStore:
         except BottleneckError:
             self.file.close()
             raise
+        except OSError as e:  # a damaged chunk met while checking the labels
+            self.file.close()
+            raise _damaged(self.path, f"a dataset cannot be read ({str(e).splitlines()[0][:120]})") from None
 
     def _check_schema(self) -> None:
         """Shapes, types and ranges, from metadata and labels only (cheap at every open): an edited or
@@ -395,18 +398,34 @@ def leftovers(folder: str | os.PathLike, interrupted: bool = False) -> list[Path
         if writer_running(cache) is False and (interrupted or is_complete(cache)):
             found.append(parts)
     for tmp in sorted(Path(folder).glob("*.h5.tmp*")):
-        cache = Path(str(tmp).split(".tmp")[0])
-        if writer_running(cache) is False:
+        if writer_running(_cache_of(tmp)) is False:
             found.append(tmp)
     return found + [lock for lock in sorted(Path(folder).glob("*.h5.lock")) if is_stale(lock)]
 
 
-def remove(paths: list[Path]) -> None:
+def _cache_of(leftover: Path) -> Path:
+    """The cache a leftover belongs to: x.h5.parts, x.h5.tmp123 and x.h5.lock → x.h5."""
+    name = leftover.name
+    for suffix in (".parts", ".lock"):
+        name = name.removesuffix(suffix)
+    return leftover.with_name(name.rsplit(".tmp", 1)[0] if ".h5.tmp" in name else name)
+
+
+def remove(paths: list[Path]) -> list[Path]:
+    """Remove leftovers, each while holding its cache's lock (a writer that started since they were
+    found keeps its files); returns what was removed."""
+    removed = []
     for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            with CacheLock(_cache_of(path)):  # leaving it removes a lock file nobody held
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.suffix != ".lock":
+                    path.unlink(missing_ok=True)
+            removed.append(path)
+        except (Busy, OSError):
+            continue
+    return removed
 
 
 def is_complete(path: str | os.PathLike) -> bool:

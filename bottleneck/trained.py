@@ -95,11 +95,12 @@ def same_weights(prov: dict) -> backbones.WeightsRef:
 
 
 def load(path: str | os.PathLike) -> Trained:
-    """A classifier written by fit or a network written by finetune, told apart by content (torch
-    files are zip archives), checked, as a Trained."""
+    """A classifier written by fit or a network written by finetune (a `.pt` file, or any torch zip
+    archive), checked, as a Trained."""
     if not Path(path).is_file():
         raise BottleneckError(f"model file {path} does not exist")
-    return load_network(path) if zipfile.is_zipfile(path) else load_classifier(path)
+    # A .pt file is only ever read as tensors (a pickle named .pt is refused, never unpickled).
+    return load_network(path) if str(path).endswith(".pt") or zipfile.is_zipfile(path) else load_classifier(path)
 
 
 def load_classifier(path: str | os.PathLike) -> Trained:
@@ -142,7 +143,8 @@ def _same_steps(pipe, prov: dict) -> bool:
         fresh = make_classifier(prov["clf"], dims=(1,) * len(taps))
     except BottleneckError:
         return False
-    return [(n, type(s)) for n, s in pipe.steps] == [(n, type(s)) for n, s in fresh.steps]
+    # Step names, not types: classifiers fitted by older versions (an SVC before PlattSVC) still load.
+    return [n for n, _ in pipe.steps] == [n for n, _ in fresh.steps]
 
 
 def load_network(path: str | os.PathLike) -> Trained:

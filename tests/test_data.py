@@ -240,7 +240,10 @@ def test_symlinked_folders_are_read_and_hidden_names_are_counted_aloud(tmp_path,
     assert not any("back" in rel for rel in cats)  # the loop is walked once
     assert m.classes == ["cats", "dogs"]
     warned = capsys.readouterr().err
-    assert "left out 3 hidden names" in warned and "..dots" in warned
+    assert "left out 3 names" in warned and "..dots" in warned  # a hidden folder, a hidden file, the loop
+    os.symlink(root / "cats", root / "dogs" / "cats-too")  # the same images under a second class
+    with pytest.raises(BottleneckError, match="reached from two classes"):
+        data.load_manifest(root, val_fraction=0, test_fraction=0)
 
 
 def test_a_class_too_small_to_split_is_refused_before_any_work(tmp_path):

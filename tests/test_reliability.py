@@ -307,9 +307,14 @@ def test_pickles_with_code_are_refused_and_never_run(tree, tmp_path):
     torch.save({"format": "bottleneck-finetuned/1", "model": Payload(marker)}, evil)
     (tmp_path / "ft").mkdir()
     shutil.copy(evil, tmp_path / "ft" / "checkpoint.pt")
+    legacy = tmp_path / "legacy.pt"  # a plain pickle, not a torch archive, under a model's name
+    torch.save({"format": "bottleneck-finetuned/1", "model": Payload(marker)}, legacy,
+               _use_new_zipfile_serialization=False)
     cases = [(["extract", "--model", "efficientnet_lite0", "--weights", str(evil), "--data", str(tree),
                "--out", str(tmp_path / "c")], "not a loadable state_dict"),
              (["predict", str(evil), str(tree)], "not a readable fine-tuned model"),
+             (["predict", str(legacy), str(tree)], "not a readable fine-tuned model"),
+             (["evaluate", str(legacy), "--features", str(tmp_path / "none.h5")], "not a readable fine-tuned model"),
              (["finetune", "--model", "efficientnet_lite0", "--data", str(tree), "--out", str(tmp_path / "ft"),
                "--no-progress"], "cannot be read")]
     for args, words in cases:

@@ -27,12 +27,14 @@ def models(tmp_path_factory):
     return tree, cache, clf, net
 
 
-def test_both_kinds_load_by_content_whatever_their_file_name(models, tmp_path):
+def test_both_kinds_load_and_a_pickle_named_pt_is_never_unpickled(models, tmp_path):
     tree, cache, clf, net = models
     shutil.copy(clf, tmp_path / "classifier.pt")
     shutil.copy(net, tmp_path / "network.joblib")
-    a, b = trained.load(tmp_path / "classifier.pt"), trained.load(tmp_path / "network.joblib")
+    a, b = trained.load(clf), trained.load(tmp_path / "network.joblib")  # a torch archive, whatever its name
     assert (a.kind, b.kind) == ("classifier", "network")
+    with pytest.raises(BottleneckError, match="not a readable fine-tuned model"):
+        trained.load(tmp_path / "classifier.pt")  # a .pt is read as tensors only: a pickle is never unpickled
     assert a.classes == b.classes == ["cats", "dogs"] and a.taps == ["fire9"]
     assert b.preprocessing["size"] == 64 and a.preprocessing["size"] == 224
     with pytest.raises(BottleneckError, match="does not exist"):
