@@ -223,7 +223,7 @@ def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Pat
             table.add_row(path.name, "", "", "", "", f"unreadable: {e}")
     for parts in sorted(folder.glob("*.h5.parts")):
         blocks = len(list(parts.glob("*.npz")))
-        cache = Path(str(parts).removesuffix(".parts"))
+        cache = store.cache_of(parts)
         if store.is_complete(cache) and not store.writer_running(cache):
             continue  # blocks left beside a finished cache by a writer killed at its last step
         state = {True: f"being written ({blocks} blocks so far)",

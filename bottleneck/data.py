@@ -325,11 +325,14 @@ def _check_files_exist(m: Manifest) -> None:
     """A class whose files are all missing (a manifest of another machine's paths, say) is an error
     before any work; single missing files are skipped with their reason like unreadable ones."""
     for split, samples in m.splits.items():
-        for label, name in enumerate(m.classes):
-            files = [rel for rel, lab in samples if lab == label]
-            if files and not any(os.path.exists(os.path.join(m.root, rel)) for rel in files):
-                raise BottleneckError(f"none of the {len(files)} {split} images of class {name!r} exists under "
-                                      f"{m.root} (e.g. {files[0]}); a manifest's paths are relative to its folder")
+        by_class: dict[int, list[str]] = {}
+        for rel, label in samples:
+            by_class.setdefault(label, []).append(rel)
+        for label, files in sorted(by_class.items()):
+            if not any(os.path.exists(os.path.join(m.root, rel)) for rel in files):
+                raise BottleneckError(f"none of the {len(files)} {split} images of class {m.classes[label]!r} "
+                                      f"exists under {m.root} (e.g. {files[0]}); a manifest's paths are relative to "
+                                      "its folder")
 
 
 def dataset_fingerprint(m: Manifest) -> str:

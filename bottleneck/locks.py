@@ -61,7 +61,7 @@ def beside(folder: Path) -> Path:
     return folder.with_name(f"{folder.name}.lock")
 
 
-def held(path: Path, what: str = "") -> bool | None:
+def held(path: Path) -> bool | None:
     """True while some process holds the lock at `path`, False when none does, None if it cannot be
     told (a folder without write permission). The lock file stays as it is; the probe takes the
     lock for an instant, so a writer starting in that instant is told to wait (never called by a

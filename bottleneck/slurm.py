@@ -90,15 +90,15 @@ def extract_jobs(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options)
     what = f"{bb['model']} features ({', '.join(bb['layers'])})"
     if n == 1:
         lines = [f"mkdir -p {_q(record.parent)}", command("extract", args) + f" | tee {_q(record)}"]
-        return [Job(f"extract-{bb['name']}", script(exp, f"extract-{bb['name']}", opts, f"Extract {what}.",
-                                                    lines, gpu=True), log=log_pattern(exp, f"extract-{bb['name']}"))]
+        return [Job(stage.name, script(exp, stage.name, opts, f"Extract {what}.", lines, gpu=stage.gpu),
+                    log=log_pattern(exp, stage.name))]
     shard = record.with_name(f"{bb['name']}.shard-")  # + the task's number + .path
     lines = [f"mkdir -p {_q(record.parent)}",
              command("extract", args | {"shard": Shell(f'"$SLURM_ARRAY_TASK_ID/{n}"')})
              + f' | tee {_q(shard)}"$SLURM_ARRAY_TASK_ID".path']
     extract_job = Job(f"extract-{bb['name']}",
                       script(exp, f"extract-{bb['name']}", opts, f"Extract {what}: task I of this array computes "
-                             f"shard I of {n}.", lines, gpu=True, array=n),
+                             f"shard I of {n}.", lines, gpu=stage.gpu, array=n),
                       log=log_pattern(exp, f"extract-{bb['name']}", array=True))
     lines = [f"mapfile -t shards < <(cat {_q(shard)}{{0..{n - 1}}}.path)",
              f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(record)}"]
@@ -146,7 +146,7 @@ def finetune_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options)
         "exit $status",
     ]
     return [Job(stage.name, script(exp, stage.name, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines,
-                                   gpu=True, requeue=True), log=log_pattern(exp, stage.name))]
+                                   gpu=stage.gpu, requeue=True), log=log_pattern(exp, stage.name))]
 
 
 WRITERS = {"extract": extract_jobs, "fit": fit_job, "finetune": finetune_job, "compare": compare_job}

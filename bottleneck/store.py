@@ -394,16 +394,16 @@ def leftovers(folder: str | os.PathLike, interrupted: bool = False) -> list[Path
     after a change of data or settings, it never comes)."""
     found = []
     for parts in sorted(Path(folder).glob("*.h5.parts")):
-        cache = Path(str(parts).removesuffix(".parts"))
+        cache = cache_of(parts)
         if writer_running(cache) is False and (interrupted or is_complete(cache)):
             found.append(parts)
     for tmp in sorted(Path(folder).glob("*.h5.tmp*")):
-        if writer_running(_cache_of(tmp)) is False:
+        if writer_running(cache_of(tmp)) is False:
             found.append(tmp)
     return found + [lock for lock in sorted(Path(folder).glob("*.h5.lock")) if is_stale(lock)]
 
 
-def _cache_of(leftover: Path) -> Path:
+def cache_of(leftover: Path) -> Path:
     """The cache a leftover belongs to: x.h5.parts, x.h5.tmp123 and x.h5.lock → x.h5."""
     name = leftover.name
     for suffix in (".parts", ".lock"):
@@ -417,7 +417,7 @@ def remove(paths: list[Path]) -> list[Path]:
     removed = []
     for path in paths:
         try:
-            with CacheLock(_cache_of(path)):  # leaving it removes a lock file nobody held
+            with CacheLock(cache_of(path)):  # leaving it removes a lock file nobody held
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 elif path.suffix != ".lock":
