@@ -559,14 +559,20 @@ class _Done(Exception):
 
 
 class FeatureExtractor(nn.Module):
-    """Runs `model` up to its last requested tap; returns {tap: N×D float32}."""
+    """Runs `model` up to its last requested tap; returns {tap: N×D float32}.
 
-    def __init__(self, model: nn.Module, name: str, taps: list[str], pool: str = "avg"):
+    With `maps` (one of the taps), the tap's output is also returned unpooled as float16, under
+    "maps/<tap>": what `finetune --from-cache` trains the rest of the network on.
+    """
+
+    def __init__(self, model: nn.Module, name: str, taps: list[str], pool: str = "avg", maps: str | None = None):
         super().__init__()
         if pool not in POOLS:
             raise BottleneckError(f"unknown pooling '{pool}'; choose one of {', '.join(POOLS)}")
-        self.model, self.pool = model, pool
+        self.model, self.pool, self.maps = model, pool, maps
         self.taps = resolve_taps(name, taps)
+        if maps is not None and maps not in self.taps:
+            raise BottleneckError(f"the maps of tap {maps} are kept only when the tap is extracted too")
         self._found: dict[str, torch.Tensor] = {}
         spec = get_spec(name)
         self.layouts = {tap: spec.taps[tap].layout for tap in self.taps}
@@ -582,7 +588,11 @@ class FeatureExtractor(nn.Module):
     def _keep(self, tap: str, x: torch.Tensor) -> None:
         # A copy in float32: later in-place ops (ReLU(inplace)) must not reach our features.
         self._found[tap] = pool_features(x, self.pool, self.layouts[tap]).to(torch.float32, copy=True)
-        if len(self._found) == len(self.taps):
+        if tap == self.maps:
+            if x.ndim < 3:
+                raise BottleneckError(f"tap {tap} gives one vector per image, not maps; choose a spatial tap")
+            self._found[f"maps/{tap}"] = x.to(torch.float16, copy=True)  # as the next layer reads it
+        if len(self._found) == len(self.taps) + (self.maps is not None):
             raise _Done
 
     def _keep_input(self, tap):
@@ -598,7 +608,8 @@ class FeatureExtractor(nn.Module):
         except _Done:
             pass
         found, self._found = self._found, {}
-        return {tap: found[tap] for tap in self.taps}
+        return {tap: found[tap] for tap in self.taps} | ({} if self.maps is None else
+                                                           {f"maps/{self.maps}": found[f"maps/{self.maps}"]})
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -266,6 +266,10 @@ def cache_info(path: Annotated[Path, typer.Argument(help="Cache file.")],
     out.print(f"{path}\n  model {info['model']}  weights {info['weights']}  pool {info['pool']}  "
               f"precision {info['precision']}  dtype {info['dtype']}")
     out.print("  taps " + ", ".join(f"{t} ({info['dims'][t]})" for t in info["taps"]))
+    if info.get("views"):
+        out.print(f"  views {info['views']} ({info['n_views']} rows per image)")
+    if info.get("maps"):
+        out.print(f"  maps of {info['maps']['tap']} ({'×'.join(map(str, info['maps']['shape']))} float16 per row)")
     out.print("  classes " + ", ".join(info["classes"]))
     for split, s in info["splits"].items():
         out.print(f"  {split}: {s['images']} images {s['per_class']}, {s['skipped']} skipped")

@@ -138,6 +138,7 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
     if rep["stage"] == "finetune":
         method, seconds, device = "fine-tune", _number(cost.get("wall_seconds", 0.0)), cost.get("device", "")
         seconds += _number(rep.get("probe_cost_seconds") or 0.0)  # LP-FT: the probe it started from counts too
+        seconds += _number(rep.get("cache_cost_seconds") or 0.0)  # a top trained on cached maps: their extraction
     else:
         extraction = cost.get("extraction") or {}
         method = "fixed features"
@@ -148,8 +149,7 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
     folder = path.parent
     ident = str(folder.relative_to(run_dir)) if run_dir and folder.is_relative_to(run_dir) else str(folder)
     return {"id": ident, "method": method, "backbone": str(rep["model"]), "tap": rep.get("tap") or "",
-            "classifier": rep["clf"] if rep["stage"] == "fit" else
-            _lpft(rep["params"], folder.name) if (rep.get("params") or {}).get("init_head") else "fine-tuned head",
+            "classifier": rep["clf"] if rep["stage"] == "fit" else _finetuned(rep, folder.name),
             "accuracy": accuracy,
             "accuracy_ci": _interval(rep.get("accuracy_ci")) or stats.wilson(round(accuracy * n_test), n_test),
             "difference": None, "difference_ci": None, "p_value": None,
@@ -164,9 +164,16 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
             "classes": rep.get("classes"), "data_root": rep.get("data_root")}
 
 
-def _lpft(params: dict, name: str) -> str:
-    # Several LP-FT runs (other probes, other lengths) are told apart by their run's name and length.
-    return f"head from a logreg probe (LP-FT {name}, {params.get('epochs')} epochs)"
+def _finetuned(rep: dict, name: str) -> str:
+    """What a fine-tune trained; several LP-FT or top runs are told apart by their run's name and length."""
+    params = rep.get("params") or {}
+    if params.get("from_cache"):
+        views = (rep.get("from_cache") or {}).get("views", "none")
+        return (f"layers after {rep.get('tap')} on cached maps{'' if views == 'none' else ' of ' + views + ' views'} "
+                f"({name}, {params.get('epochs')} epochs)")
+    if params.get("init_head"):
+        return f"head from a logreg probe (LP-FT {name}, {params.get('epochs')} epochs)"
+    return "fine-tuned head"
 
 
 def _interval(value) -> list[float] | None:

@@ -35,6 +35,8 @@ def extract(s: ExtractSettings) -> Path:
     started = time.perf_counter()
     model, pool, dtype, batch_size, force, progress = s.model, s.pool, s.dtype, s.batch_size, s.force, s.progress
     taps = backbones.resolve_taps(model, s.layer, pool)
+    if s.maps and s.maps not in taps:  # its pooled features come with its maps
+        taps = backbones.resolve_taps(model, [*taps, s.maps], pool)
     dev = resolve_device(s.device)
     prec = resolve_precision(s.precision, dev)
     shard_i, shard_n = parse_shard(s.shard)
@@ -42,8 +44,9 @@ def extract(s: ExtractSettings) -> Path:
     ref = backbones.resolve_weights(model, s.weights)
     every = sorted(p for samples in manifest.splits.values() for p, _ in samples)
     prep, why = preprocess.choose(model, manifest.root, every, s.image_size, s.crop, s.interpolation)
-    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest, s.views) | {"preprocessing_rule": why}
-    path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n, s.views)
+    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest, s.views, s.maps) | {
+        "preprocessing_rule": why}
+    path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n, s.views, s.maps)
 
     if path.is_file() and not force and store.is_complete(path):
         note(f"reusing complete cache {path} (use --force to extract again)")
@@ -67,7 +70,7 @@ def extract(s: ExtractSettings) -> Path:
             backbones.fetch_weights(ref)
             note(preprocess.describe(prep, why))
             net = backbones.build_model(model, ref)
-            extractor = backbones.FeatureExtractor(net, model, taps, pool)
+            extractor = backbones.FeatureExtractor(net, model, taps, pool, s.maps)
             workers = runtime.workers(s.workers)
             setup = time.perf_counter() - started
             run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
@@ -76,6 +79,7 @@ def extract(s: ExtractSettings) -> Path:
             setup = 0.0
         attrs |= {"shard": f"{shard_i}/{shard_n}", "block_rows": block_rows,
                   "dims": dims_of(parts, plan, taps, model, pool),
+                  **({"maps": {"tap": s.maps, "shape": map_shape(parts, plan, s.maps)}} if s.maps else {}),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         attrs["cost"] = extraction_cost(parts, plan, dev, prec, setup)
         blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
@@ -113,9 +117,10 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 
 def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: str, prep: dict, precision: str,
-                dtype: str, manifest: data.Manifest, views: str = "none") -> dict:
+                dtype: str, manifest: data.Manifest, views: str = "none", maps: str | None = None) -> dict:
     """The metadata a later stage needs; everything but versions goes into the fingerprint."""
     multi = {"views": views, "n_views": VIEWS[views]} if views != "none" else {}  # older caches' fingerprints stay
+    multi |= {"maps": {"tap": maps}} if maps else {}  # the maps' shape is added once the first block shows it
     attrs = multi | {"model": model, "weights": ref.id, "taps": taps, "pool": pool,
              "preprocessing": prep, "precision": precision, "dtype": dtype,
              "classes": manifest.classes, "split_info": manifest.split_info,
@@ -128,9 +133,9 @@ def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: st
 
 
 def cache_path(out: str, model: str, taps: list[str], pool: str, fingerprint: str,
-               shard_i: int = 0, shard_n: int = 1, views: str = "none") -> Path:
+               shard_i: int = 0, shard_n: int = 1, views: str = "none", maps: str | None = None) -> Path:
     name = f"{backbones.file_name(model)}-{'+'.join(taps)}-{pool}{'' if views == 'none' else '-' + views}" \
-           f"-{fingerprint[:12]}"
+           f"{'-maps' if maps else ''}-{fingerprint[:12]}"
     if shard_n > 1:
         name += f".shard-{shard_i}-of-{shard_n}"
     return Path(out) / f"{name}.h5"
@@ -211,7 +216,11 @@ def make_block(feats: dict[str, torch.Tensor], reasons: list[str], samples: list
                n_views: int = 1) -> dict:
     ok = np.array([r == "" for r in reasons], dtype=bool)
     rows = np.repeat(ok, n_views)  # each image's views, next to each other
-    return {"features": {t: v.cpu().numpy()[rows] for t, v in feats.items()},
+    maps = {t.removeprefix("maps/"): v.cpu().numpy()[rows] for t, v in feats.items() if t.startswith("maps/")}
+    if not all(np.isfinite(m).all() for m in maps.values()):
+        raise BottleneckError("a map holds values beyond float16's range (±65504); these maps cannot be kept")
+    return {"features": {t: v.cpu().numpy()[rows] for t, v in feats.items() if not t.startswith("maps/")},
+            "maps": maps,
             "labels": np.repeat([lab for _, lab in samples], n_views).astype(np.int64)[rows],
             "paths": [p for (p, _), good in zip(samples, ok) if good for _ in range(n_views)],
             "view": np.tile(np.arange(n_views, dtype=np.int8), len(samples))[rows],
@@ -225,6 +234,14 @@ def dims_of(parts: store.Parts, plan: dict, taps: list[str], model: str, pool: s
             feats = parts.read(split, blocks[0])["features"]
             return {t: int(feats[t].shape[1]) for t in taps}
     return {t: backbones.describe(model, pool)["taps"][t] for t in taps}
+
+
+def map_shape(parts: store.Parts, plan: dict, tap: str) -> list[int]:
+    """The shape of one row's map of `tap`, from the first block."""
+    for split, blocks in plan.items():
+        if blocks:
+            return list(parts.read(split, blocks[0])["maps"][tap].shape[1:])
+    raise BottleneckError("no images to extract")
 
 
 def extraction_cost(parts: store.Parts, plan: dict, device: torch.device, precision: str, setup: float) -> dict:

@@ -73,14 +73,30 @@ def finetune(s: FinetuneSettings) -> Path:
 
 
 def _finetune(s: FinetuneSettings, args: dict, out_dir: Path) -> Path:
-    model, device, progress = s.model, s.device, s.progress
     started = time.perf_counter()
     rank, world = setup_distributed()
-    dev = resolve_device(f"cuda:{local_rank()}" if device == "auto" and torch.cuda.is_available() else device)
+    dev = resolve_device(f"cuda:{local_rank()}" if s.device == "auto" and torch.cuda.is_available() else s.device)
     if s.deterministic:
         make_deterministic()
     prec = resolve_precision(s.precision, dev)
     apply_precision(prec)
+    if s.from_cache:
+        from bottleneck.finetune_top import top_run
+
+        run, data = top_run(s, args, dev, prec, rank, world, out_dir)
+    else:
+        run, data = image_run(s, args, dev, prec, rank, world, out_dir)
+    run.train(s.progress and rank == 0)
+    if rank != 0:
+        return out_dir / "report.json"
+    return run.finish(*data, time.perf_counter() - started)
+
+
+def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank: int, world: int,
+              out_dir: Path) -> tuple[Run, tuple]:
+    """A run on decoded images, and what its report needs: classes, split_info, data root, test paths
+    and the report's extra keys."""
+    model, progress = s.model, s.progress
     splits, classes, split_info, root = load_splits(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed,
                                                     s.max_images)
     prep, why = preprocess.choose(model, root, [p for p, _ in splits["train"]], s.image_size, s.crop,
@@ -99,12 +115,9 @@ def _finetune(s: FinetuneSettings, args: dict, out_dir: Path) -> Path:
         init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep))
     net = net.to(dev, memory_format=torch.channels_last)
     run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
-    run.train(progress and rank == 0)
-    if rank != 0:
-        return out_dir / "report.json"
-    return run.finish(classes, split_info, root, paths["test"], time.perf_counter() - started,
-                      {"preprocessing": prep, "preprocessing_rule": why,
-                       "probe_cost_seconds": probe_cost(s.init_head) if s.init_head else None})
+    return run, (classes, split_info, root, paths["test"],
+                 {"preprocessing": prep, "preprocessing_rule": why,
+                  "probe_cost_seconds": probe_cost(s.init_head) if s.init_head else None})
 
 
 @contextlib.contextmanager
@@ -391,7 +404,7 @@ class Run:
 
     def train_epoch(self, epoch: int, bar) -> None:
         a = self.args
-        x_all, y_all = self.images["train"]
+        y_all = self.images["train"][1]
         order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(a["seed"] * 100003 + epoch))
         steps = self.steps_per_epoch()
         task = bar.add_task(f"epoch {epoch + 1}/{self.total} ({self.phase(epoch)})", total=steps)
@@ -401,11 +414,8 @@ class Run:
             tick = time.perf_counter()
             idx = order[step * a["batch_size"]:(step + 1) * a["batch_size"]]
             gen = torch.Generator().manual_seed(a["seed"] * 7919 + epoch * 100003 + step)
-            # Augment the whole batch, then take this process's share: any number of processes
-            # sees the same augmented images as one process would.
-            x = augment_batch(x_all[idx], a["augment"], gen)[self.rank::self.world]
+            x = self.train_inputs(idx, gen)
             idx = idx[self.rank::self.world]
-            x = backbones.normalise(x, self.prep, self.dev)
             y = y_all[idx].to(self.dev)
             with torch.autocast(self.dev.type, dtype=backbones.AUTOCAST.get(self.precision),
                                 enabled=self.precision in backbones.AUTOCAST):
@@ -424,6 +434,16 @@ class Run:
                 raise Interrupted(f"{self.stop_signal} received: checkpoint saved at epoch {epoch + 1}, step "
                                   f"{step + 1} in {self.checkpoint_path()}; rerun the same command to resume")
         bar.remove_task(task)
+
+    def train_inputs(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """This process's share of a training batch, augmented and normalised on the device. The whole
+        batch is augmented first: any number of processes sees the images one process would."""
+        x = augment_batch(self.images["train"][0][idx], self.args["augment"], gen)[self.rank::self.world]
+        return backbones.normalise(x, self.prep, self.dev)
+
+    def probabilities(self, x: torch.Tensor, views: str) -> torch.Tensor:
+        return backbones.predict_proba(self.net, x, self.prep, self.dev, self.precision, views,
+                                       self.args["batch_size"] * 2)
 
     def end_epoch(self, epoch: int, phase: str) -> None:
         train = self.evaluate("train", limit=len(self.images["val"][1]), views="none")
@@ -451,22 +471,21 @@ class Run:
         x_all, y_all = self.images[split]
         if limit:  # a fixed slice of the training split, to watch training loss cheaply
             x_all, y_all = x_all[:limit], y_all[:limit]
-        probs = backbones.predict_proba(self.net, x_all, self.prep, self.dev, self.precision,
-                              views or self.tta_views(), self.args["batch_size"] * 2)
+        probs = self.probabilities(x_all, views or self.tta_views())
         y_pred = probs.argmax(1)
         loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_all).item()
         return {"loss": loss, "accuracy": float((y_pred == y_all).float().mean()), "y_pred": y_pred.tolist(),
                 "y_true": y_all.tolist(), "probs": probs}
 
     # -- the end -----------------------------------------------------------------
-    def finish(self, classes: list[str], split_info: dict, root: str, test_paths: list[str], wall: float,
-               extra: dict) -> Path:
+    def finish(self, classes: list[str], split_info: dict, root: str, test_paths: list[str], extra: dict,
+               wall: float) -> Path:
         final = self.evaluate("test")
         rep = build_report(self, classes, split_info, final, wall) | {"data_root": root} | extra
         rep["test_set"] = reports.test_set("test", test_paths, final["y_true"], classes)
         reports.write_predictions(self.out, test_paths, final["y_true"], final["y_pred"], final["probs"].numpy(),
                                   classes)
-        save_atomic({"format": NETWORK_FORMAT, "model": self.net.state_dict(), "arch": self.args["model"],
+        save_atomic({"format": NETWORK_FORMAT, "model": self.whole_network(), "arch": self.args["model"],
                      "classes": classes, "preprocessing": self.prep, "precision": self.precision,
                      "tta": self.tta_views(), "head": self.head, "weights": self.args["weights"],
                      "trained_on": ["train", "val"],  # val chose the epoch: its score is optimistic too
@@ -475,6 +494,11 @@ class Run:
         path = reports.write_report(self.out, rep)
         self.checkpoint_path().unlink(missing_ok=True)
         return path
+
+
+    def whole_network(self) -> dict:
+        """The weights of the whole network, as model.pt holds them."""
+        return self.net.state_dict()
 
 
 def save_atomic(obj: dict, path: Path) -> None:

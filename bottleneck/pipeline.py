@@ -96,9 +96,23 @@ def load(path: str | Path) -> Experiment:
             raise where.error("finetune", i, "init_head", f"\"{PROBE}\" starts the head from the logreg probe on "
                               f"{t['model']}'s {spec.default_tap} tap, but no [[backbone]] of model {t['model']} "
                               f"extracts {spec.default_tap}")
+    for i, t in enumerate(_array(where, doc, "finetune")):
+        if "from_cache" in t:
+            _check_maps_backbone(where, i, t, exp)
     if not exp.backbones and not exp.finetunes:
         raise where.error(None, 0, None, "defines no [[backbone]] and no [[finetune]]; nothing to run")
     return exp
+
+
+def _check_maps_backbone(where: _Locator, i: int, t: dict, exp: Experiment) -> None:
+    """from_cache names a [[backbone]] of the same model that keeps a tap's maps."""
+    bb = next((b for b in exp.backbones if b["name"] == t["from_cache"]), None)
+    if bb is None:
+        raise where.error("finetune", i, "from_cache", f"names no [[backbone]] of this file; give the name of one "
+                          f"with maps = \"TAP\" (its names: {', '.join(b['name'] for b in exp.backbones) or 'none'})")
+    if not bb.get("maps") or bb["model"] != t["model"]:
+        raise where.error("finetune", i, "from_cache", f"[[backbone]] '{bb['name']}' must be of model {t['model']} "
+                          "and keep a tap's maps (maps = \"TAP\")")
 
 
 def _data_table(where: _Locator, t) -> dict:
@@ -336,9 +350,17 @@ def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
     if ft.get("init_head") == PROBE:
         probe = fit_report(probe_args(exp, probed_backbone(exp, ft["model"])))
         ft = ft | {"init_head": str(probe.parent / "model.joblib")}
+    if ft.get("from_cache"):  # the cache that backbone's extraction made (a Slurm job reads the record itself)
+        record = cache_record(exp, maps_backbone(exp, ft))
+        ft = ft | {"from_cache": record.read_text().strip() if record.is_file() else str(record)}
     return {k: v for k, v in ft.items() if k != "name"} | {
         "data_dir": exp.data["path"], "out": str(finetune_dir(exp, ft)), "val_fraction": exp.data["val_fraction"],
         "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["seed"]}
+
+
+def maps_backbone(exp: Experiment, ft: dict) -> dict | None:
+    """The [[backbone]] whose cached maps a from_cache fine-tune trains on."""
+    return next((bb for bb in exp.backbones if bb["name"] == ft.get("from_cache")), None)
 
 
 def finetune_dir(exp: Experiment, ft: dict) -> Path:
@@ -387,8 +409,9 @@ def stages(exp: Experiment) -> list[Stage]:
             found.append(Stage(f"fit-{bb['name']}", "fit", (f"extract-{bb['name']}",), bb))
     for ft in exp.finetunes:
         probed = probed_backbone(exp, ft["model"]) if ft.get("init_head") == PROBE else None
-        found.append(Stage(f"finetune-{ft['name']}", "finetune", (f"fit-{probed['name']}",) if probed else (), ft,
-                           gpu=True))  # LP-FT starts from that stage's probe
+        cached = maps_backbone(exp, ft)
+        after = (f"fit-{probed['name']}",) if probed else (f"extract-{cached['name']}",) if cached else ()
+        found.append(Stage(f"finetune-{ft['name']}", "finetune", after, ft, gpu=True))  # LP-FT: after its probe
     ends = tuple(s.name for s in found if s.kind in ("fit", "finetune"))
     return found + [Stage("compare", "compare", ends or tuple(s.name for s in found))]
 

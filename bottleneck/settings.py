@@ -95,6 +95,9 @@ class ExtractSettings(Settings):
     views: str = setting("none", "Cache several views of each image: hflip (2), flips (4: horizontal, vertical, both) "
                          "or dihedral (8: the flips and quarter turns, for images with no up). fit trains on every "
                          "view and scores an image by averaging its views.", choices=tuple(VIEWS))
+    maps: str | None = setting(None, "Also keep this tap's unpooled maps (float16, views included), on which "
+                               "'finetune --from-cache' trains the layers after it without running the network "
+                               "below it again.")
     weights: str = setting("DEFAULT", "DEFAULT, an enum name (IMAGENET1K_V1), a state_dict file, or none "
                            "(random init).")
     out: str = setting("cache", "Cache folder.", toml=False)
@@ -143,6 +146,11 @@ class FinetuneSettings(Settings):
     init_head: str | None = setting(None, "LP-FT: start the new head from a linear probe, the model.joblib of "
                                     "'bottleneck fit --clf logreg --layer TAP' on this model's penultimate tap "
                                     "(standardisation folded in); the head-only epochs are then skipped.")
+    from_cache: str | None = setting(None, "Train only the layers after a tap, and the head, on the tap's maps in a "
+                                     "cache made by 'extract --maps TAP' from this data, without decoding images or "
+                                     "running the network below the tap; each epoch draws one of the cache's views "
+                                     "per image (--augment none: the image itself), scoring averages them. The "
+                                     "saved model is the whole network.")
     epochs: int = setting(8, "Epochs with the unfrozen part training too (at most: see --patience).", low=0)
     lr: float = setting(2e-3, "Learning rate of the head.", low=0.0)
     backbone_lr_mult: float = setting(0.25, "Backbone learning rate = lr × this.", low=0.0)
@@ -192,6 +200,14 @@ class FinetuneSettings(Settings):
         u = self.unfreeze
         if not (u == "all" or u.isdigit() or u.startswith("from:")):
             raise SettingError("unfreeze", f"--unfreeze must be all, a number of blocks, or from:TAP; not '{u}'")
+        if self.from_cache:  # the cache fixed these when it was extracted
+            for name in ("image_size", "crop", "interpolation", "max_images", "init_head"):
+                if getattr(self, name) is not None:
+                    raise SettingError(name, f"--from-cache trains on the cache as it was extracted; "
+                                       f"{flag(next(f for f in fields(self) if f.name == name))} does not apply")
+            if u != "all":
+                raise SettingError("unfreeze", "--from-cache trains every layer after the cache's tap; "
+                                   "--unfreeze does not apply")
 
 
 # --------------------------------------------------------------------------- one field

@@ -127,6 +127,8 @@ def finetune_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options)
 
     ft = stage.table
     kwargs = _without_defaults(finetune, pipeline.finetune_kwargs(exp, ft))
+    if ft.get("from_cache"):  # known once the extraction job has run
+        kwargs["from_cache"] = Shell(f'"$(cat {_q(pipeline.cache_record(exp, pipeline.maps_backbone(exp, ft)))})"')
     run = command("finetune", kwargs | {"progress": False})
     lines = [
         f"# Slurm sends USR1 to this script {_lead(opts.time)} s before the time limit, `scontrol requeue`",

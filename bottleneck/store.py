@@ -1,7 +1,8 @@
 """The HDF5 feature cache: its layout, crash-safe writing, reading, verifying and merging.
 
 Layout (docs/cache-format.md): root attributes describe how the features were made; one
-group per split holds `paths`, `labels`, `features/<tap>` (N×D) and `skipped`.
+group per split holds `paths`, `labels`, `view`, `features/<tap>` (N×D), `skipped` and, in a
+cache made with `extract --maps TAP`, the tap's unpooled float16 maps `maps/<tap>`.
 
 Crash safety comes from never writing the final file in place. Extraction writes each
 finished block as its own small file in `<cache>.parts/` (write, then atomic rename);
@@ -27,7 +28,7 @@ from bottleneck.errors import BottleneckError, Busy, write_error
 from bottleneck.locks import WriteLock, held, is_stale
 
 FORMAT = "bottleneck-features/1"
-JSON_ATTRS = ("taps", "preprocessing", "classes", "versions", "split_info", "cost", "dims")
+JSON_ATTRS = ("taps", "preprocessing", "classes", "versions", "split_info", "cost", "dims", "maps")
 VOLATILE_ATTRS = ("cost", "created")  # differ between two runs that produce the same features
 CHUNK_ROWS = 1024
 
@@ -108,6 +109,7 @@ class Parts:
 
 def _flatten_block(block: dict) -> dict:
     flat = {f"features/{t}": v for t, v in block["features"].items()}
+    flat |= {f"maps/{t}": v for t, v in block.get("maps", {}).items()}
     flat["labels"] = np.asarray(block["labels"], dtype=np.int64)
     flat["view"] = np.asarray(block.get("view", np.zeros(len(flat["labels"]))), dtype=np.int8)
     flat |= {k: np.asarray(block[k], dtype=str) for k in ("paths", "skipped_paths", "skipped_reasons")}
@@ -116,8 +118,9 @@ def _flatten_block(block: dict) -> dict:
 
 
 def _unflatten_block(flat: dict) -> dict:
-    block = {k: v for k, v in flat.items() if not k.startswith("features/")}
-    block["features"] = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("features/")}
+    block = {k: v for k, v in flat.items() if not k.startswith(("features/", "maps/"))}
+    for group in ("features", "maps"):
+        block[group] = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(group + "/")}
     block["seconds"] = float(block["seconds"])
     return block
 
@@ -170,14 +173,14 @@ def _write_file(tmp: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype
         f.attrs["complete"] = False
         for split, blocks in splits.items():
             _write_split(f.create_group(split), blocks, attrs["taps"], attrs["dims"], dtype,
-                         rows.get(split, CHUNK_ROWS))
+                         rows.get(split, CHUNK_ROWS), attrs.get("maps"))
         f.attrs["complete"] = True
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
 
 
 def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dims: dict, dtype: str,
-                 split_rows: int) -> None:
+                 split_rows: int, maps: dict | None = None) -> None:
     text = h5py.string_dtype()
     # Chunks of at most 4 MB, and no larger than the split: HDF5 allocates whole chunks, so a
     # 16-image cache would otherwise take 12 MB on disk.
@@ -185,6 +188,11 @@ def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dim
     feats = {t: group.create_dataset(f"features/{t}", shape=(0, dims[t]), maxshape=(None, dims[t]), dtype=dtype,
                                      chunks=(max(1, min(chunk, 2**22 // (4 * dims[t]))), dims[t]))
              for t in taps}
+    if maps:  # one image's map per chunk row block of at most 4 MB
+        shape, row_bytes = tuple(maps["shape"]), 2 * int(np.prod(maps["shape"]))
+        feats[f"maps/{maps['tap']}"] = group.create_dataset(
+            f"maps/{maps['tap']}", shape=(0, *shape), maxshape=(None, *shape), dtype="float16",
+            chunks=(max(1, min(chunk, 2**22 // row_bytes)), *shape))
     labels = group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(chunk,))
     paths = group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=text, chunks=(chunk,))
     # Which view of its image each row is (0 = the image itself); a cache without views has only 0.
@@ -196,7 +204,7 @@ def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dim
         n, n_new = labels.shape[0], len(block["labels"])
         views = block["view"] if "view" in block else np.zeros(n_new)
         for ds, values in [(labels, block["labels"]), (paths, block["paths"]), (view, views),
-                           *[(feats[t], block["features"][t]) for t in taps]]:
+                           *[(ds, _block_values(block, key)) for key, ds in feats.items()]]:
             ds.resize(n + n_new, axis=0)
             if n_new:
                 rows = np.asarray(values, dtype=object if ds is paths else ds.dtype)
@@ -207,6 +215,12 @@ def _write_split(group: h5py.Group, blocks: Iterable[dict], taps: list[str], dim
     group.create_dataset("skipped", data=skipped, dtype=skipped.dtype)
     for ds in [labels, paths, view, *feats.values()]:
         ds.attrs["sha256"] = hashes[ds.name].hexdigest()
+
+
+def _block_values(block: dict, key: str) -> np.ndarray:
+    """A block's rows of a feature tap ("blocks.5") or of a tap's maps ("maps/blocks.5")."""
+    group, _, tap = key.rpartition("/")
+    return block[group or "features"][tap]
 
 
 def _row_bytes(rows: np.ndarray) -> bytes:
@@ -276,6 +290,11 @@ class FeatureStore:
         if dims is not None and not (isinstance(dims, dict) and set(dims) == set(a["taps"])
                                      and all(isinstance(d, int) and d > 0 for d in dims.values())):
             raise bad("its 'dims' attribute does not give a positive size for each tap")
+        maps = a.get("maps")
+        if maps is not None and not (isinstance(maps, dict) and maps.get("tap") in a["taps"]
+                                     and isinstance(maps.get("shape"), list)
+                                     and all(isinstance(d, int) and d > 0 for d in maps["shape"])):
+            raise bad("its 'maps' attribute does not name one of its taps and the shape of its maps")
         for split in self.splits:
             g = self.file[split]
             for name in ("labels", "paths", "skipped", *[f"features/{t}" for t in a["taps"]]):
@@ -295,6 +314,10 @@ class FeatureStore:
                               f"{n} rows")
                 if dims is not None and ds.shape[1] != dims[tap]:
                     raise bad(f"{split}/features/{tap} has {ds.shape[1]} columns, its 'dims' say {dims[tap]}")
+            if maps is not None:
+                ds = g.get(f"maps/{maps['tap']}")
+                if not isinstance(ds, h5py.Dataset) or ds.shape != (n, *maps["shape"]) or ds.dtype != np.float16:
+                    raise bad(f"{split}/maps/{maps['tap']} is not float16 maps of shape {(n, *maps['shape'])}")
             labels = g["labels"][:]
             if n and (labels.min() < 0 or labels.max() >= len(a["classes"])):
                 raise bad(f"{split}/labels hold {labels.min() if labels.min() < 0 else labels.max()}, outside the "
@@ -329,6 +352,20 @@ class FeatureStore:
         x = self._split(split)[f"features/{tap}"][:]
         if not np.isfinite(x).all():  # one NaN makes a scaler, and so every prediction, NaN
             raise _damaged(self.path, f"{split}/features/{tap} holds NaN or inf")
+        return x
+
+    @property
+    def map_tap(self) -> str | None:
+        """The tap whose unpooled maps the cache holds (extract --maps), or None."""
+        return (self.attrs.get("maps") or {}).get("tap")
+
+    def maps(self, split: str) -> np.ndarray:
+        """The float16 maps of `map_tap`, one per row, as the next layer of the network reads them."""
+        if self.map_tap is None:
+            raise BottleneckError(f"{self.path} holds no unpooled maps; extract with --maps TAP to keep them")
+        x = self._split(split)[f"maps/{self.map_tap}"][:]
+        if not np.isfinite(x).all():
+            raise _damaged(self.path, f"{split}/maps/{self.map_tap} holds NaN or inf")
         return x
 
     def labels(self, split: str) -> np.ndarray:
@@ -449,7 +486,8 @@ def verify(path: str | os.PathLike) -> list[str]:
             g = store.file[split]
             n = g["labels"].shape[0]
             datasets = {"labels": g["labels"], "paths": g["paths"], **({"view": g["view"]} if "view" in g else {}),
-                        **{f"features/{t}": g[f"features/{t}"] for t in store.taps if f"features/{t}" in g}}
+                        **{f"features/{t}": g[f"features/{t}"] for t in store.taps if f"features/{t}" in g},
+                        **({f"maps/{store.map_tap}": g[f"maps/{store.map_tap}"]} if store.map_tap else {})}
             problems += [f"{split}: tap {t} is missing" for t in store.taps if f"features/{t}" not in g]
             for name, ds in datasets.items():
                 if ds.shape[0] != n:
@@ -457,7 +495,7 @@ def verify(path: str | os.PathLike) -> list[str]:
                 try:
                     if _digest(ds) != ds.attrs.get("sha256"):
                         problems.append(f"{split}/{name} does not match its checksum (damaged)")
-                    if name.startswith("features/") and not all(
+                    if name.startswith(("features/", "maps/")) and not all(
                             np.isfinite(ds[i:i + CHUNK_ROWS]).all() for i in range(0, n, CHUNK_ROWS)):
                         problems.append(f"{split}/{name} holds NaN or inf")
                 except OSError as e:
@@ -473,7 +511,8 @@ def contents_equal(a: str | os.PathLike, b: str | os.PathLike) -> bool:
            {k: v for k, v in y.attrs.items() if k not in ignore} or x.splits != y.splits:
             return False
         for s in x.splits:
-            names = ["labels", "paths", "skipped", *[f"features/{t}" for t in x.taps]]
+            names = ["labels", "paths", "skipped", *[f"features/{t}" for t in x.taps],
+                     *([f"maps/{x.map_tap}"] if x.map_tap else [])]
             if any(not np.array_equal(x.file[s][n][:], y.file[s][n][:]) for n in names) or \
                     not np.array_equal(x.views(s), y.views(s)):
                 return False
@@ -537,7 +576,10 @@ def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
             bad = next((t for t, x in features.items() if not np.isfinite(x).all()), None)
             if bad:
                 raise _damaged(st.path, f"{split}/features/{bad} holds NaN or inf")
-            yield {"features": features,
+            maps = {st.map_tap: g[f"maps/{st.map_tap}"][rows]} if st.map_tap else {}
+            if not all(np.isfinite(m).all() for m in maps.values()):
+                raise _damaged(st.path, f"{split}/maps/{st.map_tap} holds NaN or inf")
+            yield {"features": features, "maps": maps,
                    "labels": g["labels"][rows], "paths": list(g["paths"].asstr()[rows]), "view": st.views(split)[rows],
                    "skipped_paths": [p for p, _ in skipped] if first_block else [],
                    "skipped_reasons": [r for _, r in skipped] if first_block else []}

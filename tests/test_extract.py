@@ -187,11 +187,14 @@ def test_twenty_random_kills_still_end_with_the_same_cache(tmp_path):
 
 def test_a_multi_view_cache_resumes_after_a_kill_to_an_identical_file(tmp_path):
     tree = make_tree(tmp_path / "data", {"train": 6, "test": 2})
-    cmd = lambda out: _extract_cmd(tree, out) + ["--views", "dihedral", "--layer", "pool"]  # noqa: E731
+    cmd = lambda out: _extract_cmd(tree, out) + ["--views", "dihedral", "--layer", "pool",  # noqa: E731
+                                                 "--maps", "blocks.5"]
     reference = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, check=True)
     ref_path = reference.stdout.strip().splitlines()[-1]
     with store.FeatureStore(ref_path) as st:
         assert st.n_views == 8 and len(st.labels("train")) == 8 * 12 and st.attrs["views"] == "dihedral"
+        assert st.taps == ["blocks.5", "pool"] and st.maps("train").shape == (8 * 12, 192, 7, 7)
+        assert st.maps("train").dtype == "float16"
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

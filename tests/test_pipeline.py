@@ -245,3 +245,26 @@ def test_lpft_from_the_experiments_own_probe(tmp_path):
     path.write_text(GOOD + '\n[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = "probe"\n')
     with pytest.raises(BottleneckError, match="init_head.*no .* of model efficientnet_lite0 extracts pool"):
         pipeline.load(path)
+
+
+def test_a_top_fine_tune_trains_on_the_maps_of_the_experiments_own_cache(tmp_path):
+    from bottleneck import slurm
+
+    path = tmp_path / "x.toml"
+    maps = '\n[[backbone]]\nmodel = "efficientnet_lite0"\nname = "maps"\nlayers = ["pool"]\nmaps = "blocks.5"\n'
+    top = '\n[[finetune]]\nmodel = "efficientnet_lite0"\nname = "top"\nfrom_cache = "maps"\n'
+    path.write_text(GOOD + maps + top)
+    exp = pipeline.load(path)
+    record = pipeline.cache_record(exp, exp.backbones[1])
+    assert pipeline.finetune_kwargs(exp, exp.finetunes[0])["from_cache"] == str(record)  # before extraction
+    record.parent.mkdir(parents=True)
+    record.write_text("cache/made.h5\n")
+    assert pipeline.finetune_kwargs(exp, exp.finetunes[0])["from_cache"] == "cache/made.h5"
+    jobs = {j.stage: j for j in slurm.plan(exp, slurm.Options())}
+    assert jobs["finetune-top"].after == ["merge-maps"]  # the job waits for the cache it reads
+    assert f"--from-cache \"$(cat {record})\"" in jobs["finetune-top"].script
+    for table, words in [(GOOD + top, "names no \\[\\[backbone\\]\\]"),
+                         (GOOD + top.replace('"maps"', '"efficientnet_lite0"'), "keep a tap's maps")]:
+        path.write_text(table)
+        with pytest.raises(BottleneckError, match=f"from_cache.*{words}"):
+            pipeline.load(path)

@@ -1,0 +1,86 @@
+"""finetune --from-cache: the layers after a tap trained on that tap's cached maps."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tree
+
+from bottleneck import backbones, data, report, trained
+from bottleneck.errors import BottleneckError
+from bottleneck.extract import extract
+from bottleneck.finetune import finetune
+from bottleneck.finetune_top import cut, restore
+
+LITE = "efficientnet_lite0"
+TRUNK = ("conv_stem.", "bn1.", *[f"blocks.{i}." for i in range(6)])  # Lite0 up to blocks.5
+QUICK = dict(batch_size=4, workers=0, progress=False, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def maps_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("top")
+    tree = make_tree(root / "data", {"train": 8, "val": 2, "test": 3})
+    cache = extract(LITE, str(tree), layer=["pool"], maps="blocks.5", views="flips", image_size=64,
+                    out=str(root / "c"), batch_size=8, workers=0, precision="fp32", progress=False)
+    return cache, tree
+
+
+def test_a_top_trained_on_cached_maps_keeps_the_trunk_and_predicts_as_on_images(maps_cache, tmp_path):
+    cache, tree = maps_cache
+    out = tmp_path / "top"
+    rep = json.loads(finetune(LITE, str(tree), from_cache=str(cache), epochs=2, restore_best=False, out=str(out),
+                             **QUICK)
+                     .read_text())
+    assert rep["tap"] == "blocks.5" and rep["from_cache"]["views"] == "flips" and rep["n_test"] == 6
+    assert rep["cache_cost_seconds"] > 0
+
+    model = trained.load(str(out / "model.pt"))
+    assert model.kind == "network" and model.views == "flips"
+    saved = model.network().state_dict()
+    pretrained = backbones.build_model(LITE).state_dict()
+    trunk = [k for k in saved if k.startswith(TRUNK)]
+    assert trunk and all(torch.equal(saved[k], pretrained[k]) for k in trunk)  # running statistics too
+    top = [k for k in saved if k.startswith(("blocks.6.", "conv_head."))]
+    assert any(not torch.equal(saved[k], pretrained[k]) for k in top), "the top did not train"
+
+    # The saved network on the test images (trunk and top, flips averaged) gives what training
+    # scored from the cached maps, up to the maps' float16 rounding.
+    recorded = report.read_predictions(out / "predictions.csv")
+    paths = sorted(recorded)
+    images = torch.stack([data.resize_crop(data.load_image(tree / p), model.preprocessing) for p in paths])
+    probs, chosen = model.predict_batch(images, torch.device("cpu"))
+    expected = np.array([[recorded[p]["probabilities"][c] for c in model.classes] for p in paths])
+    np.testing.assert_allclose(probs, expected, atol=2e-3)
+    assert [model.classes[i] for i in chosen] == [recorded[p]["predicted"] for p in paths]
+
+
+def test_a_cache_without_maps_or_of_other_data_is_refused(maps_cache, tmp_path):
+    cache, tree = maps_cache
+    plain = extract(LITE, str(tree), layer=["pool"], image_size=64, out=str(tmp_path / "c"), batch_size=8,
+                    workers=0, precision="fp32", progress=False)
+    with pytest.raises(BottleneckError, match="holds no maps"):
+        finetune(LITE, str(tree), from_cache=str(plain), out=str(tmp_path / "a"), **QUICK)
+    other = make_tree(tmp_path / "other", {"train": 8, "val": 2, "test": 2})
+    with pytest.raises(BottleneckError, match="other data"):
+        finetune(LITE, str(other), from_cache=str(cache), out=str(tmp_path / "b"), **QUICK)
+    with pytest.raises(BottleneckError, match="--image-size does not apply"):
+        finetune(LITE, str(tree), from_cache=str(cache), image_size=96, out=str(tmp_path / "c2"), **QUICK)
+    with pytest.raises(BottleneckError, match="efficientnet_lite0 maps, not resnet18"):
+        finetune("resnet18", str(tree), from_cache=str(cache), weights="none", out=str(tmp_path / "d"), **QUICK)
+
+
+def test_a_network_is_cut_only_where_its_layers_run_in_order():
+    net = backbones.build_model("resnet18", "none")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = net(x)
+        removed = cut(net, "resnet18", "layer3", 64)  # a container: cut after its last block
+        assert list(removed)[-1] == "layer3.1" and "layer4.0" not in removed
+        restore(net, removed)
+        torch.testing.assert_close(net(x), whole)
+    # Inception v3 converts its input itself before the first layer: a cut network would apply
+    # that conversion to the maps, so it is refused.
+    with pytest.raises(BottleneckError, match="does not run its layers in order"):
+        cut(backbones.build_model("inception_v3", "none"), "inception_v3", "Mixed_6e", 299)
