@@ -8,6 +8,7 @@ every name.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +54,66 @@ class EqualTaps(BaseEstimator, TransformerMixin):
         return x * np.repeat([1 / np.sqrt(d) for d in self.dims], self.dims) if len(self.dims) > 1 else x
 
 
+class SelectRelevant(BaseEstimator, TransformerMixin):
+    """Keep the `fraction` of standardised features most relevant to the classes, whichever tap
+    they come from (Head2Toe, Evci et al. 2022): a softmax regression on all of them with a
+    group-lasso penalty (one group per feature: its weights for every class) ranks them by the
+    norm of their weights; the classifier after it sees only the best. The fraction is searched
+    on validation with the classifier's own grid."""
+
+    def __init__(self, fraction: float = 0.1, strength: float = 0.1):
+        self.fraction, self.strength = fraction, strength
+
+    def fit(self, x, y):
+        self.relevance_ = feature_relevance(np.asarray(x, dtype=np.float64), np.asarray(y), self.strength)
+        keep = max(1, int(round(self.fraction * x.shape[1])))
+        self.support_ = np.sort(np.argsort(-self.relevance_, kind="stable")[:keep])
+        return self
+
+    def transform(self, x):
+        return np.asarray(x)[:, self.support_]
+
+
+_RELEVANCE: dict[str, np.ndarray] = {}  # a search refits the selection per grid point on the same rows
+
+
+def feature_relevance(x: np.ndarray, y: np.ndarray, strength: float, steps: int = 300) -> np.ndarray:
+    """Per feature, the norm of its weights in a group-lasso softmax regression, with the penalty
+    `strength` × the smallest one that zeroes every weight; features it zeroes are ranked by their
+    gradient at zero (their correlation with the classes). Proximal gradient with momentum."""
+    key = hashlib.sha256(x.tobytes() + y.tobytes() + repr((x.shape, strength, steps)).encode()).hexdigest()
+    if key in _RELEVANCE:
+        return _RELEVANCE[key]
+    classes = np.unique(y)
+    target = (y[:, None] == classes[None, :]).astype(np.float64)
+    n = len(x)
+    bias = np.log(target.mean(0))
+    at_zero = np.linalg.norm(x.T @ (_softmax(np.broadcast_to(bias, target.shape)) - target) / n, axis=1)
+    penalty = strength * at_zero.max()
+    step = n / (np.linalg.norm(x, 2) ** 2)  # 1 / the gradient's Lipschitz bound (softmax curvature ≤ 1)
+    w = z = np.zeros((x.shape[1], len(classes)))
+    t = 1.0
+    for _ in range(steps):
+        p = _softmax(x @ z + bias)
+        bias = bias - step * (p - target).mean(0)  # not penalised
+        g = z - step * (x.T @ (p - target) / n)
+        norms = np.linalg.norm(g, axis=1, keepdims=True)
+        new = g * np.maximum(0.0, 1 - step * penalty / np.maximum(norms, 1e-30))
+        t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
+        z = new + (t - 1) / t_next * (new - w)
+        w, t = new, t_next
+    relevance = np.linalg.norm(w, axis=1) + 1e-9 * at_zero / max(at_zero.max(), 1e-30)
+    if len(_RELEVANCE) > 8:
+        _RELEVANCE.clear()
+    _RELEVANCE[key] = relevance
+    return relevance
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 @dataclass(frozen=True)
 class Classifier:
     estimator: Callable[[int, str | None], BaseEstimator]  # (seed, class_weight) → an unfitted estimator
@@ -80,14 +141,25 @@ TABLE: dict[str, Classifier] = {
 }
 CLASSIFIERS = tuple(TABLE)
 GRIDS = {name: c.grid for name, c in TABLE.items()}
+SELECT_FRACTIONS = [0.02, 0.05, 0.1, 0.2, 0.5]  # of all taps' features, searched on validation
+
+
+def grid(clf: str, select: bool = False) -> dict:
+    """What --search tries: the classifier's grid, and with feature selection, the fraction kept."""
+    return GRIDS[clf] | ({"select__fraction": SELECT_FRACTIONS} if select else {})
 
 
 def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None,
-                    dims: tuple[int, ...] = ()) -> Pipeline:
-    """An unfitted Pipeline for one of CLASSIFIERS; `dims` are the widths of concatenated taps."""
+                    dims: tuple[int, ...] = (), select: bool = False) -> Pipeline:
+    """An unfitted Pipeline for one of CLASSIFIERS; `dims` are the widths of concatenated taps.
+    With `select`, the relevant features of all taps are kept (SelectRelevant) instead of every
+    tap weighted equally."""
     if clf not in TABLE:
         raise BottleneckError(f"unknown classifier '{clf}'; choose one of {', '.join(CLASSIFIERS)}")
     entry = TABLE[clf]
+    if select:  # standardised features of any tap side by side: their relevance decides, not their tap
+        return Pipeline([("scale", StandardScaler()), ("select", SelectRelevant()),
+                         ("clf", entry.estimator(seed, class_weight))])
     if not entry.standardise:
         return Pipeline([("scale", Normalizer()), ("clf", entry.estimator(seed, class_weight))])
     scale = [("scale", StandardScaler())] + ([("taps", EqualTaps(tuple(dims)))] if len(dims) > 1 else [])

@@ -21,7 +21,7 @@ from sklearn.pipeline import Pipeline
 
 from bottleneck import data, locks
 from bottleneck import report as reports
-from bottleneck.classifiers import GRIDS, make_classifier
+from bottleneck.classifiers import grid, make_classifier
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
 from bottleneck.locks import WriteLock
@@ -36,7 +36,9 @@ def fit(s: FitSettings) -> Path:
     `layer`: a tap; "auto" (the default) picks, of the cache's taps and their concatenation, the
     one with the best validation score (5-fold CV on train when there is no validation split, fewer
     folds for classes of fewer than 5 images);
-    "concat" fits on every tap side by side, each standardised and weighted equally; "all" fits
+    "concat" fits on every tap side by side, each standardised and weighted equally; "select" keeps
+    the features of all taps most relevant to the classes (Head2Toe; the fraction searched with the
+    classifier's grid); "all" fits
     one classifier per tap (a layer probe). `train_sizes="10,50,all"` refits on that many
     training images per class (a learning curve). Each result gets a folder named by what
     distinguishes it; one holding a result of other settings is refused unless `force`.
@@ -82,13 +84,13 @@ def finished_fit(out: Path, settings: dict, st: FeatureStore, reuse: bool) -> Pa
     return path if same else None
 
 
-LAYER_MODES = ("auto", "concat", "all")
-CONCAT = "concat"
+LAYER_MODES = ("auto", "concat", "select", "all")
+CONCAT, SELECT = "concat", "select"
 
 
 def taps_of(tap: str, st_taps: list[str]) -> list[str]:
-    """The cache taps a fit reads: one, or every tap for "concat"."""
-    return list(st_taps) if tap == CONCAT else [tap]
+    """The cache taps a fit reads: one, or every tap for "concat" and "select"."""
+    return list(st_taps) if tap in (CONCAT, SELECT) else [tap]
 
 
 def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
@@ -105,8 +107,8 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
     for tap in [*st.taps, CONCAT]:
         d = split_data(st, tap, settings["seed"])
         pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"], tap_dims(st, tap))
-        grid = GRIDS[settings["clf"]] if settings["search"] else {}
-        chosen = search_params(pipe, settings["clf"], d, settings["seed"], grid)[1]
+        chosen = search_params(pipe, settings["clf"], d, settings["seed"],
+                               grid(settings["clf"]) if settings["search"] else {})[1]
         scores[tap] = chosen["cv_accuracy"]
     rank = {t: (round(scores[t], 12), t != CONCAT, st.taps.index(t) if t in st.taps else -1) for t in scores}
     best = max(scores, key=rank.get)
@@ -201,11 +203,12 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     clf, search, class_weight, seed = (settings[k] for k in ("clf", "search", "class_weight", "seed"))
     (x, y, _), (x_test, y_test, test_paths) = d["train"], d["test"]
     check_previous(out, settings, st.attrs["fingerprint"], force)
-    pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap))
+    pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap), select=tap == SELECT)
+    tried = grid(clf, select=tap == SELECT)
     started = time.perf_counter()
     chosen, trained_on = {}, ["train"]
     if search:
-        pipe, chosen, x, y = search_params(pipe, clf, d, seed, GRIDS[clf])
+        pipe, chosen, x, y = search_params(pipe, clf, d, seed, tried)
         trained_on += ["val"] if "val" in d else []
     else:
         pipe.fit(x, y)
@@ -218,7 +221,7 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
            "layer_choice": choice, "taps": taps_of(tap, st.taps), "preprocessing": st.attrs.get("preprocessing"),
            "views": st.attrs.get("views", "none"),
            "params": estimator_params(pipe),
-           "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in GRIDS[clf].items()},
+           "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in tried.items()},
                       "chosen": chosen} if search else None,
            "classes": st.classes, "split": "test", "holdout": d.get("holdout"), "trained_on": trained_on,
            "test_set": reports.test_set("test", test_paths, y_test, st.classes),
@@ -351,7 +354,7 @@ def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weigh
     for n in wanted:
         chosen = np.concatenate([o[:n] if n else o for o in order.values()])
         idx = np.flatnonzero(np.isin(image, image[chosen]))
-        pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap)).fit(x[idx], y[idx])
+        pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap), select=tap == SELECT).fit(x[idx], y[idx])
         _, y_true, y_pred, _ = predict_images(pipe, x_test, y_test, test_paths, len(st.classes))
         m = reports.metrics(y_true, y_pred, st.classes)
         table.append({"per_class": n or "all", "n_train": int(len(chosen)), "accuracy": m["accuracy"],

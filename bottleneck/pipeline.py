@@ -39,7 +39,7 @@ def _keys(cls, table: str | None = None) -> dict:
 # key → type of every table; None: checked where it is read.
 TOP_KEYS = {"name": str, "out": str, "cache": str}
 DATA_KEYS = {"path": str, "builtin": str} | _keys(settings.ExtractSettings, "data")
-BACKBONE_KEYS = {"name": str} | _keys(settings.ExtractSettings)
+BACKBONE_KEYS = {"name": str, "fit": bool} | _keys(settings.ExtractSettings)
 FIT_KEYS = _keys(settings.FitSettings) | {"seeds": None}
 FINETUNE_KEYS = {"name": str} | _keys(settings.FinetuneSettings) | {"seeds": None}
 TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": FINETUNE_KEYS}
@@ -133,6 +133,7 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
         raise where.error("backbone", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
     bb = _stage_values(where, "backbone", i, t, settings.ExtractSettings)
     bb["name"] = t.get("name", backbones.file_name(t["model"]))
+    bb["fit"] = t.get("fit", True)  # false: [fit] leaves this cache alone (one made for a fine-tune's maps)
     _check_name(where, "backbone", i, bb["name"])
     with where.blame("backbone", i, "model"):
         backbones.get_spec(bb["model"])
@@ -153,8 +154,8 @@ def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
     for clf in fit["classifiers"]:
         _stage_values(where, "fit", 0, t, settings.FitSettings, {"clf": clf})
     fit["seeds"] = _seeds(where, "fit", 0, t) or [fit["seed"]]
-    for bb in bbs:
-        missing = [tap for tap in fit["layers"] if tap not in bb["layers"] and tap not in ("auto", "concat")]
+    for bb in (b for b in bbs if b["fit"]):
+        missing = [tap for tap in fit["layers"] if tap not in bb["layers"] and tap not in ("auto", "concat", "select")]
         if missing:
             raise where.error("fit", 0, "layers", f"backbone '{bb['name']}' does not extract "
                               f"{', '.join(missing)}; add it to that backbone's layers (or use auto, concat)")
@@ -313,7 +314,7 @@ def fit_args(exp: Experiment, bb: dict) -> list[dict]:
     """classify.fit()'s arguments (all but the cache) for every tap × classifier of one backbone,
     and the linear probe an LP-FT fine-tune starts from."""
     runs = []
-    if exp.fit:
+    if exp.fit and bb["fit"]:
         out = str(exp.out / "fit" / bb["name"])
         runs = [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
                  "seed": seed, "out": out}

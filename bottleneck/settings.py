@@ -123,7 +123,9 @@ class FitSettings(Settings):
                        what="classifier")
     layer: str | None = setting(None, "Tap to use; auto picks, of the cache's taps and all of them side by side "
                                 "(concat), the one with the best validation score; concat fits on all taps; "
-                                "all fits one classifier per tap [default: auto].", toml="layers", toml_list=True)
+                                "select keeps the features of all taps most relevant to the classes (Head2Toe: "
+                                "a group-lasso ranking, the fraction kept searched on validation); all fits one "
+                                "classifier per tap [default: auto].", toml="layers", toml_list=True)
     search: bool = setting(True, "Tune the main hyperparameter on the validation split (or by CV), or keep "
                            "the fixed defaults; it costs seconds.", flags=("--search/--no-search",))
     class_weight: str | None = setting(None, "Weight classes by their inverse frequency.", choices=("balanced",))

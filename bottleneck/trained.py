@@ -140,7 +140,7 @@ def _same_steps(pipe, prov: dict) -> bool:
 
     taps = prov.get("taps") or [prov["tap"]]
     try:
-        fresh = make_classifier(prov["clf"], dims=(1,) * len(taps))
+        fresh = make_classifier(prov["clf"], dims=(1,) * len(taps), select=prov["tap"] == "select")
     except BottleneckError:
         return False
     # Step names, not types: classifiers fitted by older versions (an SVC before PlattSVC) still load.

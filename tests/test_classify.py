@@ -128,6 +128,39 @@ def test_concatenated_taps_are_weighted_equally_and_predict_as_fitted(cache, tmp
     assert evaluate(str(path.parent / "model.joblib"), str(cache[0]))["accuracy"] == rep["accuracy"]
 
 
+def test_relevance_ranks_the_features_that_carry_the_classes_first():
+    from bottleneck.classifiers import SelectRelevant
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = rng.normal(size=(300, 60))
+    informative = [7, 31, 52]
+    for j, col in enumerate(informative):  # each separates one class from the others
+        x[:, col] += 1.5 * (y == j)
+    x = (x - x.mean(0)) / x.std(0)
+    sel = SelectRelevant(fraction=0.05).fit(x, y)
+    assert sel.support_.tolist() == informative
+    assert sel.transform(x).shape == (300, 3)
+
+
+def test_selected_features_of_all_taps_are_chosen_on_validation_and_predict_as_fitted(cache, tmp_path):
+    from bottleneck import report as reports
+    from bottleneck.classifiers import SELECT_FRACTIONS
+
+    path = fit(str(cache[0]), layer="select", out=str(tmp_path))
+    rep = json.loads(path.read_text())
+    assert rep["tap"] == "select" and rep["taps"] == ["blocks.4", "pool"]
+    assert rep["search"]["grid"]["select__fraction"] == SELECT_FRACTIONS
+    assert rep["search"]["chosen"]["select__fraction"] in SELECT_FRACTIONS
+    pipe = joblib.load(path.parent / "model.joblib")
+    kept = pipe.named_steps["select"].support_
+    assert len(kept) == round(rep["search"]["chosen"]["select__fraction"] * 1392)
+    saved = reports.read_predictions(path.parent / "predictions.csv")
+    files = sorted(saved)[:6]
+    rows = predict(str(path.parent / "model.joblib"), [str(cache[1] / f) for f in files])
+    assert [r["label"] for r in rows] == [saved[f]["predicted"] for f in files]
+
+
 def test_fit_on_views_trains_on_every_view_and_scores_each_image_by_their_mean(cache, tmp_path):
     from bottleneck import report as reports
     from bottleneck.store import FeatureStore

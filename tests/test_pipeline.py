@@ -247,11 +247,14 @@ def test_lpft_from_the_experiments_own_probe(tmp_path):
         pipeline.load(path)
 
 
-def test_a_top_fine_tune_trains_on_the_maps_of_the_experiments_own_cache(tmp_path):
+def test_a_top_fine_tune_trains_on_the_maps_of_the_experiments_own_cache(tmp_path, monkeypatch):
     from bottleneck import slurm
 
+    monkeypatch.chdir(tmp_path)  # the run folder is relative
+
     path = tmp_path / "x.toml"
-    maps = '\n[[backbone]]\nmodel = "efficientnet_lite0"\nname = "maps"\nlayers = ["pool"]\nmaps = "blocks.5"\n'
+    maps = ('\n[[backbone]]\nmodel = "efficientnet_lite0"\nname = "maps"\nlayers = ["pool"]\nmaps = "blocks.5"\n'
+            'fit = false\n')
     top = '\n[[finetune]]\nmodel = "efficientnet_lite0"\nname = "top"\nfrom_cache = "maps"\n'
     path.write_text(GOOD + maps + top)
     exp = pipeline.load(path)
@@ -262,6 +265,7 @@ def test_a_top_fine_tune_trains_on_the_maps_of_the_experiments_own_cache(tmp_pat
     assert pipeline.finetune_kwargs(exp, exp.finetunes[0])["from_cache"] == "cache/made.h5"
     jobs = {j.stage: j for j in slurm.plan(exp, slurm.Options())}
     assert jobs["finetune-top"].after == ["merge-maps"]  # the job waits for the cache it reads
+    assert "fit-maps" not in jobs and pipeline.fit_args(exp, exp.backbones[1]) == []  # fit = false
     assert f"--from-cache \"$(cat {record})\"" in jobs["finetune-top"].script
     for table, words in [(GOOD + top, "names no \\[\\[backbone\\]\\]"),
                          (GOOD + top.replace('"maps"', '"efficientnet_lite0"'), "keep a tap's maps")]:
