@@ -17,6 +17,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -632,15 +633,48 @@ def run_batch(module: nn.Module, images: torch.Tensor, prep: dict, device: torch
 
 
 def views_of(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """Test-time views of an NCHW batch: none, hflip, flips (h, v, both) or dihedral (those, transposed)."""
+    """Views of an NCHW batch: none, hflip, flips (h, v, both), dihedral (those, transposed) or crops:K
+    (the batch and K - 1 random resized crops of it, the same boxes for every image)."""
     if mode == "none":
         return [x]
+    if mode.startswith("crops:"):
+        return [x] + [resized_crop(x, box) for box in crop_boxes(int(mode.removeprefix("crops:")) - 1)]
     if mode == "hflip":
         return [x, x.flip(3)]
     flips = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
     if mode == "dihedral" and x.shape[2] == x.shape[3]:
         flips += [v.transpose(2, 3) for v in flips]
     return flips
+
+
+CROP_SCALE, CROP_RATIO = (0.25, 1.0), (3 / 4, 4 / 3)  # of the image's area; width / height
+
+
+def crop_boxes(n: int, seed: int = 0) -> list[tuple[float, float, float, float]]:
+    """`n` boxes (top, left, height, width as fractions of the image), drawn as RandomResizedCrop
+    draws them, from a fixed seed: a cache of crops is the same whichever images or batches it
+    holds, and a resumed extraction makes the same rows."""
+    gen = torch.Generator().manual_seed(seed)
+    boxes = []
+    while len(boxes) < n:
+        u, v = torch.rand(2, generator=gen).tolist()
+        area = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u
+        log_ratio = math.log(CROP_RATIO[0]) + math.log(CROP_RATIO[1] / CROP_RATIO[0]) * v
+        h, w = math.sqrt(area / math.exp(log_ratio)), math.sqrt(area * math.exp(log_ratio))
+        if h <= 1 and w <= 1:
+            top, left = torch.rand(2, generator=gen).tolist()
+            boxes.append((top * (1 - h), left * (1 - w), h, w))
+    return boxes
+
+
+def resized_crop(x: torch.Tensor, box: tuple[float, float, float, float]) -> torch.Tensor:
+    """A box of a uint8 NCHW batch, resized back to the batch's size (bilinear, antialiased)."""
+    size = x.shape[2:]
+    top, left = round(box[0] * size[0]), round(box[1] * size[1])
+    h, w = max(1, round(box[2] * size[0])), max(1, round(box[3] * size[1]))
+    part = x[:, :, top:top + h, left:left + w].float()
+    out = nn.functional.interpolate(part, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def predict_proba(net: nn.Module, images: torch.Tensor, prep: dict, dev: torch.device, precision: str,

@@ -22,7 +22,7 @@ from bottleneck import backbones, data, preprocess, runtime, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import apply_precision, resolve_device, resolve_precision
-from bottleneck.settings import VIEWS, ExtractSettings, takes
+from bottleneck.settings import ExtractSettings, n_views, takes
 
 
 @takes(ExtractSettings)
@@ -83,7 +83,7 @@ def extract(s: ExtractSettings) -> Path:
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         attrs["cost"] = extraction_cost(parts, plan, dev, prec, setup)
         blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
-        rows = {split: VIEWS[s.views] * sum(len(block_samples(manifest, split, k, block_rows)) for k in ks)
+        rows = {split: n_views(s.views) * sum(len(block_samples(manifest, split, k, block_rows)) for k in ks)
                 for split, ks in plan.items()}
         store.write_cache(path, attrs, blocks, dtype, rows)
         parts.remove()
@@ -119,7 +119,7 @@ def parse_shard(shard: str) -> tuple[int, int]:
 def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: str, prep: dict, precision: str,
                 dtype: str, manifest: data.Manifest, views: str = "none", maps: str | None = None) -> dict:
     """The metadata a later stage needs; everything but versions goes into the fingerprint."""
-    multi = {"views": views, "n_views": VIEWS[views]} if views != "none" else {}  # older caches' fingerprints stay
+    multi = {"views": views, "n_views": n_views(views)} if views != "none" else {}  # older caches' fingerprints stay
     multi |= {"maps": {"tap": maps}} if maps else {}  # the maps' shape is added once the first block shows it
     attrs = multi | {"model": model, "weights": ref.id, "taps": taps, "pool": pool,
              "preprocessing": prep, "precision": precision, "dtype": dtype,
@@ -134,7 +134,8 @@ def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: st
 
 def cache_path(out: str, model: str, taps: list[str], pool: str, fingerprint: str,
                shard_i: int = 0, shard_n: int = 1, views: str = "none", maps: str | None = None) -> Path:
-    name = f"{backbones.file_name(model)}-{'+'.join(taps)}-{pool}{'' if views == 'none' else '-' + views}" \
+    name = f"{backbones.file_name(model)}-{'+'.join(taps)}-{pool}" \
+           f"{'' if views == 'none' else '-' + backbones.file_name(views)}" \
            f"{'-maps' if maps else ''}-{fingerprint[:12]}"
     if shard_n > 1:
         name += f".shard-{shard_i}-of-{shard_n}"
@@ -183,7 +184,7 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
             # image-major rows: an image's views next to each other (no copy without views)
             viewed = images if views == "none" else torch.stack(backbones.views_of(images, views), 1).flatten(0, 1)
             feats = forward(extractor, viewed, prep, device, precision, batch_size or rows)
-            block = make_block(feats, reasons, block_samples(manifest, split, k, rows), VIEWS[views])
+            block = make_block(feats, reasons, block_samples(manifest, split, k, rows), n_views(views))
             for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
                 warn(f"skipped {path}: {reason}")
             now = time.perf_counter()

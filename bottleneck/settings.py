@@ -28,6 +28,18 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 VIEWS = {"none": 1, "hflip": 2, "flips": 4, "dihedral": 8}  # views per image, as test-time augmentation has them
+MAX_CROPS = 64
+
+
+def n_views(views: str) -> int:
+    """Views per image of a VIEWS name or of crops:K (the image and K - 1 seeded crops of it)."""
+    if views in VIEWS:
+        return VIEWS[views]
+    k = views.removeprefix("crops:")
+    if views.startswith("crops:") and k.isdigit() and 2 <= int(k) <= MAX_CROPS:
+        return int(k)
+    raise BottleneckError(f"unknown views '{views}'; choose one of {', '.join(VIEWS)} or crops:K "
+                          f"(K from 2 to {MAX_CROPS})")
 IMAGE_SIZE_HELP = "Network input N×N [default: the model's own]."
 CROP_HELP = ("Resize the short side and centre-crop (the model's own pipeline), or resize the whole image "
              "[default: the whole image for images smaller than the input, else crop].")
@@ -92,9 +104,10 @@ class ExtractSettings(Settings):
     image_size: int | None = setting(None, IMAGE_SIZE_HELP, low=8)
     crop: bool | None = setting(None, CROP_HELP, flags=("--crop/--no-crop",))
     interpolation: str | None = setting(None, INTERPOLATION_HELP, choices=INTERPOLATIONS)
-    views: str = setting("none", "Cache several views of each image: hflip (2), flips (4: horizontal, vertical, both) "
-                         "or dihedral (8: the flips and quarter turns, for images with no up). fit trains on every "
-                         "view and scores an image by averaging its views.", choices=tuple(VIEWS))
+    views: str = setting("none", "Cache several views of each image: hflip (2), flips (4: horizontal, vertical, both), "
+                         "dihedral (8: the flips and quarter turns, for images with no up) or crops:K (the image "
+                         "and K - 1 random resized crops of it, the same seeded boxes for every image). fit trains "
+                         "on every view and scores an image by averaging its views.")
     maps: str | None = setting(None, "Also keep this tap's unpooled maps (float16, views included), on which "
                                "'finetune --from-cache' trains the layers after it without running the network "
                                "below it again.")
@@ -114,6 +127,12 @@ class ExtractSettings(Settings):
                                           toml="[data] test_fraction")
     split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, flags=("--split-seed", "--seed"), toml="[data] seed")
     progress: bool = setting(True, "Show a progress bar.", toml=False)
+
+    def check(self) -> None:
+        try:
+            n_views(self.views)
+        except BottleneckError as e:
+            raise SettingError("views", str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -206,3 +206,23 @@ def test_a_multi_view_cache_resumes_after_a_kill_to_an_identical_file(tmp_path):
     resumed = subprocess.run(cmd(out), capture_output=True, text=True, check=True)
     assert store.contents_equal(ref_path, resumed.stdout.strip().splitlines()[-1])
     assert store.verify(resumed.stdout.strip().splitlines()[-1]) == []
+
+
+def test_crop_views_are_the_image_and_the_same_seeded_crops_of_every_image(tree, tmp_path):
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    views = backbones.views_of(x, "crops:3")
+    assert len(views) == 3 and torch.equal(views[0], x) and all(v.shape == x.shape for v in views)
+    assert backbones.crop_boxes(2) == backbones.crop_boxes(2)  # fixed boxes: a rerun makes the same rows
+    assert torch.equal(backbones.views_of(x[1:], "crops:3")[2], views[2][1:])  # a box does not depend on the batch
+    kwargs = dict(layer=["pool"], views="crops:3", image_size=32, batch_size=4, workers=0, precision="fp32",
+                  progress=False)
+    a = extract(LITE, str(tree), out=str(tmp_path / "a"), **kwargs)
+    with store.FeatureStore(a) as st:
+        assert st.n_views == 3 and st.attrs["views"] == "crops:3" and "-crops-3-" in a.name
+        rows = st.features("train", "pool")
+        assert len(rows) == 3 * 12 and not np.allclose(rows[0::3], rows[1::3])
+    b = extract(LITE, str(tree), out=str(tmp_path / "b"), **kwargs | {"batch_size": 5})
+    with store.FeatureStore(b) as st:  # other batches, the same crops
+        np.testing.assert_allclose(st.features("train", "pool"), rows, atol=1e-4)
+    with pytest.raises(BottleneckError, match="crops:K"):
+        extract(LITE, str(tree), views="crops:1", out=str(tmp_path / "c"), progress=False)
