@@ -214,11 +214,13 @@ def read_probe(path: str, model: str, weights: str, classes: list[str], prep: di
     return {"weight": torch.tensor(w[order], dtype=torch.float32), "bias": torch.tensor(b[order], dtype=torch.float32)}
 
 
-def probe_cost(path: str) -> float | None:
-    """Extraction + fit seconds of the probe an LP-FT run started from, from the report beside it."""
+def probe_cost(path: str, counted_cache: str | None = None) -> float | None:
+    """Fit and extraction seconds of the probe an LP-FT run started from, from the report beside it;
+    not the extraction of `counted_cache` (a fingerprint), which the run counts itself."""
     try:
-        cost = json.loads((Path(path).parent / "report.json").read_text())["cost"]
-        return float(cost["fit_seconds"]) + float(cost["extraction"].get("wall_seconds") or 0.0)
+        rep = json.loads((Path(path).parent / "report.json").read_text())
+        cost, own = rep["cost"], rep["cache"]["fingerprint"] == counted_cache
+        return float(cost["fit_seconds"]) + (0.0 if own else float(cost["extraction"].get("wall_seconds") or 0.0))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

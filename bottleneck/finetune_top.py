@@ -22,7 +22,7 @@ from torch import nn
 from bottleneck import backbones, data
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
-from bottleneck.finetune import Run, stop_before_training
+from bottleneck.finetune import Run, init_head, probe_cost, read_probe, stop_before_training
 from bottleneck.settings import FinetuneSettings
 from bottleneck.store import FeatureStore
 
@@ -39,6 +39,8 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
         attrs = dict(st.attrs)
     net = backbones.build_model(s.model, s.weights)
     head = backbones.replace_head(net, s.model, len(attrs["classes"]), s.seed)
+    if s.init_head:  # LP-FT of the top: a probe on this cache's penultimate tap sees what the head will
+        init_head(net, head, read_probe(s.init_head, s.model, s.weights, attrs["classes"], attrs["preprocessing"]))
     trunk = cut(net, s.model, attrs["maps"]["tap"], attrs["preprocessing"]["size"])
     note(f"training the layers after {attrs['maps']['tap']} on cached maps: "
          f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, the "
@@ -49,7 +51,8 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
     return run, (attrs["classes"], attrs["split_info"], attrs["data_root"], paths["test"],
                  {"preprocessing": attrs["preprocessing"], "tap": attrs["maps"]["tap"],
                   "from_cache": {"path": str(s.from_cache), "views": run.views, "fingerprint": attrs["fingerprint"]},
-                  "cache_cost_seconds": cost})
+                  "cache_cost_seconds": cost,
+                  "probe_cost_seconds": probe_cost(s.init_head, attrs["fingerprint"]) if s.init_head else None})
 
 
 def check_cache(st: FeatureStore, s: FinetuneSettings) -> None:

@@ -222,7 +222,7 @@ class FinetuneSettings(Settings):
         if not (u == "all" or u.isdigit() or u.startswith("from:")):
             raise SettingError("unfreeze", f"--unfreeze must be all, a number of blocks, or from:TAP; not '{u}'")
         if self.from_cache:  # the cache fixed these when it was extracted
-            for name in ("image_size", "crop", "interpolation", "max_images", "init_head"):
+            for name in ("image_size", "crop", "interpolation", "max_images"):
                 if getattr(self, name) is not None:
                     raise SettingError(name, f"--from-cache trains on the cache as it was extracted; "
                                        f"{flag(next(f for f in fields(self) if f.name == name))} does not apply")

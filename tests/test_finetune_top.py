@@ -84,3 +84,18 @@ def test_a_network_is_cut_only_where_its_layers_run_in_order():
     # that conversion to the maps, so it is refused.
     with pytest.raises(BottleneckError, match="does not run its layers in order"):
         cut(backbones.build_model("inception_v3", "none"), "inception_v3", "Mixed_6e", 299)
+
+
+def test_lp_ft_of_the_top_starts_from_a_probe_on_the_same_cache(maps_cache, tmp_path):
+    from bottleneck.classify import fit
+
+    cache, tree = maps_cache
+    probe_report = fit(str(cache), layer="pool", search=False, out=str(tmp_path / "fit"))
+    probe = json.loads(probe_report.read_text())
+    head = str(probe_report.parent / "model.joblib")
+    rep = json.loads(finetune(LITE, str(tree), from_cache=str(cache), init_head=head, epochs=1,
+                              out=str(tmp_path / "top"), **QUICK).read_text())
+    assert [h["phase"] for h in rep["history"]] == ["finetune"]  # the probe is the head-only phase
+    assert rep["head_only"]["accuracy"] == probe["accuracy"]  # step 0 scores as the probe did
+    # the probe's extraction is this run's own cache: counted once, in cache_cost_seconds
+    assert rep["probe_cost_seconds"] == pytest.approx(probe["cost"]["fit_seconds"])
