@@ -167,12 +167,13 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
 def _finetuned(rep: dict, name: str) -> str:
     """What a fine-tune trained; several LP-FT or top runs are told apart by their run's name and length."""
     params = rep.get("params") or {}
+    lpft = "head from a logreg probe" if params.get("init_head") else ""
     if params.get("from_cache"):
         views = (rep.get("from_cache") or {}).get("views", "none")
-        return (f"layers after {rep.get('tap')} on cached maps{'' if views == 'none' else ' of ' + views + ' views'} "
-                f"({name}, {params.get('epochs')} epochs)")
-    if params.get("init_head"):
-        return f"head from a logreg probe (LP-FT {name}, {params.get('epochs')} epochs)"
+        return (f"layers after {rep.get('tap')} on cached maps{'' if views == 'none' else ' of ' + views + ' views'}"
+                f"{', ' + lpft if lpft else ''} ({name}, {params.get('epochs')} epochs)")
+    if lpft:
+        return f"{lpft} (LP-FT {name}, {params.get('epochs')} epochs)"
     return "fine-tuned head"
 
 

@@ -267,3 +267,19 @@ def test_lp_ft_rows_say_which_run_and_how_long_they_trained(tmp_path):
                                                "head from a logreg probe (LP-FT r8, 8 epochs)"]
     assert rows[0]["cost_seconds"] == 7.0  # the probe it started from is part of its cost
     assert row(base | {"params": {"epochs": 2}}, tmp_path / "f" / "report.json")["classifier"] == "fine-tuned head"
+
+
+def test_a_top_trained_on_cached_maps_says_so_and_counts_their_extraction(tmp_path):
+    from bottleneck.compare import row
+
+    base = {"stage": "finetune", "model": "m", "clf": "finetune", "accuracy": 0.8, "balanced_accuracy": 0.8,
+            "n_test": 10, "n_train": 20, "cost": {"wall_seconds": 5.0}, "cache_cost_seconds": 30.0,
+            "tap": "blocks.5", "from_cache": {"views": "flips"}}
+    top = row(base | {"params": {"from_cache": "c.h5", "epochs": 8}}, tmp_path / "top" / "report.json")
+    assert top["classifier"] == "layers after blocks.5 on cached maps of flips views (top, 8 epochs)"
+    assert top["cost_seconds"] == 35.0 and top["tap"] == "blocks.5"
+    lpft = row(base | {"params": {"from_cache": "c.h5", "init_head": "p.joblib", "epochs": 8},
+                       "probe_cost_seconds": 2.0}, tmp_path / "lp" / "report.json")
+    assert lpft["classifier"] == ("layers after blocks.5 on cached maps of flips views, head from a logreg probe "
+                                  "(lp, 8 epochs)")
+    assert lpft["cost_seconds"] == 37.0
