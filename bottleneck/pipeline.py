@@ -39,7 +39,7 @@ def _keys(cls, table: str | None = None) -> dict:
 # key → type of every table; None: checked where it is read.
 TOP_KEYS = {"name": str, "out": str, "cache": str}
 DATA_KEYS = {"path": str, "builtin": str} | _keys(settings.ExtractSettings, "data")
-BACKBONE_KEYS = {"name": str, "fit": bool} | _keys(settings.ExtractSettings)
+BACKBONE_KEYS = {"name": str, "fit": None} | _keys(settings.ExtractSettings)
 FIT_KEYS = _keys(settings.FitSettings) | {"seeds": None}
 FINETUNE_KEYS = {"name": str} | _keys(settings.FinetuneSettings) | {"seeds": None}
 TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": FINETUNE_KEYS}
@@ -133,13 +133,24 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
         raise where.error("backbone", i, None, "needs model = \"NAME\" (see 'bottleneck models')")
     bb = _stage_values(where, "backbone", i, t, settings.ExtractSettings)
     bb["name"] = t.get("name", backbones.file_name(t["model"]))
-    bb["fit"] = t.get("fit", True)  # false: [fit] leaves this cache alone (one made for a fine-tune's maps)
+    bb["fit"] = _backbone_fit(where, i, t.get("fit", True))
     _check_name(where, "backbone", i, bb["name"])
     with where.blame("backbone", i, "model"):
         backbones.get_spec(bb["model"])
     with where.blame("backbone", i, "layers"):
         bb["layers"] = backbones.resolve_taps(bb["model"], t.get("layers"), bb["pool"])
     return bb
+
+
+def _backbone_fit(where: _Locator, i: int, value) -> bool | list[str]:
+    """[[backbone]] fit: true ([fit]'s classifiers), false (none: a cache made for a fine-tune's
+    maps) or a list of some of them (["logreg"] where the others would take long on many views)."""
+    from bottleneck.classifiers import CLASSIFIERS
+
+    if isinstance(value, bool) or (isinstance(value, list) and value and all(v in CLASSIFIERS for v in value)):
+        return value
+    raise where.error("backbone", i, "fit", f"must be true, false or a list of classifiers ({', '.join(CLASSIFIERS)}),"
+                      f" not {value!r}")
 
 
 def _fit_table(where: _Locator, t, bbs: list[dict]) -> dict:
@@ -316,9 +327,10 @@ def fit_args(exp: Experiment, bb: dict) -> list[dict]:
     runs = []
     if exp.fit and bb["fit"]:
         out = str(exp.out / "fit" / bb["name"])
+        clfs = exp.fit["classifiers"] if bb["fit"] is True else bb["fit"]
         runs = [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
                  "seed": seed, "out": out}
-                for tap in exp.fit["layers"] for clf in exp.fit["classifiers"] for seed in exp.fit["seeds"]]
+                for tap in exp.fit["layers"] for clf in clfs for seed in exp.fit["seeds"]]
     if any(probed_backbone(exp, ft["model"]) is bb for ft in exp.finetunes if ft.get("init_head") == PROBE):
         probe = probe_args(exp, bb)
         runs += [] if probe in runs else [probe]

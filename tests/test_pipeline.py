@@ -267,8 +267,12 @@ def test_a_top_fine_tune_trains_on_the_maps_of_the_experiments_own_cache(tmp_pat
     assert jobs["finetune-top"].after == ["merge-maps"]  # the job waits for the cache it reads
     assert "fit-maps" not in jobs and pipeline.fit_args(exp, exp.backbones[1]) == []  # fit = false
     assert f"--from-cache \"$(cat {record})\"" in jobs["finetune-top"].script
-    for table, words in [(GOOD + top, "names no \\[\\[backbone\\]\\]"),
+    path.write_text(GOOD + maps.replace("fit = false", 'fit = ["logreg"]') + top)
+    exp = pipeline.load(path)
+    assert [a["clf"] for a in pipeline.fit_args(exp, exp.backbones[1])] == ["logreg"]
+    for table, words in [(GOOD + maps.replace("fit = false", 'fit = "yes"'), "must be true, false or a list"),
+                         (GOOD + top, "names no \\[\\[backbone\\]\\]"),
                          (GOOD + top.replace('"maps"', '"efficientnet_lite0"'), "keep a tap's maps")]:
         path.write_text(table)
-        with pytest.raises(BottleneckError, match=f"from_cache.*{words}"):
+        with pytest.raises(BottleneckError, match=f"(from_cache|fit).*{words}"):
             pipeline.load(path)
