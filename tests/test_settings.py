@@ -35,7 +35,7 @@ def test_cli_options_and_python_keywords_are_the_settings_fields(name):
 
 
 def test_experiment_file_keys_come_from_the_settings():
-    assert set(pipeline.BACKBONE_KEYS) - {"name"} == set(settings.toml_keys(settings.ExtractSettings))
+    assert set(pipeline.BACKBONE_KEYS) - {"name", "fit"} == set(settings.toml_keys(settings.ExtractSettings))
     assert set(pipeline.FIT_KEYS) - {"seeds"} == set(settings.toml_keys(settings.FitSettings))
     assert set(pipeline.FINETUNE_KEYS) - {"name", "seeds"} == set(settings.toml_keys(settings.FinetuneSettings))
     # [data] holds the split settings, which extract and finetune share
