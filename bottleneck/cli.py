@@ -350,17 +350,24 @@ def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Folders to search for report.json files.")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where comparison.{md,csv,json,png} and report.html go "
                                                  "[default: the first folder].")] = None,
-    reference: Annotated[str | None, typer.Option(help="Row every other is measured against: its id (the "
-                                                  "report's folder under the run folder) [default: the best "
-                                                  "fixed-feature row].")] = None,
+    reference: Annotated[str | None, typer.Option(help="Fixed-feature contender every other is measured against: "
+                                                  "its id (the report's folder under the run folder, without "
+                                                  "-seedN) [default: the best on validation].")] = None,
+    challenger: Annotated[str | None, typer.Option(help="Fine-tune the verdict names, by id [default: the best "
+                                                   "fine-tune on validation].")] = None,
+    margin: Annotated[float, typer.Option(help="Accuracy points a user would not act on: within it, the two "
+                                          "paths are called equivalent (90 % interval inside ±margin).")] = 1.0,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Compare fixed-feature classifiers and fine-tuning on the same test images: accuracy with 95 % intervals,
-    paired differences, cost and a verdict; writes comparison.{md,csv,json,png} and report.html."""
+    paired differences, cost and a three-way verdict (better, equivalent within --margin, or inconclusive with
+    the difference the test images could detect); contenders are chosen on validation, never on the test
+    images. Writes comparison.{md,csv,json,png} and report.html."""
     from bottleneck.compare import compare as run
 
-    path = run([str(d) for d in run_dirs], out=str(out_dir) if out_dir else None, reference=reference)
+    path = run([str(d) for d in run_dirs], out=str(out_dir) if out_dir else None, reference=reference,
+               challenger=challenger, margin=margin)
     suffix = ".json" if as_json else ".csv" if as_csv else ".md"
     out.print(path.with_suffix(suffix).read_text(), end="" if suffix != ".json" else "\n")
 

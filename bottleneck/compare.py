@@ -3,11 +3,15 @@ uncertainty, what each cost, and a verdict.
 
 Reads every `report.json` (docs/reports.md) under the given folders. Rows share a table only
 when they were scored on the same test images (equal `test_set.sha256`); the others are listed
-apart. Every row of the main table is compared with a reference row (by default the best
-fixed-feature one) image by image, from the `predictions.csv` beside each report: the paired
-difference in accuracy with a 95 % bootstrap interval and McNemar's exact p-value. The cost of
-a classifier on cached features is its extraction plus its fit; the cost of a fine-tune is its
-whole run. Outputs: comparison.{md,csv,json,png} and a self-contained report.html.
+apart. Runs that differ only by their seed (ids ending -seedN) are one contender: their mean,
+with an interval that covers both the test images and the seeds. The verdict's two contenders,
+the reference fixed-feature classifier and the fine-tune it is measured against, are chosen on
+their validation scores, never on the test images; they are then scored on the test images once,
+image by image from the `predictions.csv` beside each report: a paired difference with its 95 %
+interval and test, an equivalence check against a margin, and the difference these test images
+could have detected (docs/reports.md, "The verdict"). The cost of a classifier on cached features
+is its extraction plus its fit; the cost of a fine-tune is its whole run. Outputs:
+comparison.{md,csv,json,png} and a self-contained report.html.
 """
 
 from __future__ import annotations
@@ -26,72 +30,258 @@ from bottleneck import report as reports
 from bottleneck import stats
 from bottleneck.errors import BottleneckError
 
-COLUMNS = ("id", "method", "backbone", "tap", "classifier", "accuracy", "accuracy_ci", "difference", "difference_ci",
-           "p_value", "balanced_accuracy", "balanced_accuracy_ci", "macro_f1", "cost_seconds", "ms_per_image",
-           "n_train", "n_test", "device", "test_set", "report")
-HEADERS = ("method", "backbone", "tap", "classifier", "test accuracy (95 % CI)", "vs reference, points (95 % CI)",
-           "p", "balanced accuracy", "total cost", "cost per image")
+COLUMNS = ("id", "method", "backbone", "tap", "classifier", "seeds", "validation_accuracy", "accuracy", "accuracy_ci",
+           "difference", "difference_ci", "p_value", "p_holm", "balanced_accuracy", "balanced_accuracy_ci",
+           "balanced_difference", "balanced_difference_ci", "macro_f1", "cost_seconds", "ms_per_image", "n_train",
+           "n_test", "device", "test_set", "report")
+HEADERS = ("method", "backbone", "tap", "classifier", "runs", "validation accuracy", "test accuracy (95 % CI)",
+           "vs reference, points (95 % CI)", "p (Holm)", "balanced accuracy", "balanced, vs reference",
+           "total cost", "cost per image")
 ALPHA = 0.05
-INTERVALS = ("95 % over test images: which images landed in the test split, not seed-to-seed noise; the reference "
-             "and the fine-tune the verdict names are the best on these same test images, so with many candidates "
-             "read a p near 0.05 as a hint, not a finding")
+MARGIN = 0.01  # a difference under one point is one a user would not act on
+INTERVALS = ("95 % over the test images (which images landed in the test split); for a contender run with "
+             "several seeds, over its seeds too. The reference and the named fine-tune were chosen on their "
+             "validation scores, not on these test images; p is adjusted for the number of rows compared (Holm)")
 
 
-def compare(run_dirs: list[str], *, out: str | None = None, reference: str | None = None) -> Path:
+def compare(run_dirs: list[str] | str, *, out: str | None = None, reference: str | None = None,
+            challenger: str | None = None, margin: float = 1.0) -> Path:
     """Collect the reports under `run_dirs` into OUT/comparison.{md,csv,json,png} and OUT/report.html;
-    returns the .md's path. `out` defaults to the first folder; `reference` names the row (its id,
-    the report's folder under the run folder) every other row is measured against.
+    returns the .md's path. `out` defaults to the first folder; `reference` names the fixed-feature
+    contender (its id, the report's folder under the run folder, without -seedN) every other is
+    measured against, `challenger` the fine-tune the verdict names (default for both: the best on
+    validation); `margin` is the difference, in accuracy points, that a user would not act on.
     """
-    result = comparison(run_dirs, reference)
+    run_dirs = _folders(run_dirs)
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise BottleneckError(f"out must be a folder path, not {out!r}")
+    result = comparison(run_dirs, reference, challenger=challenger, margin=margin)
     out_dir = Path(out or run_dirs[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
     from bottleneck.compare_html import html_report
 
     # Everything is rendered first, then written: a bad report leaves no half-written outputs.
+    png = plot(result["rows"])
     files = {"comparison.md": markdown(result), "comparison.csv": to_csv(result["rows"] + result["apart"]),
-             "comparison.json": json.dumps(result, indent=1) + "\n"}
+             "comparison.json": json.dumps(result, indent=1, default=_plain) + "\n",
+             "report.html": html_report(result, png)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_bytes(out_dir / "comparison.png", png)
     for name, text in files.items():
-        _write_text(out_dir / name, text)
-    plot(result["rows"], out_dir / "comparison.png")
-    _write_text(out_dir / "report.html", html_report(result, out_dir / "comparison.png"))
+        _write_bytes(out_dir / name, text.encode("utf-8"))
     return out_dir / "comparison.md"
 
 
-def comparison(run_dirs: list[str], reference: str | None = None) -> dict:
-    """The comparison as plain data: verdict, reference, main rows with paired statistics, rows kept apart."""
-    rows = collect(run_dirs)
+def _folders(run_dirs) -> list[str]:
+    """One folder or a list of them, as strings (a bare string is one folder, not its letters)."""
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    if not isinstance(run_dirs, (list, tuple)) or not run_dirs or \
+            not all(isinstance(d, (str, os.PathLike)) for d in run_dirs):
+        raise BottleneckError(f"run_dirs must be a folder or a list of folders, not {run_dirs!r}")
+    return [str(d) for d in run_dirs]
+
+
+def _plain(value):
+    """JSON for numpy scalars that slip into the result."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def comparison(run_dirs: list[str], reference: str | None = None, *, challenger: str | None = None,
+               margin: float = 1.0) -> dict:
+    """The comparison as plain data: decision and verdict, contenders with paired statistics, rows kept apart."""
+    margin = _margin(margin)
+    rows = collect(_folders(run_dirs))
     main, apart = split_by_test_set(rows)
-    ref = pick_reference(main, reference)
     outcomes = {r["id"]: correct_by_image(r) for r in main}
-    for r in main:
-        r |= paired(outcomes.get(ref["id"]), outcomes.get(r["id"]), r is ref)
-    repeats = across_seeds(main)
-    return {"verdict": verdict(main, ref, apart, repeats), "reference": ref["id"],
-            "test_set": main[0]["test_set"], "rows": main, "apart": apart, "repeats": repeats,
+    left_out = [r | {"left_out": "no predictions.csv beside its report: rerun its stage"}
+                for r in main if outcomes[r["id"]] is None]
+    paired_rows = [r for r in main if outcomes[r["id"]] is not None]
+    images = sorted(outcomes[paired_rows[0]["id"]]) if paired_rows else []
+    for r in paired_rows:
+        if sorted(outcomes[r["id"]]) != images:
+            left_out.append(r | {"left_out": "its predictions.csv lists other images than its report's test set"})
+    paired_rows = [r for r in paired_rows if r not in left_out and sorted(outcomes[r["id"]]) == images]
+    groups = contenders(paired_rows, outcomes, images) if paired_rows else contenders(main, {}, [])
+    ref = pick(groups, "fixed features", reference, "--reference")
+    ft = pick(groups, "fine-tune", challenger, "--challenger")
+    anchor = ref["row"] or (groups[0] if groups else None)
+    for g in groups:
+        g["reference"] = g is anchor
+        g["challenger"] = g is ft["row"]
+        if anchor is not None and g is not anchor and "correct" in g and "correct" in anchor:
+            g |= versus(anchor, g, images)
+    adjust_for_rows(groups)
+    decision = decide(ref, ft, margin, len(images))
+    counts = {"fixed features": sum(g["method"] == "fixed features" for g in groups),
+              "fine-tune": sum(g["method"] == "fine-tune" for g in groups)}
+    for g in groups:
+        g.pop("correct", None)
+        g.pop("y_true", None)
+    return {"verdict": verdict_text(decision, ref["row"], ft["row"], apart, left_out), "decision": decision,
+            "reference": anchor["id"] if anchor else None, "challenger": ft["row"]["id"] if ft["row"] else None,
+            "contenders": counts, "margin": margin, "test_set": main[0]["test_set"], "rows": groups,
+            "apart": apart, "left_out": left_out, "repeats": [g["across_seeds"] for g in groups if g["n_seeds"] > 1],
             "intervals": INTERVALS}
 
 
-def across_seeds(rows: list[dict]) -> list[dict]:
-    """Results of one configuration run with several seeds (ids ending -seedN): mean and spread.
+def _margin(points) -> float:
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or not math.isfinite(points) \
+            or not 0 < points < 100:
+        raise BottleneckError(f"--margin must be a number of accuracy points between 0 and 100, not {points!r}")
+    return points / 100
 
-    The spread is the noise a rerun brings (data order, augmentation, initialisation), which
-    the test-set intervals do not cover.
-    """
+
+# --------------------------------------------------------------------------- contenders
+
+def contenders(rows: list[dict], outcomes: dict, images: list[str]) -> list[dict]:
+    """Rows that differ only by seed (ids ending -seedN; seed 0 may keep the plain name) as one contender:
+    the mean over seeds of accuracy, validation score and cost, each seed's run kept in `runs`."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(re.sub(r"-seed\d+$", "", r["id"]), []).append(r)
-    repeats = []
-    for config, members in groups.items():
-        if len(members) < 2:
-            continue
+    out = []
+    for base, members in groups.items():
+        g = dict(members[0]) | {"id": base, "n_seeds": len(members)}
         acc = np.array([m["accuracy"] for m in members])
-        summary = {"config": config, "n": len(members), "mean": float(acc.mean()), "sd": float(acc.std(ddof=1)),
-                   "min": float(acc.min()), "max": float(acc.max())}
-        repeats.append(summary)
-        for m in members:
-            m["across_seeds"] = summary
-    return repeats
+        vals = [m["validation"]["accuracy"] for m in members if m.get("validation")]
+        g["runs"] = [{"id": m["id"], "accuracy": m["accuracy"], "report": m["report"],
+                      "validation_accuracy": (m.get("validation") or {}).get("accuracy")} for m in members]
+        g["validation_accuracy"] = float(np.mean(vals)) if len(vals) == len(members) else None
+        g["accuracy"] = float(acc.mean())
+        g["cost_seconds"] = round(float(np.mean([m["cost_seconds"] for m in members])), 3)
+        g["ms_per_image"] = members[0]["ms_per_image"] and round(
+            float(np.mean([m["ms_per_image"] or 0 for m in members])), 3)
+        g["balanced_accuracy"] = float(np.mean([m["balanced_accuracy"] for m in members]))
+        g["seeds"] = [m["id"] for m in members]
+        if images:
+            g["correct"] = np.array([[outcomes[m["id"]][p][0] for p in images] for m in members])
+            g["y_true"] = [outcomes[members[0]["id"]][p][1] for p in images]
+            g["accuracy_ci"] = stats.mean_accuracy_ci(g["correct"]) if len(members) > 1 else members[0]["accuracy_ci"]
+        if len(members) > 1:
+            g["across_seeds"] = {"config": base, "n": len(members), "mean": float(acc.mean()),
+                                 "sd": float(acc.std(ddof=1)), "min": float(acc.min()), "max": float(acc.max()),
+                                 "runs": g["runs"]}
+        out.append(g)
+    return out
 
+
+def pick(groups: list[dict], method: str, named: str | None, option: str) -> dict:
+    """The contender of one side the verdict names: the one asked for, else the best on validation
+    (the cheaper on a tie). Never chosen on the test images; {"row": None, "why": ...} when none can be."""
+    side = [g for g in groups if g["method"] == method]
+    if named:
+        found = [g for g in groups if g["id"] == named] or [g for g in groups if named in g["id"]]
+        if len(found) != 1:
+            ids = ", ".join(g["id"] for g in groups)
+            raise BottleneckError(f"{option} '{named}' names {'no' if not found else 'more than one'} contender "
+                                  f"of the main table; choose one of: {ids}")
+        return {"row": found[0], "by": option, "among": len(side)}
+    if not side:
+        return {"row": None, "why": f"no {method} result scored on these test images", "among": 0}
+    scored = [g for g in side if g.get("validation_accuracy") is not None]
+    if not scored:
+        return {"row": None, "among": len(side),
+                "why": f"no {method} result records a validation score to choose by; name one with {option}"}
+    best = max(scored, key=lambda g: (g["validation_accuracy"], -g["cost_seconds"]))
+    return {"row": best, "by": "validation", "among": len(side), "unscored": len(side) - len(scored)}
+
+
+def versus(ref: dict, g: dict, images: list[str]) -> dict:
+    """A contender against the reference on the same images: accuracy and balanced accuracy differences."""
+    d = stats.paired_difference(ref["correct"], g["correct"])
+    bal = stats.paired_balanced_difference(np.array(g["y_true"]), ref["correct"], g["correct"])
+    return {"difference": d["difference"], "difference_ci": d["difference_ci"], "p_value": d["p_value"],
+            "paired": d, "balanced_difference": bal["difference"], "balanced_difference_ci": bal["difference_ci"]}
+
+
+def adjust_for_rows(groups: list[dict]) -> None:
+    """Holm-adjusted p-values over all contenders compared with the reference: with six rows and no true
+    difference, one unadjusted p < 0.05 turns up in about a third of tables."""
+    compared = [g for g in groups if g.get("p_value") is not None]
+    for g, p in zip(compared, stats.holm([g["p_value"] for g in compared])):
+        g["p_holm"] = p
+
+
+# --------------------------------------------------------------------------- the decision
+
+def decide(ref: dict, ft: dict, margin: float, n: int) -> dict:
+    """Fine-tuning better, fixed features better, equivalent within the margin, or inconclusive with the
+    difference these test images could have detected. The 95 % interval decides a difference (it excludes
+    zero exactly when the test's p < 0.05); equivalence needs the 90 % interval inside ±margin (two
+    one-sided tests at 5 %)."""
+    base = {"margin": margin, "n_test": n, "reference": _choice(ref), "challenger": _choice(ft)}
+    if ref["row"] is None or ft["row"] is None or "paired" not in ft["row"]:
+        why = ref.get("why") if ref["row"] is None else ft.get("why") or "its predictions are missing"
+        return base | {"outcome": "no pair", "why": why}
+    d = ft["row"]["paired"]
+    outcome = str(outcome_of(*d["difference_ci"], *d["difference_ci90"], margin))
+    return base | {"outcome": outcome, **{k: d[k] for k in ("difference", "difference_ci", "difference_ci90",
+                                                             "p_value", "method", "detectable", "seeds")},
+                   "images_needed": needed(d, margin, n), "cost_ratio": _ratio(ft["row"], ref["row"])}
+
+
+def _choice(picked: dict) -> dict:
+    """How a side's contender was chosen, as plain data for comparison.json."""
+    return {"id": picked["row"]["id"] if picked["row"] else None} | {k: v for k, v in picked.items() if k != "row"}
+
+
+def outcome_of(low, high, low90, high90, margin: float):
+    """The three-way rule (vectorised, so the simulation in the tests applies this very rule)."""
+    low, high, low90, high90 = (np.asarray(v) for v in (low, high, low90, high90))
+    return np.select([low > 0, high < 0, (low90 > -margin) & (high90 < margin)],
+                     ["fine-tuning better", "fixed features better", "equivalent"], "inconclusive")
+
+
+def needed(d: dict, margin: float, n: int) -> int | None:
+    """Test images at which a difference of `margin` would be detected with 80 % power; None when the
+    seeds' own spread alone hides it (more seeds, not more images, would help)."""
+    if d["method"] == "score":
+        return stats.images_needed(margin, d["discordant"])
+    z = stats.Z95 + stats.Z_POWER
+    room = (margin / z) ** 2 - d["seed_se"] ** 2
+    return math.ceil(n * d["image_se"] ** 2 / room) if room > 0 else None
+
+
+def _ratio(ft: dict, ref: dict) -> float:
+    return ft["cost_seconds"] / ref["cost_seconds"] if ref["cost_seconds"] > 0 else math.inf
+
+
+def verdict_text(decision: dict, ref: dict | None, ft: dict | None, apart: list[dict], left_out: list[dict]) -> str:
+    """One sentence a user can act on (three-way, with the margin and the power), then what was left out."""
+    text = _verdict(decision, ref, ft)
+    if left_out:
+        text += "; left out: " + ", ".join(f"{r['id']} ({r['left_out']})" for r in left_out)
+    if apart:
+        text += f"; {len(apart)} result(s) scored on other test images are listed apart"
+    return text
+
+
+def _verdict(dec: dict, ref: dict | None, ft: dict | None) -> str:
+    if dec["outcome"] == "no pair":
+        return f"no verdict: {dec['why']}"
+    diff, (low, high), (low90, high90) = (100 * dec["difference"], [100 * v for v in dec["difference_ci"]],
+                                          [100 * v for v in dec["difference_ci90"]])
+    m, n, p = 100 * dec["margin"], dec["n_test"], _p(dec["p_value"])
+    cost = _times(dec["cost_ratio"])
+    ci = f"95 % CI {low:+.1f} to {high:+.1f}, {p}"
+    if dec["outcome"] == "fine-tuning better":
+        return (f"fine-tuning is better: {label(ft)} scores {diff:.1f} points higher than {label(ref)} ({ci}), "
+                f"for {cost} the compute")
+    if dec["outcome"] == "fixed features better":
+        return (f"fixed features are better: {label(ref)} scores {-diff:.1f} points higher than {label(ft)} "
+                f"({ci}), and fine-tuning takes {cost} the compute")
+    direction = f"{abs(diff):.1f} points {'higher' if diff >= 0 else 'lower'}"
+    if dec["outcome"] == "equivalent":
+        return (f"fixed features are as good, within ±{m:g} points: {label(ft)} scores {direction} than "
+                f"{label(ref)} (90 % CI {low90:+.1f} to {high90:+.1f}, inside the margin), for {cost} the compute")
+    need = dec["images_needed"]
+    more = (f"about {need:,} would be needed to tell a {m:g}-point difference" if need is not None else
+            f"the spread between seeds alone hides a {m:g}-point difference: more seeds are needed")
+    return (f"inconclusive: {label(ft)} scores {direction} than {label(ref)} ({ci}); these {n} test images "
+            f"can only tell differences above {100 * dec['detectable']:.1f} points (80 % power), and {more}; "
+            f"fine-tuning takes {cost} the compute")
 
 # --------------------------------------------------------------------------- rows
 
@@ -161,7 +351,22 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
             "ms_per_image": round(1000 * seconds / n_train, 3) if n_train else None,
             "n_train": n_train, "n_test": n_test, "device": device,
             "test_set": str(rep["test_set"]["sha256"]) if rep.get("test_set") else None, "report": str(path),
-            "classes": rep.get("classes"), "data_root": rep.get("data_root")}
+            "classes": rep.get("classes"), "data_root": rep.get("data_root"), "validation": validation(rep)}
+
+
+def validation(rep: dict) -> dict | None:
+    """The score a report's run got on data other than its test images, by which contenders are chosen:
+    a fit's search score (validation split, or cross-validation on train), a fine-tune's best epoch on
+    its validation split. None when the run recorded none (a fit with --no-search)."""
+    if isinstance(rep.get("validation"), dict):
+        return {"accuracy": _number(rep["validation"]["accuracy"]), "by": str(rep["validation"].get("by", ""))}
+    chosen = (rep.get("search") or {}).get("chosen") or {}
+    if rep["stage"] == "fit" and chosen.get("cv_accuracy") is not None:
+        return {"accuracy": _number(chosen["cv_accuracy"]), "by": str(chosen.get("cv", "validation"))}
+    best, history = rep.get("best_epoch"), rep.get("history") or []
+    if rep["stage"] == "finetune" and isinstance(best, int) and 0 < best <= len(history):
+        return {"accuracy": _number(history[best - 1]["val_accuracy"]), "by": f"validation split, epoch {best}"}
+    return None
 
 
 def _finetuned(rep: dict, name: str) -> str:
@@ -174,7 +379,12 @@ def _finetuned(rep: dict, name: str) -> str:
                 f"{', ' + lpft if lpft else ''} ({name}, {params.get('epochs')} epochs)")
     if lpft:
         return f"{lpft} (LP-FT {name}, {params.get('epochs')} epochs)"
-    return "fine-tuned head"
+    unfreeze = str(params.get("unfreeze", "all"))
+    if unfreeze == "all":
+        return "whole network, new head"
+    if unfreeze.startswith("from:"):
+        return f"layers from {unfreeze.removeprefix('from:')} on, new head"
+    return f"last {unfreeze} blocks, new head"
 
 
 def _interval(value) -> list[float] | None:
@@ -206,19 +416,6 @@ def split_by_test_set(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return groups[best], [r for k, g in groups.items() if k != best for r in g]
 
 
-def pick_reference(rows: list[dict], reference: str | None) -> dict:
-    """The named row, else the most accurate fixed-feature row (the cheaper on a tie), else the first."""
-    if reference:
-        found = [r for r in rows if r["id"] == reference] or [r for r in rows if reference in r["id"]]
-        if len(found) != 1:
-            ids = ", ".join(r["id"] for r in rows)
-            raise BottleneckError(f"--reference '{reference}' names {'no' if not found else 'more than one'} row "
-                                  f"of the main table; choose one of: {ids}")
-        return found[0]
-    fixed = [r for r in rows if r["method"] == "fixed features"] or rows
-    return max(fixed, key=lambda r: (r["accuracy"], -r["cost_seconds"]))
-
-
 def predictions(r: dict) -> dict[str, dict] | None:
     """The predictions.csv beside a row's report (report.read_predictions), if there is one."""
     path = Path(r["report"]).with_name("predictions.csv")
@@ -230,60 +427,17 @@ def predictions(r: dict) -> dict[str, dict] | None:
         raise BottleneckError(f"{path} is not a readable predictions file ({e}); rerun its stage") from None
 
 
-def correct_by_image(r: dict) -> dict[str, bool] | None:
-    """{test image: predicted right?} for a row, from its predictions."""
+def correct_by_image(r: dict) -> dict[str, tuple[bool, str]] | None:
+    """{test image: (predicted right?, true class)} for a row, from its predictions."""
     rows = predictions(r)
-    return None if rows is None else {p: v["true"] == v["predicted"] for p, v in rows.items()}
-
-
-def paired(ref: dict[str, bool] | None, mine: dict[str, bool] | None, is_reference: bool) -> dict:
-    """Difference to the reference on the same images, with its interval and McNemar's p."""
-    if is_reference or ref is None or mine is None or set(ref) != set(mine):
-        return {"reference": is_reference}
-    order = sorted(ref)
-    d = stats.paired_difference(np.array([ref[p] for p in order]), np.array([mine[p] for p in order]))
-    return {"reference": False, **d}
-
-
-# --------------------------------------------------------------------------- the verdict
-
-def verdict(rows: list[dict], ref: dict, apart: list[dict], repeats: list[dict] | None = None) -> str:
-    """One sentence a user can act on: does the best fine-tune beat the reference, by how much, at what cost."""
-    tunes = [r for r in rows if r["method"] == "fine-tune" and r is not ref and r.get("difference") is not None]
-    n = ref["n_test"]
-    if ref["method"] != "fixed features" or not tunes:
-        best = max(rows, key=lambda r: r["accuracy"])
-        text = (f"best: {label(best)} at {best['accuracy']:.3f} (95 % CI {_ci(best['accuracy_ci'])}) on {n} test "
-                "images; no fixed-feature and fine-tuned pair to compare")
-    else:
-        ft = max(tunes, key=lambda r: r["accuracy"])
-        low, high = (100 * v for v in ft["difference_ci"])
-        diff, p = 100 * ft["difference"], _p(ft["p_value"])
-        ratio = ft["cost_seconds"] / ref["cost_seconds"] if ref["cost_seconds"] > 0 else math.inf
-        # A difference is claimed only when the interval clears zero and McNemar's exact test agrees:
-        # with few discordant images the bootstrap interval alone is too narrow.
-        detected = ft["p_value"] < ALPHA
-        if detected and low > 0:
-            text = (f"fine-tuning: {diff:+.1f} points (95 % CI {low:+.1f} to {high:+.1f}, {p}) over {label(ref)} "
-                    f"for {_times(ratio)} the compute")
-        elif detected and high < 0:
-            text = (f"fixed features: {label(ref)} beats fine-tuning by {-diff:.1f} points (95 % CI {-high:.1f} to "
-                    f"{-low:.1f}, {p}), and fine-tuning takes {_times(ratio)} the compute")
-        else:
-            text = (f"no difference detectable with {n} test images: fine-tuning {diff:+.1f} points (95 % CI "
-                    f"{low:+.1f} to {high:+.1f}, {p}) over {label(ref)}, for {_times(ratio)} the compute")
-    for rep in repeats or []:
-        text += (f"; {rep['config']} over {rep['n']} seeds: {rep['mean']:.3f} ± {rep['sd']:.3f} "
-                 f"({rep['min']:.3f} to {rep['max']:.3f})")
-    if apart:
-        text += f"; {len(apart)} result(s) scored on other test images are listed apart"
-    return text
+    return None if rows is None else {p: (v["true"] == v["predicted"], v["true"]) for p, v in rows.items()}
 
 
 def label(r: dict) -> str:
+    seeds = f" (mean of {r['n_seeds']} seeds)" if r.get("n_seeds", 1) > 1 else ""
     if r["method"] == "fine-tune":
-        return f"fine-tuned {r['backbone']}"
-    return f"{r['classifier']} on {r['backbone']} {r['tap']}".rstrip()
+        return f"fine-tuning {r['backbone']} ({r['classifier']}){seeds}"
+    return f"{r['classifier']} on {r['backbone']} {r['tap']}".rstrip() + seeds
 
 
 def _ci(ci) -> str:
@@ -306,39 +460,63 @@ def _times(ratio: float) -> str:
 # --------------------------------------------------------------------------- outputs
 
 def markdown(result: dict) -> str:
-    lines = [f"**Verdict:** {result['verdict']}", "",
-             f"Reference: `{result['reference']}`; intervals: {result['intervals']}.", "",
-             *_table(result["rows"])]
+    """comparison.md. Run names are the user's folder names: escaped, so no Markdown or HTML in them renders."""
+    c = result["contenders"]
+    lines = [f"**Verdict:** {_md(result['verdict'])}", "",
+             f"Reference: `{_code(result['reference'])}`; fine-tune named: `{_code(result['challenger'])}`; chosen on "
+             f"validation among {c['fixed features']} fixed-feature and {c['fine-tune']} fine-tune contender(s), "
+             f"never on the test images. Margin: ±{100 * result['margin']:g} points.", "",
+             f"Intervals: {result['intervals']}.", "", *_table(result["rows"])]
     if result.get("repeats"):
-        lines += ["", "Across seeds (a rerun's noise, which the intervals above do not cover):", "",
-                  "| configuration | runs | mean accuracy ± sd | min | max |", "|---|---|---|---|---|"]
-        lines += [f"| {r['config']} | {r['n']} | {r['mean']:.3f} ± {r['sd']:.3f} | {r['min']:.3f} | {r['max']:.3f} |"
+        lines += ["", "Seeds of each contender (a rerun's noise; the contender's row is their mean):", "",
+                  "| contender | runs | mean accuracy ± sd | each run |", "|---|---|---|---|"]
+        lines += [f"| {_md(r['config'])} | {r['n']} | {r['mean']:.3f} ± {r['sd']:.3f} | "
+                  + ", ".join(f"{_md(run['id'])} {run['accuracy']:.3f}" for run in r["runs"]) + " |"
                   for r in result["repeats"]]
+    if result.get("left_out"):
+        lines += ["", "Left out of the comparison:", ""] + [f"- {_md(r['id'])}: {_md(r['left_out'])}"
+                                                             for r in result["left_out"]]
     if result["apart"]:
         lines += ["", "Scored on other test images (not comparable with the table above):", "",
                   *_table(result["apart"])]
     return "\n".join(lines) + "\n"
 
 
+def _md(text) -> str:
+    """Text safe in a Markdown table cell: HTML characters as entities, Markdown's own punctuation escaped."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
+    return re.sub(r"([\\`*_\[\]|#!])", r"\\\1", text)
+
+
+def _code(text) -> str:
+    return str(text).replace("`", "'").replace("\n", " ")
+
+
 def _table(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for r in rows:
-        lines.append("| " + " | ".join(cells(r)) + " |")
+        lines.append("| " + " | ".join(_md(c) for c in cells(r)) + " |")
     return lines
 
 
 def cells(r: dict) -> list[str]:
     """A row's table cells, as text (shared by the markdown and the HTML)."""
+    versus_ref, p, balanced = "", "", ""
     if r.get("reference"):
-        versus, p = "reference", ""
+        versus_ref = balanced = "reference"
     elif r.get("difference") is not None:
         low, high = (100 * v for v in r["difference_ci"])
-        versus, p = f"{100 * r['difference']:+.1f} ({low:+.1f} to {high:+.1f})", _p(r["p_value"])
-    else:
-        versus, p = "", ""
-    return [r["method"], r["backbone"], r["tap"], r["classifier"],
-            f"{r['accuracy']:.3f} ({_ci(r['accuracy_ci'])})", versus, p, f"{r['balanced_accuracy']:.3f}",
-            seconds(r["cost_seconds"]), f"{r['ms_per_image']:.1f} ms" if r["ms_per_image"] is not None else ""]
+        versus_ref = f"{100 * r['difference']:+.1f} ({low:+.1f} to {high:+.1f})"
+        p = _p(r["p_holm"]) if r.get("p_holm") is not None else _p(r["p_value"])
+        if r.get("balanced_difference") is not None:
+            bl, bh = (100 * v for v in r["balanced_difference_ci"])
+            balanced = f"{100 * r['balanced_difference']:+.1f} ({bl:+.1f} to {bh:+.1f})"
+    runs = str(r.get("n_seeds", 1)) + (" seeds" if r.get("n_seeds", 1) > 1 else "")
+    val = r.get("validation_accuracy")
+    classifier = r["classifier"] + (" (named)" if r.get("challenger") else "")
+    return [r["method"], r["backbone"], r["tap"], classifier, runs, f"{val:.3f}" if val is not None else "",
+            f"{r['accuracy']:.3f} ({_ci(r['accuracy_ci'])})", versus_ref, p, f"{r['balanced_accuracy']:.3f}", balanced,
+            seconds(r["cost_seconds"]), f"{r['ms_per_image']:.1f} ms" if r.get("ms_per_image") is not None else ""]
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -356,14 +534,15 @@ def seconds(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.1f} s"
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_bytes(path: Path, content: bytes) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(content)
     os.replace(tmp, path)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Test accuracy (95 % interval bars) against total cost (log scale), one labelled point per run."""
+def plot(rows: list[dict]) -> bytes:
+    """Test accuracy (95 % interval bars) against total cost (log scale), one labelled point per contender;
+    the PNG's bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,7 +557,9 @@ def plot(rows: list[dict], path: Path) -> None:
             continue
         xs = [max(r["cost_seconds"], 1e-3) for r in mine]
         ys = [r["accuracy"] for r in mine]
-        errors = np.array([[r["accuracy"] - r["accuracy_ci"][0], r["accuracy_ci"][1] - r["accuracy"]] for r in mine]).T
+        # clipped at zero: a report whose interval misses its own accuracy still plots
+        errors = np.maximum(0, np.array([[r["accuracy"] - r["accuracy_ci"][0], r["accuracy_ci"][1] - r["accuracy"]]
+                                         for r in mine]).T)
         ax.errorbar(xs, ys, yerr=errors, fmt="o", color=colour, ecolor=colour, elinewidth=1, capsize=3,
                     label=method, zorder=3)
     for r in rows:
@@ -393,5 +574,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    return buf.getvalue()

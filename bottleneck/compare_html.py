@@ -33,25 +33,32 @@ figcaption { font-size: .8em; color: #444; max-width: 420px; }
 """
 
 
-def html_report(result: dict, comparison_png: Path) -> str:
+def html_report(result: dict, comparison_png: bytes) -> str:
     """The whole page as a string."""
     rows = result["rows"]
-    parts = [f"<h1>Fixed features or fine-tuning? {len(rows)} results on {rows[0]['n_test']} test images</h1>",
-             f'<p id="verdict">{_e(result["verdict"])}</p>',
-             f'<p class="note">Reference row: <code>{_e(result["reference"])}</code>. Intervals: '
-             f'{_e(result["intervals"])}. p: McNemar\'s exact test on the images where the two disagree. '
+    c = result["contenders"]
+    parts = [f"<h1>Fixed features or fine-tuning? {len(rows)} contenders on {rows[0]['n_test']} test images</h1>",
+             f'<p id="verdict">{_e(result["verdict"])}</p>', _power(result["decision"]),
+             f'<p class="note">Reference: <code>{_e(result["reference"])}</code>; fine-tune named: '
+             f'<code>{_e(result["challenger"])}</code>; each chosen on its validation score among '
+             f'{c["fixed features"]} fixed-feature and {c["fine-tune"]} fine-tune contender(s), never on the test '
+             f'images. Margin ±{100 * result["margin"]:g} points. Intervals: {_e(result["intervals"])}. '
              f'Test set sha256 {_e((result["test_set"] or "unknown")[:16])}….</p>',
              "<h2>Accuracy and cost</h2>", _table(rows, "comparison"),
-             '<div class="figures">' + _figure(comparison_png, "Test accuracy (95 % interval) against total cost")
+             '<div class="figures">' + _figure_bytes(comparison_png, "Test accuracy (95 % interval) against total cost")
              + "</div>"]
     if result.get("repeats"):
-        parts += ["<h2>Across seeds</h2>", '<p class="note">The same configuration rerun with other seeds: the '
-                  "spread is a rerun's noise, which the intervals above do not cover.</p>",
-                  '<table id="repeats"><thead><tr><th>configuration</th><th>runs</th><th>mean ± sd</th><th>min</th>'
-                  "<th>max</th></tr></thead><tbody>"
+        parts += ["<h2>Seeds</h2>", '<p class="note">Each contender run with several seeds is one row above, '
+                  "their mean; its interval covers the seeds' spread as well as the test images.</p>",
+                  '<table id="repeats"><thead><tr><th>contender</th><th>runs</th><th>mean ± sd</th>'
+                  "<th>each run</th></tr></thead><tbody>"
                   + "".join(f"<tr><td>{_e(r['config'])}</td><td>{r['n']}</td><td>{r['mean']:.3f} ± {r['sd']:.3f}"
-                            f"</td><td>{r['min']:.3f}</td><td>{r['max']:.3f}</td></tr>" for r in result["repeats"])
+                            "</td><td>" + ", ".join(f"{_e(run['id'])} {run['accuracy']:.3f}" for run in r["runs"])
+                            + "</td></tr>" for r in result["repeats"])
                   + "</tbody></table>"]
+    if result.get("left_out"):
+        parts += ["<h2>Left out</h2>", '<ul id="left-out">' + "".join(
+            f"<li><code>{_e(r['id'])}</code>: {_e(r['left_out'])}</li>" for r in result["left_out"]) + "</ul>"]
     if result["apart"]:
         parts += ["<h2>Scored on other test images</h2>",
                   '<p class="note">These results were scored on other images than the table above, so they '
@@ -76,6 +83,27 @@ def _table(rows: list[dict], ident: str) -> str:
     return f'<table id="{ident}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def _power(decision: dict) -> str:
+    """The verdict's reasoning in one line: which test, the margin, and what these images could detect."""
+    if decision.get("outcome") in (None, "no pair"):
+        return ""
+    method = ("Tango's score interval and McNemar's score test" if decision["method"] == "score" else
+              "a t interval over the test images and the seeds")
+    low90, high90 = (100 * v for v in decision["difference_ci90"])
+    need = decision.get("images_needed")
+    return (f'<p class="note" id="power">Outcome: <b>{_e(decision["outcome"])}</b>, by {method}. A difference is '
+            f"claimed when the 95 % interval excludes zero; equivalence when the 90 % interval "
+            f"({low90:+.1f} to {high90:+.1f} points) lies inside ±{100 * decision['margin']:g}. With these "
+            f"{decision['n_test']} test images a difference of {100 * decision['detectable']:.1f} points would be "
+            f"detected 8 times in 10" + (f"; about {need:,} test images would detect the margin." if need else ".")
+            + "</p>")
+
+
+def _figure_bytes(png: bytes, caption: str) -> str:
+    return (f'<figure><img src="{_data_uri(png)}" alt="{_e(caption)}" style="max-width:640px">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -90,7 +118,7 @@ def _figure(path: Path, caption: str) -> str:
 def _details(rows: list[dict]) -> list[str]:
     """Per result: its confusion matrix and training curve; per fit folder: its layer probe and learning curves."""
     parts, shown = [], set()
-    for r in rows:
+    for r in (run | {"method": g["method"]} for g in rows for run in g.get("runs") or [g]):  # each seed's run
         folder = Path(r["report"]).parent
         figures = [_figure(p, f"{r['id']}: {p.stem.replace('_', ' ')}") for p in sorted(folder.glob("*.png"))]
         if r["method"] == "fixed features":
@@ -105,14 +133,13 @@ def _details(rows: list[dict]) -> list[str]:
 
 
 def _gallery(result: dict) -> list[str]:
-    """Test images on which the reference fixed-feature result and the best fine-tune disagree."""
+    """Test images on which the reference fixed-feature result and the named fine-tune disagree."""
     rows = result["rows"]
-    ref = next(r for r in rows if r.get("reference"))
-    tunes = [r for r in rows if r["method"] == "fine-tune" and not r.get("reference")]
-    if ref["method"] != "fixed features" or not tunes:
+    ref = next((r for r in rows if r.get("reference")), None)
+    ft = next((r for r in rows if r.get("challenger")), None)
+    if ref is None or ft is None or ref["method"] != "fixed features" or ft is ref:
         return []
-    ft = max(tunes, key=lambda r: r["accuracy"])
-    a, b = (predictions(r) for r in (ref, ft))
+    a, b = (predictions(r) for r in (ref, ft))  # a contender run with seeds shows its first seed
     if a is None or b is None:
         return []
     disputed = _interleaved(sorted(p for p in a if p in b and a[p]["predicted"] != b[p]["predicted"]), a, b)

@@ -42,7 +42,9 @@ DATA_KEYS = {"path": str, "builtin": str} | _keys(settings.ExtractSettings, "dat
 BACKBONE_KEYS = {"name": str, "fit": None} | _keys(settings.ExtractSettings)
 FIT_KEYS = _keys(settings.FitSettings) | {"seeds": None}
 FINETUNE_KEYS = {"name": str} | _keys(settings.FinetuneSettings) | {"seeds": None}
-TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": FINETUNE_KEYS}
+COMPARE_KEYS = {"reference": str, "challenger": str, "margin": float}  # as `bottleneck compare`'s options
+TABLES = {"data": DATA_KEYS, "backbone": BACKBONE_KEYS, "fit": FIT_KEYS, "finetune": FINETUNE_KEYS,
+          "compare": COMPARE_KEYS}
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Experiment:
     data: dict
     backbones: list[dict] = field(default_factory=list)
     fit: dict | None = None
+    compare: dict = field(default_factory=dict)
     finetunes: list[dict] = field(default_factory=list)
 
 
@@ -99,6 +102,11 @@ def load(path: str | Path) -> Experiment:
     for i, t in enumerate(_array(where, doc, "finetune")):
         if "from_cache" in t:
             _check_maps_backbone(where, i, t, exp)
+    if "compare" in doc:
+        if not isinstance(doc["compare"], dict):
+            raise where.error(None, 0, "compare", "write a [compare] table (reference, challenger, margin)")
+        _check_keys(where, "compare", 0, doc["compare"], COMPARE_KEYS)
+        exp.compare = doc["compare"]
     if not exp.backbones and not exp.finetunes:
         raise where.error(None, 0, None, "defines no [[backbone]] and no [[finetune]]; nothing to run")
     return exp
@@ -468,7 +476,7 @@ def run_fits(exp: Experiment, bb: dict, progress: bool) -> Path:
 def run_compare(exp: Experiment, table: None, progress: bool) -> Path:
     from bottleneck.compare import compare
 
-    return compare([str(exp.out)], out=str(exp.out))
+    return compare([str(exp.out)], out=str(exp.out), **exp.compare)
 
 
 def check_finished(exp: Experiment, force: bool = False) -> None:

@@ -76,7 +76,7 @@ def plan(exp: pipeline.Experiment, opts: Options) -> list[Job]:
 
 def compare_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
     return [Job("compare", script(exp, "compare", opts, "Put every report of the run side by side.",
-                                  [command("compare", {"run_dirs": [str(exp.out)]})]),
+                                  [command("compare", {"run_dirs": [str(exp.out)], **exp.compare})]),
                 log=log_pattern(exp, "compare"), dependency="afterany")]
 
 
@@ -178,8 +178,9 @@ def command(name: str, args: dict) -> str:
     """The `bottleneck NAME --flag value ...` line for a library call's arguments; the flags come
     from the stage's settings, as the command line's own options do."""
     words = ["bottleneck", *name.split()]
-    if name == "compare":
-        return " ".join(words + ["--"] + [_q(d) for d in args["run_dirs"]])
+    if name == "compare":  # its options: the experiment's [compare] table
+        options = [f"--{k} {_q(v)}" for k, v in args.items() if k != "run_dirs"]
+        return " ".join(words + options + ["--"] + [_q(d) for d in args["run_dirs"]])
     stage = {"extract": settings.ExtractSettings, "fit": settings.FitSettings,
              "finetune": settings.FinetuneSettings}[name]
     for flag, value in settings.command_words(stage, args):
