@@ -245,9 +245,10 @@ def cache_clean(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = 
     if not folder.is_dir():
         raise BottleneckError(f"cache folder {folder} does not exist")
     found = store.leftovers(folder, interrupted)
-    size = sum(f.stat().st_size for p in found for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    sizes = {p: sum(f.stat().st_size for f in ([p] if p.is_file() else p.iterdir())) for p in found}
     if not dry_run:
-        found = store.remove(found)  # what a writer started meanwhile holds is kept
+        found = store.remove(found)  # what a writer started meanwhile holds is kept; only what is gone is listed
+    size = sum(sizes[p] for p in found)
     for path in found:
         out.print(str(path))
     err.print(f"{'would remove' if dry_run else 'removed'} {len(found)} leftover{'s' if len(found) != 1 else ''}, "
