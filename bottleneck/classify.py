@@ -8,6 +8,7 @@ the fitted attribute `bottleneck_`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -42,7 +43,17 @@ def fit(s: FitSettings) -> Path:
     one classifier per tap (a layer probe). `train_sizes="10,50,all"` refits on that many
     training images per class (a learning curve). Each result gets a folder named by what
     distinguishes it; one holding a result of other settings is refused unless `force`.
+
+    `folds=K`: the cache's images, every split pooled, in K folds (data.fold_splits); fold
+    `fold`, or each fold in turn, is the test split, and its folder ends -foldI. Returns the
+    last fold's report; bottleneck.folds.pool reads them back as one set of predictions.
     """
+    if s.folds and s.fold is None:
+        return [_fit(dataclasses.replace(s, fold=i)) for i in range(s.folds)][-1]
+    return _fit(s)
+
+
+def _fit(s: FitSettings) -> Path:
     features, layer = s.features, s.layer or "auto"
     with FeatureStore(features) as st:
         if layer not in LAYER_MODES and layer not in st.taps:
@@ -50,6 +61,8 @@ def fit(s: FitSettings) -> Path:
                                   f"(or use {', '.join(LAYER_MODES)})")
         out_dir = Path(s.out) if s.out else Path("runs") / "fit" / Path(features).stem
         settings = {"clf": s.clf, "search": s.search, "class_weight": s.class_weight, "seed": s.seed}
+        if s.folds:
+            settings["folds"] = {"k": s.folds, "fold": s.fold, "seed": s.split_seed, "val_fraction": s.val_fraction}
         if layer == "all":
             paths = [finished_fit(out_dir / folder_name(tap, **settings), settings | {"tap": tap}, st, s.reuse)
                      or fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force or s.reuse)
@@ -105,7 +118,7 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
         return st.taps[0], {"by": "the cache's only tap", "scores": {}, "chosen": st.taps[0]}
     scores = {}
     for tap in [*st.taps, CONCAT]:
-        d = split_data(st, tap, settings["seed"])
+        d = split_data(st, tap, settings["seed"], settings.get("folds"))
         pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"], tap_dims(st, tap))
         chosen = search_params(pipe, settings["clf"], d, settings["seed"],
                                grid(settings["clf"]) if settings["search"] else {})[1]
@@ -117,10 +130,11 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
     return best, {"by": how, "scores": {t: round(v, 4) for t, v in scores.items()}, "chosen": best}
 
 
-def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed: int) -> str:
+def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed: int, folds: dict | None = None
+                ) -> str:
     """The folder of one fit: tap and classifier, then each setting that differs from the default."""
     parts = [tap, clf] + (["search"] if search else []) + ([f"cw-{class_weight}"] if class_weight else [])
-    return "-".join(parts + ([f"seed{seed}"] if seed else []))
+    return "-".join(parts + ([f"seed{seed}"] if seed else []) + ([f"fold{folds['fold']}"] if folds else []))
 
 
 def save_classifier(pipe: Pipeline, path: Path) -> None:
@@ -134,13 +148,16 @@ def save_classifier(pipe: Pipeline, path: Path) -> None:
         raise write_error(e, path) from None
 
 
-def split_data(st: FeatureStore, tap: str, seed: int) -> dict:
+def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None) -> dict:
     """{split: (features, labels, paths)} from the cache (every tap side by side for "concat");
     data.split_samples holds out a test split when the cache has none, exactly as finetune would
-    on the same data."""
+    on the same data. With `folds` ({"k", "fold", "seed", "val_fraction"}) every split is pooled
+    and data.fold_splits makes train, val and test of that fold; d["folds"] records which."""
     taps = taps_of(tap, st.taps)
     d = {s: (np.hstack([st.features(s, t) for t in taps]), st.labels(s), st.paths(s)) for s in st.splits}
-    if "test" not in d:
+    if folds:
+        d = fold_data(st, d, folds)
+    elif "test" not in d:
         source = "train" if "train" in d else st.splits[0]
         x, y, paths = d.pop(source)
         split_seed = st.attrs.get("split_info", {}).get("seed", 0)  # the split's seed, never the classifier's
@@ -161,6 +178,25 @@ def split_data(st: FeatureStore, tap: str, seed: int) -> dict:
     for split in ("train", "test"):
         _check_every_class_in(st, split, d[split][1])
     return d
+
+
+def fold_data(st: FeatureStore, d: dict, folds: dict) -> dict:
+    """The cache's rows, every split pooled, regrouped into one fold's train, val and test (an
+    image's views stay together)."""
+    x = np.concatenate([v[0] for v in d.values()])
+    y = np.concatenate([v[1] for v in d.values()])
+    paths = [p for v in d.values() for p in v[2]]
+    images = list(dict.fromkeys(zip(paths, y.tolist())))  # one pair per image, whatever its views
+    parts, record = data.fold_splits(images, folds["k"], folds["fold"], folds["seed"], folds["val_fraction"],
+                                     st.classes)
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        rows.setdefault(p, []).append(i)
+    regrouped = {}
+    for name, samples in parts.items():
+        idx = np.array([i for p, _ in samples for i in rows[p]], dtype=int)
+        regrouped[name] = (x[idx], y[idx], [paths[i] for i in idx])
+    return regrouped | {"folds": record}
 
 
 def _check_every_class_in(st: FeatureStore, split: str, labels: np.ndarray) -> None:
@@ -193,7 +229,7 @@ def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> 
 
 def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool = False,
             choice: dict | None = None) -> Path:
-    d = split_data(st, tap, settings["seed"])
+    d = split_data(st, tap, settings["seed"], settings.get("folds"))
     with WriteLock(locks.beside(out), str(out)):  # one writer per result folder
         return _fit_locked(st, tap, settings | {"tap": "auto" if choice else tap}, out, force, choice, d)
 
@@ -216,14 +252,16 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     started = time.perf_counter()
     test_paths, y_test, y_pred, probs = predict_images(pipe, x_test, y_test, test_paths, len(st.classes))
     predict_seconds = time.perf_counter() - started
-    pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout")}
+    pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout"),
+                                                   "folds": d.get("folds")}
     rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf, "settings": settings,
            "layer_choice": choice, "taps": taps_of(tap, st.taps), "preprocessing": st.attrs.get("preprocessing"),
            "views": st.attrs.get("views", "none"),
            "params": estimator_params(pipe),
            "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in tried.items()},
                       "chosen": chosen} if search else None,
-           "classes": st.classes, "split": "test", "holdout": d.get("holdout"), "trained_on": trained_on,
+           "classes": st.classes, "split": "test", "holdout": d.get("holdout"), "folds": d.get("folds"),
+           "trained_on": trained_on,
            "test_set": reports.test_set("test", test_paths, y_test, st.classes),
            "data_root": st.attrs.get("data_root"),
            "n_train": int(len(y)) // st.n_views, "n_test": int(len(y_test)),

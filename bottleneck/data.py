@@ -174,6 +174,53 @@ def _share(n: int, fraction: float) -> int:
     return max(1, round(n * fraction)) if fraction > 0 and n >= 3 else round(n * fraction)
 
 
+def fold_assignment(samples: list[tuple[str, int]], k: int, seed: int, classes: list[str] | None = None
+                    ) -> dict[str, int]:
+    """The one place K folds are decided: {path: fold}. Per class, a seeded order deals the images
+    to folds 0..K-1 in turn, each class starting where the one before stopped, so folds are
+    stratified and within one image of each other in size. A pure function of the (path, label)
+    pairs and the seed: fit, finetune and every process of them compute the same folds."""
+    if k < 2:
+        raise BottleneckError(f"--folds must be at least 2, not {k}")
+    rng = np.random.default_rng(seed)
+    samples = sorted(set(samples))
+    folds, dealt = {}, 0
+    for label in sorted({lab for _, lab in samples}):
+        members = [s for s in samples if s[1] == label]
+        if len(members) < k:  # a fold without the class would leave it unscored there
+            name = classes[label] if classes else label
+            raise BottleneckError(f"class {name!r} has {len(members)} image{'s' if len(members) != 1 else ''}, "
+                                  f"fewer than the {k} folds asked for; pass a smaller --folds or add images")
+        for rank, i in enumerate(rng.permutation(len(members))):
+            folds[members[i][0]] = (dealt + rank) % k
+        dealt += len(members)
+    return folds
+
+
+def assignment_digest(folds: dict[str, int]) -> str:
+    """sha256 of sorted (path, fold) pairs: equal digests, the same images in the same folds."""
+    h = hashlib.sha256()
+    for rel, fold in sorted(folds.items()):
+        h.update(f"{rel}\0{fold}\n".encode())
+    return h.hexdigest()
+
+
+def fold_splits(samples: list[tuple[str, int]], k: int, fold: int, seed: int, val_fraction: float | None = None,
+                classes: list[str] | None = None) -> tuple[dict[str, list[tuple[str, int]]], dict]:
+    """(splits, record) of fold `fold` of K: its images are the test split, validation is carved
+    from the rest by split_samples (at `val_fraction`, DEFAULT_VAL_FRACTION when None), the
+    rest is train. The record {"k", "fold", "seed", "assignment_sha256"} goes into the report."""
+    if not 0 <= fold < k:
+        raise BottleneckError(f"--fold must be in 0..{k - 1} for --folds {k}, not {fold}")
+    folds = fold_assignment(samples, k, seed, classes)
+    test = sorted(s for s in set(samples) if folds[s[0]] == fold)
+    rest = sorted(s for s in set(samples) if folds[s[0]] != fold)
+    parts = split_samples(rest, DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, 0.0, seed)
+    splits = {"train": parts["train"], "val": parts["val"], "test": test}
+    record = {"k": k, "fold": fold, "seed": seed, "assignment_sha256": assignment_digest(folds)}
+    return {s: v for s, v in splits.items() if v}, record
+
+
 def split_digest(pairs: list[tuple[str, str]]) -> str:
     """sha256 of sorted (relative path, class name) pairs: equal digests, equal test images."""
     h = hashlib.sha256()

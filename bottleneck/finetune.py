@@ -15,6 +15,7 @@ runs with DistributedDataParallel, each process taking its share of every batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from bottleneck import backbones, locks, preprocess, runtime
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError, Interrupted, write_error
-from bottleneck.finetune_data import augment_batch, load_images, load_splits, tta_views
+from bottleneck.finetune_data import augment_batch, fold_tensors, load_images, load_splits, tta_views
 from bottleneck.locks import WriteLock
 from bottleneck.runtime import (
     apply_precision,
@@ -56,11 +57,16 @@ def finetune(s: FinetuneSettings) -> Path:
 
     The splits come from the same function, fractions and `split_seed` as extract's, so both
     paths are scored on the same test images; `seed` drives only training (order, augmentation,
-    the new head), so repeats over seeds keep the test set.
+    the new head), so repeats over seeds keep the test set. `folds=K` trains on fold `fold` (or
+    on each fold in turn) of all images, as fit does, in OUT-foldI.
     """
+    if s.folds and s.fold is None:  # every fold in turn, each its own run
+        return [finetune.__wrapped__(dataclasses.replace(s, fold=i)) for i in range(s.folds)][-1]
     args = run_args(s)
     validate(args)
     out_dir = Path(s.out) if s.out else Path("runs") / "finetune" / backbones.file_name(s.model)
+    if s.folds:
+        out_dir = out_dir.with_name(f"{out_dir.name}-fold{s.fold}")
     if (out_dir / "report.json").is_file():
         return finished_run(out_dir, args)
     # One run per folder: a second one would share its checkpoint. Only the first process of a
@@ -109,6 +115,9 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
             note(f"decoding {split}: {len(samples)} images")
             x, y, paths[split] = load_images(root, samples, prep, workers, progress and rank == 0)
             images[split] = (x, y)
+    folds = None
+    if s.folds:
+        images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction, classes)
     net = backbones.build_model(model, s.weights)
     head = backbones.replace_head(net, model, len(classes), s.seed)
     if s.init_head:
@@ -116,7 +125,7 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
     net = net.to(dev, memory_format=torch.channels_last)
     run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
     return run, (classes, split_info, root, paths["test"],
-                 {"preprocessing": prep, "preprocessing_rule": why,
+                 {"preprocessing": prep, "preprocessing_rule": why, "folds": folds,
                   "probe_cost_seconds": probe_cost(s.init_head) if s.init_head else None})
 
 

@@ -31,6 +31,20 @@ def load_splits(data_dir: str, val_fraction: float | None, test_fraction: float 
     return splits, m.classes, dict(m.split_info), m.root
 
 
+def fold_tensors(images: dict, paths: dict, k: int, fold: int, seed: int, val_fraction: float | None,
+                 classes: list[str]) -> tuple[dict, dict, dict]:
+    """(images, paths, record): every split's (inputs, labels) pooled and dealt into fold `fold`'s
+    train, val and test by data.fold_splits, as fit deals a cache's rows. A fine-tune needs a
+    validation split, so a val_fraction of 0 takes the default, as ensure_splits does."""
+    x = torch.cat([images[s][0] for s in images])
+    y = torch.cat([images[s][1] for s in images])
+    every = [p for s in images for p in paths[s]]
+    parts, record = data.fold_splits(list(zip(every, y.tolist())), k, fold, seed, val_fraction or None, classes)
+    row = {p: i for i, p in enumerate(every)}
+    chosen = {s: torch.tensor([row[p] for p, _ in samples], dtype=torch.long) for s, samples in parts.items()}
+    return ({s: (x[i], y[i]) for s, i in chosen.items()}, {s: [p for p, _ in parts[s]] for s in parts}, record)
+
+
 def load_images(root: str, samples: list, prep: dict, workers: int | None, progress: bool):
     """Decode a split once into a uint8 N×3×H×W tensor, labels and paths (bad files are dropped, with a warning)."""
     n, size = len(samples), prep["size"]

@@ -23,6 +23,7 @@ from bottleneck import backbones, data
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
 from bottleneck.finetune import Run, init_head, probe_cost, read_probe, stop_before_training
+from bottleneck.finetune_data import fold_tensors
 from bottleneck.settings import FinetuneSettings
 from bottleneck.store import FeatureStore
 
@@ -33,10 +34,13 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
     with stop_before_training(), FeatureStore(s.from_cache) as st:
         check_cache(st, s)
         note(f"reading the maps of {st.map_tap} from {s.from_cache}")
-        images, paths = {}, {}
-        for split in ("train", "val", "test"):
+        images, paths, folds = {}, {}, None
+        for split in st.splits if s.folds else ("train", "val", "test"):
             images[split], paths[split] = read_maps(st, split)
         attrs = dict(st.attrs)
+    if s.folds:
+        images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction,
+                                            attrs["classes"])
     net = backbones.build_model(s.model, s.weights)
     head = backbones.replace_head(net, s.model, len(attrs["classes"]), s.seed)
     if s.init_head:  # LP-FT of the top: a probe on this cache's penultimate tap sees what the head will
@@ -51,7 +55,7 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
     return run, (attrs["classes"], attrs["split_info"], attrs["data_root"], paths["test"],
                  {"preprocessing": attrs["preprocessing"], "tap": attrs["maps"]["tap"],
                   "from_cache": {"path": str(s.from_cache), "views": run.views, "fingerprint": attrs["fingerprint"]},
-                  "cache_cost_seconds": cost,
+                  "cache_cost_seconds": cost, "folds": folds,
                   "probe_cost_seconds": probe_cost(s.init_head, attrs["fingerprint"]) if s.init_head else None})
 
 
@@ -68,7 +72,7 @@ def check_cache(st: FeatureStore, s: FinetuneSettings) -> None:
     if data.dataset_fingerprint(manifest) != a["dataset_fingerprint"]:
         raise BottleneckError(f"--from-cache {st.path} was extracted from other data or other splits than "
                               f"{s.data_dir} with these fractions and seed")
-    for split in ("train", "val", "test"):
+    for split in () if s.folds else ("train", "val", "test"):  # folds pool whatever splits it has
         if split not in st.splits:
             raise BottleneckError(f"--from-cache {st.path} has no {split} split; extract with --val-fraction and "
                                   "--test-fraction to carve one")

@@ -38,7 +38,8 @@ def _keys(cls, table: str | None = None) -> dict:
 
 # key → type of every table; None: checked where it is read.
 TOP_KEYS = {"name": str, "out": str, "cache": str}
-DATA_KEYS = {"path": str, "builtin": str} | _keys(settings.ExtractSettings, "data")
+DATA_KEYS = {"path": str, "builtin": str} | _keys(settings.ExtractSettings, "data") \
+    | _keys(settings.FitSettings, "data") | _keys(settings.FinetuneSettings, "data")  # folds: fit's and finetune's
 BACKBONE_KEYS = {"name": str, "fit": None} | _keys(settings.ExtractSettings)
 FIT_KEYS = _keys(settings.FitSettings) | {"seeds": None}
 FINETUNE_KEYS = {"name": str} | _keys(settings.FinetuneSettings) | {"seeds": None}
@@ -92,8 +93,12 @@ def load(path: str | Path) -> Experiment:
     if "fit" in doc:
         exp.fit = _fit_table(where, doc["fit"], exp.backbones)
     exp.finetunes = [ft for i, t in enumerate(_array(where, doc, "finetune")) for ft in _finetune(where, i, t)]
+    exp.finetunes = [f for ft in exp.finetunes for f in _per_fold(ft, exp.data["folds"])]
     _unique_names(where, "finetune", exp.finetunes)
     for i, t in enumerate(_array(where, doc, "finetune")):
+        if t.get("init_head") == PROBE and exp.data["folds"]:
+            raise where.error("finetune", i, "init_head", f"\"{PROBE}\" with [data] folds would start every fold "
+                              "from one probe that saw its test images; drop init_head or folds")
         if t.get("init_head") == PROBE and probed_backbone(exp, t["model"]) is None:
             spec = backbones.get_spec(t["model"])
             raise where.error("finetune", i, "init_head", f"\"{PROBE}\" starts the head from the logreg probe on "
@@ -132,7 +137,12 @@ def _data_table(where: _Locator, t) -> dict:
     if t.get("builtin", BUILTIN_DATA[0]) not in BUILTIN_DATA:
         raise where.error("data", 0, "builtin", f"unknown dataset '{t['builtin']}'; built in: "
                           f"{', '.join(BUILTIN_DATA)}")
-    return {"val_fraction": None, "test_fraction": None, "seed": 0} | t
+    if "folds" in t and t["folds"] < 2:
+        raise where.error("data", 0, "folds", f"must be at least 2, not {t['folds']}")
+    if "folds" in t and "test_fraction" in t:
+        raise where.error("data", 0, "test_fraction", "with folds every fold is the test split in turn; drop "
+                          "test_fraction")
+    return {"val_fraction": None, "test_fraction": None, "seed": 0, "folds": None} | t
 
 
 def _backbone(where: _Locator, i: int, t: dict) -> dict:
@@ -196,6 +206,11 @@ def _finetune(where: _Locator, i: int, t: dict) -> list[dict]:
         raise where.error("finetune", i, "seeds", "give seed or seeds, not both")
     ft.pop("seeds", None)
     return [ft | {"name": f"{ft['name']}-seed{n}", "seed": n} for n in seeds] if seeds else [ft]
+
+
+def _per_fold(ft: dict, folds: int | None) -> list[dict]:
+    """With [data] folds = K, a fine-tune is K runs, NAME-fold0 to NAME-fold{K-1}, each its own stage and job."""
+    return [ft | {"name": f"{ft['name']}-fold{i}", "fold": i} for i in range(folds)] if folds else [ft]
 
 
 def _stage_values(where: _Locator, table: str, i: int, t: dict, cls, chosen: dict | None = None) -> dict:
@@ -337,12 +352,21 @@ def fit_args(exp: Experiment, bb: dict) -> list[dict]:
         out = str(exp.out / "fit" / bb["name"])
         clfs = exp.fit["classifiers"] if bb["fit"] is True else bb["fit"]
         runs = [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
-                 "seed": seed, "out": out}
-                for tap in exp.fit["layers"] for clf in clfs for seed in exp.fit["seeds"]]
+                 "seed": seed, "out": out} | fold
+                for tap in exp.fit["layers"] for clf in clfs for seed in exp.fit["seeds"] for fold in fold_args(exp)]
     if any(probed_backbone(exp, ft["model"]) is bb for ft in exp.finetunes if ft.get("init_head") == PROBE):
         probe = probe_args(exp, bb)
         runs += [] if probe in runs else [probe]
     return runs
+
+
+def fold_args(exp: Experiment) -> list[dict]:
+    """fit()'s fold arguments: one {} without [data] folds, else one per fold."""
+    k = exp.data["folds"]
+    if not k:
+        return [{}]
+    return [{"folds": k, "fold": i, "split_seed": exp.data["seed"], "val_fraction": exp.data["val_fraction"]}
+            for i in range(k)]
 
 
 def probed_backbone(exp: Experiment, model: str) -> dict | None:
@@ -362,7 +386,8 @@ def fit_report(args: dict) -> Path:
     from bottleneck.classify import folder_name
 
     settings = {k: args[k] for k in ("clf", "search", "class_weight", "seed")}
-    return Path(args["out"]) / folder_name(args["layer"], **settings) / "report.json"
+    folds = {"fold": args["fold"]} if args.get("folds") else None
+    return Path(args["out"]) / folder_name(args["layer"], **settings, folds=folds) / "report.json"
 
 
 def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
@@ -374,9 +399,12 @@ def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
     if ft.get("from_cache"):  # the cache that backbone's extraction made (a Slurm job reads the record itself)
         record = cache_record(exp, maps_backbone(exp, ft))
         ft = ft | {"from_cache": record.read_text().strip() if record.is_file() else str(record)}
+    out = finetune_dir(exp, ft)
+    if exp.data["folds"]:  # finetune adds -foldI to the folder it is given
+        out = out.with_name(out.name.removesuffix(f"-fold{ft['fold']}"))
     return {k: v for k, v in ft.items() if k != "name"} | {
-        "data_dir": exp.data["path"], "out": str(finetune_dir(exp, ft)), "val_fraction": exp.data["val_fraction"],
-        "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["seed"]}
+        "data_dir": exp.data["path"], "out": str(out), "val_fraction": exp.data["val_fraction"],
+        "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["seed"], "folds": exp.data["folds"]}
 
 
 def maps_backbone(exp: Experiment, ft: dict) -> dict | None:
@@ -485,7 +513,7 @@ def check_finished(exp: Experiment, force: bool = False) -> None:
 
     for ft in exp.finetunes:
         kwargs = finetune_kwargs(exp, ft)
-        out = Path(kwargs["out"])
+        out = finetune_dir(exp, ft)
         if not (out / "report.json").is_file():
             continue
         changed = changed_settings(out, run_args(settings.FinetuneSettings(**kwargs)))

@@ -47,6 +47,9 @@ INTERPOLATION_HELP = "Resampling [default: the model's own]."
 VAL_FRACTION_HELP = "Validation fraction carved from train [default: 0.1 for data without splits, else none]."
 TEST_FRACTION_HELP = "Test fraction carved from train [default: 0.25 for data without splits, else none]."
 SPLIT_SEED_HELP = "Seed of the stratified split (the same for extract and finetune gives the same test images)."
+FOLDS_HELP = ("Cross-validate: K stratified folds of all images (every split pooled), each in turn the test split, "
+              "validation carved from the rest; the same K and --split-seed give fit and finetune the same folds.")
+FOLD_HELP = "With --folds: run only fold I (0-based) [default: every fold, one run folder each, ending -foldI]."
 
 
 class SettingError(BottleneckError):
@@ -149,11 +152,23 @@ class FitSettings(Settings):
                            "the fixed defaults; it costs seconds.", flags=("--search/--no-search",))
     class_weight: str | None = setting(None, "Weight classes by their inverse frequency.", choices=("balanced",))
     seed: int = setting(0, "Seed for hold-out splits, CV folds and the classifier.", low=0)
+    folds: int | None = setting(None, FOLDS_HELP, low=2, toml="[data] folds")
+    fold: int | None = setting(None, FOLD_HELP, low=0, toml=False)
+    split_seed: int = setting(0, "With --folds: the seed of the fold assignment (finetune's --split-seed).", low=0,
+                              toml="[data] seed")
+    val_fraction: float | None = setting(None, "With --folds: the validation fraction carved from the other folds "
+                                         "[default: 0.1].", low=0.0, toml="[data] val_fraction")
     out: str | None = setting(None, "Output folder [default: runs/fit/<cache name>].", toml=False)
     train_sizes: str | None = setting(None, "Learning curve: images per class, e.g. 10,25,50,100,all.", toml=False)
     force: bool = setting(False, "Replace a result of other settings in the same folder.", toml=False)
     reuse: bool = setting(False, "Keep a finished fit of the same settings and cache instead of fitting again, and "
                           "replace any other (what 'bottleneck run' does with its own folders).", toml=False)
+
+    def check(self) -> None:
+        check_folds(self)
+        if self.folds and (self.layer == "all" or self.train_sizes):
+            raise SettingError("folds", "--folds scores one classifier per fold; a layer probe (--layer all) or a "
+                               "learning curve (--train-sizes) takes the data's own split, so drop --folds for them")
 
 
 @dataclass(frozen=True)
@@ -202,6 +217,8 @@ class FinetuneSettings(Settings):
     test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
                                           toml="[data] test_fraction")
     split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] seed")
+    folds: int | None = setting(None, FOLDS_HELP, low=2, toml="[data] folds")
+    fold: int | None = setting(None, FOLD_HELP, low=0, toml=False)
     workers: int | None = setting(None, "Decoding worker processes.", low=0, high=256)
     out: str | None = setting(None, "Run folder [default: runs/finetune/MODEL]; rerunning with the same folder "
                               "resumes.", toml=False)
@@ -214,6 +231,12 @@ class FinetuneSettings(Settings):
         return 0 if self.init_head else 1
 
     def check(self) -> None:
+        check_folds(self)
+        if self.folds and self.test_fraction is not None:
+            raise SettingError("test_fraction", "with --folds each fold is the test split in turn; drop "
+                               "--test-fraction")
+        if self.folds and self.max_images is not None:
+            raise SettingError("max_images", "with --folds every image is a test image once; drop --max-images")
         if self.epochs + self.head_epochs_run() == 0:
             raise SettingError("epochs", "nothing to train: --epochs and --head-epochs are both 0")
         if self.lr == 0:
@@ -229,6 +252,14 @@ class FinetuneSettings(Settings):
             if u != "all":
                 raise SettingError("unfreeze", "--from-cache trains every layer after the cache's tap; "
                                    "--unfreeze does not apply")
+
+
+def check_folds(s) -> None:
+    """--fold picks one of --folds K."""
+    if s.fold is not None and s.folds is None:
+        raise SettingError("fold", "--fold picks one of K folds; give --folds K too")
+    if s.fold is not None and s.fold >= s.folds:
+        raise SettingError("fold", f"--fold must be in 0..{s.folds - 1} for --folds {s.folds}, not {s.fold}")
 
 
 # --------------------------------------------------------------------------- one field

@@ -134,7 +134,7 @@ def finetune_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options)
         f"# Slurm sends USR1 to this script {_lead(opts.time)} s before the time limit, `scontrol requeue`",
         "# and preemption send TERM: either way bottleneck finetune saves a checkpoint and exits with",
         _comment(f"# {REQUEUE_EXIT}, the job is requeued, and the same command resumes from "
-                 f"{kwargs['out']}/checkpoint.pt."),
+                 f"{pipeline.finetune_dir(exp, ft)}/checkpoint.pt."),
         f"{run} &",
         "pid=$!",
         "trap 'kill -USR1 $pid 2>/dev/null' USR1",

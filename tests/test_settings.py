@@ -38,11 +38,12 @@ def test_experiment_file_keys_come_from_the_settings():
     assert set(pipeline.BACKBONE_KEYS) - {"name", "fit"} == set(settings.toml_keys(settings.ExtractSettings))
     assert set(pipeline.FIT_KEYS) - {"seeds"} == set(settings.toml_keys(settings.FitSettings))
     assert set(pipeline.FINETUNE_KEYS) - {"name", "seeds"} == set(settings.toml_keys(settings.FinetuneSettings))
-    # [data] holds the split settings, which extract and finetune share
+    # [data] holds the split settings, which extract and finetune share, and the folds of fit and finetune
     split = set(settings.toml_keys(settings.ExtractSettings, "data"))
-    assert split == set(settings.toml_keys(settings.FinetuneSettings, "data")) == {"val_fraction", "test_fraction",
-                                                                                   "seed"}
-    assert set(pipeline.DATA_KEYS) == split | {"path", "builtin"}
+    assert split | {"folds"} == set(settings.toml_keys(settings.FinetuneSettings, "data"))
+    assert split == {"val_fraction", "test_fraction", "seed"}
+    assert set(settings.toml_keys(settings.FitSettings, "data")) == {"folds", "seed", "val_fraction"}
+    assert set(pipeline.DATA_KEYS) == split | {"folds", "path", "builtin"}
 
 
 @pytest.mark.parametrize("name", STAGES)
