@@ -62,7 +62,7 @@ def compare(run_dirs: list[str] | str, *, out: str | None = None, reference: str
     # Everything is rendered first, then written: a bad report leaves no half-written outputs.
     png = plot(result["rows"])
     files = {"comparison.md": markdown(result), "comparison.csv": to_csv(result["rows"] + result["apart"]),
-             "comparison.json": json.dumps(result, indent=1, default=_plain) + "\n",
+             "comparison.json": json.dumps(_without_predictions(result), indent=1, default=_plain) + "\n",
              "report.html": html_report(result, png)}
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_bytes(out_dir / "comparison.png", png)
@@ -81,6 +81,12 @@ def _folders(run_dirs) -> list[str]:
     return [str(d) for d in run_dirs]
 
 
+def _without_predictions(result: dict) -> dict:
+    """The result for comparison.json: pooled folds' per-image predictions stay in their folds' CSVs."""
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "predictions"} for r in rows]  # noqa: E731
+    return result | {k: strip(result[k]) for k in ("rows", "apart", "left_out")}
+
+
 def _plain(value):
     """JSON for numpy scalars that slip into the result."""
     if isinstance(value, np.generic):
@@ -92,7 +98,7 @@ def comparison(run_dirs: list[str], reference: str | None = None, *, challenger:
                margin: float = 1.0) -> dict:
     """The comparison as plain data: decision and verdict, contenders with paired statistics, rows kept apart."""
     margin = _margin(margin)
-    rows = collect(_folders(run_dirs))
+    rows = pool_folds(collect(_folders(run_dirs)))
     main, apart = split_by_test_set(rows)
     outcomes = {r["id"]: correct_by_image(r) for r in main}
     left_out = [r | {"left_out": "no predictions.csv beside its report: rerun its stage"}
@@ -304,6 +310,47 @@ def collect(run_dirs: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["cost_seconds"], r["report"]))
 
 
+def pool_folds(rows: list[dict]) -> list[dict]:
+    """Each cross-validated path's K fold rows (folders ending -foldI) as one row scored on every image
+    (folds.pool checks they are one complete assignment), so paths pair image by image across all folds."""
+    from bottleneck import folds
+
+    by_path = folds.groups([r["report"] for r in rows])
+    if not by_path:
+        return rows
+    pools = {key: folds.pool(paths) for key, paths in by_path.items()}
+    folds.same_folds(pools)
+    in_folds = {str(p) for paths in by_path.values() for p in paths}
+    out = [r for r in rows if r["report"] not in in_folds]
+    for key, paths in by_path.items():
+        members = [r for r in rows if r["report"] in {str(p) for p in paths}]
+        out.append(_pooled_row(members, pools[key]))
+    return sorted(out, key=lambda r: (r["cost_seconds"], r["report"]))
+
+
+def _pooled_row(members: list[dict], pooled: dict) -> dict:
+    from sklearn.metrics import balanced_accuracy_score
+
+    preds = pooled["predictions"]
+    classes = members[0]["classes"] or sorted({v["true"] for v in preds.values()})
+    y_true = np.array([classes.index(v["true"]) for v in preds.values()])
+    y_pred = np.array([classes.index(v["predicted"]) for v in preds.values()])
+    right, n = int((y_true == y_pred).sum()), len(y_true)
+    vals = [m["validation"]["accuracy"] for m in members if m.get("validation")]
+    k = len(members)
+    # the extraction is one pass for all folds: counted once, each fold's own training added
+    cost = sum(m["cost_seconds"] for m in members) - (k - 1) * members[0]["shared_seconds"]
+    n_train = int(np.mean([m["n_train"] for m in members]))
+    return members[0] | {
+        "id": re.sub(r"-fold\d+$", "", members[0]["id"]), "accuracy": right / n, "accuracy_ci": stats.wilson(right, n),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "balanced_accuracy_ci": stats.balanced_accuracy_ci(y_true, y_pred, len(classes)),
+        "n_test": n, "test_set": pooled["test_set_sha256"], "cost_seconds": round(cost, 3),
+        "ms_per_image": round(1000 * cost / n_train, 3) if n_train else None,
+        "validation": {"accuracy": float(np.mean(vals)), "by": f"mean over {k} folds"} if len(vals) == k else None,
+        "folds": pooled["folds"] | {"reports": [m["report"] for m in members]}, "predictions": preds}
+
+
 def _read_report(path: Path) -> dict:
     try:
         rep = json.loads(path.read_text())
@@ -325,14 +372,17 @@ def row(rep: dict, path: Path, run_dir: Path | None = None) -> dict:
 
 def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
     cost = rep.get("cost") or {}
+    shared = 0.0  # the extraction a fit or a top on cached maps read: one pass serves every fold
     if rep["stage"] == "finetune":
         method, seconds, device = "fine-tune", _number(cost.get("wall_seconds", 0.0)), cost.get("device", "")
         seconds += _number(rep.get("probe_cost_seconds") or 0.0)  # LP-FT: the probe it started from counts too
-        seconds += _number(rep.get("cache_cost_seconds") or 0.0)  # a top trained on cached maps: their extraction
+        shared = _number(rep.get("cache_cost_seconds") or 0.0)
+        seconds += shared  # a top trained on cached maps: their extraction
     else:
         extraction = cost.get("extraction") or {}
         method = "fixed features"
-        seconds = _number(cost.get("fit_seconds", 0.0)) + _number(extraction.get("wall_seconds", 0.0))
+        shared = _number(extraction.get("wall_seconds", 0.0))
+        seconds = _number(cost.get("fit_seconds", 0.0)) + shared
         device = extraction.get("device", "")
     accuracy, n_test = _number(rep["accuracy"]), int(rep.get("n_test") or 0)
     n_train = int(rep.get("n_train") or 0)
@@ -351,7 +401,8 @@ def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
             "ms_per_image": round(1000 * seconds / n_train, 3) if n_train else None,
             "n_train": n_train, "n_test": n_test, "device": device,
             "test_set": str(rep["test_set"]["sha256"]) if rep.get("test_set") else None, "report": str(path),
-            "classes": rep.get("classes"), "data_root": rep.get("data_root"), "validation": validation(rep)}
+            "classes": rep.get("classes"), "data_root": rep.get("data_root"), "validation": validation(rep),
+            "shared_seconds": shared}
 
 
 def validation(rep: dict) -> dict | None:
@@ -417,7 +468,10 @@ def split_by_test_set(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def predictions(r: dict) -> dict[str, dict] | None:
-    """The predictions.csv beside a row's report (report.read_predictions), if there is one."""
+    """The predictions.csv beside a row's report (report.read_predictions), if there is one; a
+    cross-validated row's pooled predictions of all its folds."""
+    if r.get("predictions") is not None:
+        return r["predictions"]
     path = Path(r["report"]).with_name("predictions.csv")
     if not path.is_file():
         return None

@@ -66,9 +66,13 @@ def read_predictions(path: Path) -> dict[str, dict]:
     """predictions.csv back as {path: {"true", "predicted", "probabilities": {class: p}}}."""
     rows = {}
     with open(path, newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            probs = {k.removeprefix("p_"): float(v) for k, v in r.items() if k.startswith("p_")}
-            rows[r["path"]] = {"true": r["true"], "predicted": r["predicted"], "probabilities": probs}
+        lines = csv.reader(f)
+        header = next(lines)
+        if header[:3] != ["path", "true", "predicted"]:
+            raise ValueError(f"its header is {header[:3]}, not path, true, predicted")
+        classes = [h.removeprefix("p_") for h in header[3:]]
+        for r in lines:
+            rows[r[0]] = {"true": r[1], "predicted": r[2], "probabilities": dict(zip(classes, map(float, r[3:])))}
     return rows
 
 

@@ -8,6 +8,7 @@ from conftest import make_tree, run_cli
 
 from bottleneck import data, folds, pipeline, report
 from bottleneck.classify import fit
+from bottleneck.compare import comparison
 from bottleneck.errors import BottleneckError
 from bottleneck.extract import extract
 from bottleneck.finetune import finetune
@@ -56,6 +57,13 @@ def test_a_5_fold_comparison_tests_every_image_once_for_every_path_on_the_same_f
         assert pooled["fold_of"] == first["fold_of"], name  # every image's fold is the same for every path
         assert pooled["test_set_sha256"] == first["test_set_sha256"], name
     assert sorted(first["fold_of"].values()) == sorted(i % 5 for i in range(26))  # sizes within one of each other
+    # compare pairs the two paths image by image across all folds: one row each, scored on all 26 images
+    result = comparison([str(tmp_path)])
+    assert not result["apart"] and sorted(r["id"] for r in result["rows"]) == ["pool-knn", "pool-logreg"]
+    for r in result["rows"]:
+        assert r["n_test"] == 26 and r["test_set"] == first["test_set_sha256"] and r["folds"]["k"] == 5
+    compared = next(r for r in result["rows"] if not r["reference"])
+    assert compared["paired"]["n"] == 26
 
 
 def test_fine_tunes_on_images_and_on_cached_maps_get_the_same_fold_as_a_fit_on_the_cache(maps_cache, tmp_path):
