@@ -160,6 +160,16 @@ def parse_target(text: str) -> tuple[str, str, float]:
     return measure, cls, goal
 
 
+def target_class(target: str, classes: list[str]) -> int:
+    """The index of the class a target names, checked against the data's classes."""
+    cls = parse_target(target)[1]
+    if len(classes) != 2:
+        raise BottleneckError(f"--target {target} needs two classes; this data has {len(classes)}: leave it out")
+    if cls not in classes:
+        raise BottleneckError(f"--target {target} names class {cls!r}, which is not one of {', '.join(classes)}")
+    return classes.index(cls)
+
+
 def threshold_for(target: str, classes: list[str], y_val: np.ndarray, p_val: np.ndarray) -> dict:
     """The threshold on the target class's probability (that class is predicted at or above it) meeting
     the target on validation images, and what it gives there.
@@ -169,11 +179,7 @@ def threshold_for(target: str, classes: list[str], y_val: np.ndarray, p_val: np.
     validation images never reach is not met: the threshold of the highest precision is taken and said so.
     """
     measure, cls, goal = parse_target(target)
-    if len(classes) != 2:
-        raise BottleneckError(f"--target {target} needs two classes; this data has {len(classes)}: leave it out")
-    if cls not in classes:
-        raise BottleneckError(f"--target {target} names class {cls!r}, which is not one of {', '.join(classes)}")
-    c = classes.index(cls)
+    c = target_class(target, classes)
     positive, score = np.asarray(y_val) == c, np.asarray(p_val, dtype=float)[:, c]
     if not positive.any():
         raise BottleneckError(f"the validation images hold no image of class {cls!r}, so --target {target} "

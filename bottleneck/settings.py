@@ -22,6 +22,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from bottleneck.classifiers import CLASSIFIERS  # the one table of classifiers
 from bottleneck.errors import BottleneckError
+from bottleneck.scores import parse_target
 
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -47,6 +48,17 @@ INTERPOLATION_HELP = "Resampling [default: the model's own]."
 VAL_FRACTION_HELP = "Validation fraction carved from train [default: 0.1 for data without splits, else none]."
 TEST_FRACTION_HELP = "Test fraction carved from train [default: 0.25 for data without splits, else none]."
 SPLIT_SEED_HELP = "Seed of the stratified split (the same for extract and finetune gives the same test images)."
+TARGET_HELP = ("Two classes: an operating point, e.g. recall:defective=0.9 or precision:defective=0.95; the "
+               "threshold on that class's probability meeting it on validation images is applied to the test "
+               "images, and the report gives each class's recall and precision there.")
+
+
+def check_target(target: str | None) -> None:
+    if target is not None:
+        try:
+            parse_target(target)
+        except BottleneckError as e:
+            raise SettingError("target", str(e)) from None
 
 
 class SettingError(BottleneckError):
@@ -154,6 +166,11 @@ class FitSettings(Settings):
     force: bool = setting(False, "Replace a result of other settings in the same folder.", toml=False)
     reuse: bool = setting(False, "Keep a finished fit of the same settings and cache instead of fitting again, and "
                           "replace any other (what 'bottleneck run' does with its own folders).", toml=False)
+    target: str | None = setting(None, TARGET_HELP + " The validation images are the val split, scored by the "
+                                 "model trained on train alone, or else each training image scored by 5-fold CV.")
+
+    def check(self) -> None:
+        check_target(self.target)
 
 
 @dataclass(frozen=True)
@@ -206,6 +223,8 @@ class FinetuneSettings(Settings):
     out: str | None = setting(None, "Run folder [default: runs/finetune/MODEL]; rerunning with the same folder "
                               "resumes.", toml=False)
     progress: bool = setting(True, "Show progress bars.", toml=False)
+    target: str | None = setting(None, TARGET_HELP + " The validation images are scored by the final model (the "
+                                 "best epoch's, unless --keep-last).")
 
     def head_epochs_run(self) -> int:
         """Head-only epochs: as given, else none after --init-head (the probe is that phase) and one otherwise."""
@@ -214,6 +233,7 @@ class FinetuneSettings(Settings):
         return 0 if self.init_head else 1
 
     def check(self) -> None:
+        check_target(self.target)
         if self.epochs + self.head_epochs_run() == 0:
             raise SettingError("epochs", "nothing to train: --epochs and --head-epochs are both 0")
         if self.lr == 0:
