@@ -108,9 +108,14 @@ def write_report(out: Path, report: dict) -> Path:
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(path)
     plot_confusion(np.array(report["confusion_matrix"]), report["classes"], out / "confusion_matrix.png",
-                   title=" ".join(str(v) for v in (report["model"], report.get("tap"), report.get("clf")) if v)
-                   + f": accuracy {report['accuracy']:.3f}")  # a fine-tune has no tap: no "None" in its title
+                   title=confusion_title(report))
     return path
+
+
+def confusion_title(report: dict) -> str:
+    """Model, tap and classifier, then the accuracy; a fine-tune has no tap, and no "None" stands for it."""
+    names = " ".join(str(v) for v in (report["model"], report.get("tap"), report.get("clf")) if v)
+    return f"{names}: accuracy {report['accuracy']:.3f}"
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
