@@ -300,5 +300,5 @@ def _svg(title: str, xlabel: str, ylabel: str, xs: list, ys: list, diagonal: boo
     parts.append(f'<text x="10" y="{pad / 2 + size / 2}" font-size="11" text-anchor="middle" '
                  f'transform="rotate(-90 10 {pad / 2 + size / 2})">{_e(ylabel)}</text>')
     width, height = size + pad + 8, size + pad + 14
-    return (f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+    return (f'<figure><svg width="{width}" height="{height}" role="img" '
             f'aria-label="{_e(title)}">{"".join(parts)}</svg><figcaption>{_e(title)}</figcaption></figure>')
