@@ -182,15 +182,17 @@ def _probability_section(rows: list[dict]) -> list[str]:
         classes = list(next(iter(preds.values()))["probabilities"])
         y = np.array([classes.index(v["true"]) for v in preds.values()])
         probs = np.array([[v["probabilities"][c] for c in classes] for v in preds.values()])
-        point = _operating_point(r)
-        c = classes.index(point["class"]) if point else (
-            int(np.bincount(y, minlength=2)[1] <= np.bincount(y, minlength=2)[0]) if len(classes) == 2 else None)
+        stored = _stored_report(r)
+        point, c = stored.get("operating_point"), _positive(classes, y, stored)
         cal = scores.calibration(y, probs)
         figures = [_reliability_svg(cal)]
         ranking = {}
         if c is not None and 0 < (y == c).sum() < len(y):
             positive, p = y == c, probs[:, c]
-            ranking = scores.ranking_scores(positive, p)
+            # the report's own intervals when it has them: 2,000 resamples of 100,000 images take a while
+            ranking = ({k: stored[k] for k in ("roc_auc", "roc_auc_ci", "average_precision", "average_precision_ci")}
+                       if stored.get("positive_class") == classes[c] and stored.get("roc_auc_ci")
+                       else scores.ranking_scores(positive, p))
             figures = [_roc_svg(positive, p, classes[c], point), _pr_svg(positive, p, classes[c], point)] + figures
         lines.append(_score_cells(r, classes[c] if ranking else None, ranking, scores.log_loss(y, probs),
                                   scores.brier(y, probs), cal["ece"], point))
@@ -212,12 +214,24 @@ def _probability_section(rows: list[dict]) -> list[str]:
             *drawn]
 
 
-def _operating_point(r: dict) -> dict | None:
-    """The operating point a row's report chose on validation (with --target), if any."""
+def _stored_report(r: dict) -> dict:
+    """A row's report.json ({} if unreadable): its operating point and intervals, when it has them."""
     try:
-        return json.loads(Path(r["report"]).read_text()).get("operating_point")
-    except (OSError, ValueError, AttributeError):
+        rep = json.loads(Path(r["report"]).read_text())
+    except (OSError, ValueError):
+        return {}
+    return rep if isinstance(rep, dict) else {}
+
+
+def _positive(classes: list[str], y: np.ndarray, stored: dict) -> int | None:
+    """Two classes: the report's positive class (the target's, or the rarer one), else the rarer on
+    these images, as report.probability_scores chooses it; None for more classes."""
+    if len(classes) != 2:
         return None
+    if stored.get("positive_class") in classes:
+        return classes.index(stored["positive_class"])
+    counts = np.bincount(y, minlength=2)
+    return int(counts[1] <= counts[0])
 
 
 def _score_cells(r: dict, positive: str | None, ranking: dict, log_loss: float, brier: float, ece: float,

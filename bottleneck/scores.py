@@ -63,32 +63,42 @@ def calibration(y: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_BINS) 
 
 # --------------------------------------------------------------------------- two classes: curves
 
-def _counts(positive: np.ndarray, score: np.ndarray, weights: np.ndarray | None = None):
-    """(thresholds, true positives, false positives) at each distinct score, highest first.
-
-    `weights` (resamples × images) counts each image that many times; without it, once.
-    """
+def _ranked(positive: np.ndarray, score: np.ndarray):
+    """(scores, positive?) sorted by score, highest first, and the index of the last image of each
+    run of equal scores (where a threshold can fall)."""
     order = np.argsort(-score, kind="stable")
-    s, pos = score[order], positive[order].astype(float)
-    ends = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last image of each run of equal scores
-    w = np.ones((1, len(s))) if weights is None else weights[:, order]
-    tp = np.cumsum(w * pos, axis=1)[:, ends]
-    fp = np.cumsum(w * (1 - pos), axis=1)[:, ends]
+    s = score[order]
+    return s, positive[order], np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+
+
+def _counts(positive: np.ndarray, score: np.ndarray):
+    """(thresholds, true positives, false positives) at each distinct score, highest first."""
+    s, pos, ends = _ranked(positive, score)
+    tp, fp = _weighted_counts(pos, ends, np.ones((1, int(pos.sum()))), np.ones((1, int((~pos).sum()))))
     return s[ends], tp, fp
+
+
+def _weighted_counts(pos: np.ndarray, ends: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray):
+    """True and false positives at or above each threshold when the ranked positive images count
+    w_pos[:, j] times each (in rank order) and the negative ones w_neg[:, j]."""
+    above_pos = np.cumsum(pos)[ends]  # positive images ranked at or above each threshold
+    above_neg = ends + 1 - above_pos
+    tp = np.cumsum(np.hstack([np.zeros((len(w_pos), 1)), w_pos]), axis=1)[:, above_pos]
+    fp = np.cumsum(np.hstack([np.zeros((len(w_neg), 1)), w_neg]), axis=1)[:, above_neg]
+    return tp, fp
 
 
 def _auc(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     """Area under the ROC curve through (0, 0) and each threshold's (fp rate, tp rate): the trapezoids
     count a tie between a positive and a negative image as half right."""
-    tpr = np.hstack([np.zeros((len(tp), 1)), tp / tp[:, -1:]])
-    fpr = np.hstack([np.zeros((len(fp), 1)), fp / fp[:, -1:]])
-    return (np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2).sum(1)
+    tpr, fpr = tp / tp[:, -1:], fp / fp[:, -1:]
+    return (np.diff(fpr, axis=1, prepend=0) * (tpr + np.hstack([np.zeros((len(tp), 1)), tpr[:, :-1]])) / 2).sum(1)
 
 
 def _average_precision(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     """Sum over thresholds of the recall gained times the precision there (scikit-learn's definition,
     without interpolation)."""
-    gained = np.diff(np.hstack([np.zeros((len(tp), 1)), tp]), axis=1) / tp[:, -1:]
+    gained = np.diff(tp, axis=1, prepend=0) / tp[:, -1:]
     drawn = tp + fp  # 0 above the first image a resample drew, where no recall is gained either
     return (gained * np.divide(tp, drawn, out=np.zeros_like(tp), where=drawn > 0)).sum(1)
 
@@ -127,17 +137,21 @@ def ranking_scores(positive: np.ndarray, score: np.ndarray, resamples: int = BOO
     if n_pos == 0 or n_neg == 0:  # one class only: neither curve exists
         return {"roc_auc": None, "roc_auc_ci": None, "average_precision": None, "average_precision_ci": None}
     rng = np.random.default_rng(BOOTSTRAP_SEED)
+    _, pos, ends = _ranked(positive, score)
     aucs, aps = [], []
     chunk = max(1, 2**22 // len(score))
     for k in [min(chunk, resamples - i) for i in range(0, resamples, chunk)]:
-        w = np.zeros((k, len(score)))
-        w[:, positive] = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=k)
-        w[:, ~positive] = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=k)
-        _, tp, fp = _counts(positive, score, w)
+        tp, fp = _weighted_counts(pos, ends, _draw_counts(rng, k, n_pos), _draw_counts(rng, k, n_neg))
         aucs.append(_auc(tp, fp))
         aps.append(_average_precision(tp, fp))
     return {"roc_auc": roc_auc(positive, score), "roc_auc_ci": _percentiles(aucs),
             "average_precision": average_precision(positive, score), "average_precision_ci": _percentiles(aps)}
+
+
+def _draw_counts(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
+    """k × n: how often each of n images is drawn in each of k resamples of n draws with replacement."""
+    drawn = rng.integers(0, n, size=(k, n), dtype=np.int32 if k * n < 2**31 else np.int64) + np.arange(k)[:, None] * n
+    return np.bincount(drawn.ravel(), minlength=k * n).reshape(k, n)
 
 
 def _percentiles(chunks: list[np.ndarray]) -> list[float]:
