@@ -167,7 +167,7 @@ def _thumbnail(root: str | None, rel: str) -> str:
 # --------------------------------------------------------------------------- beyond accuracy
 
 SVG_PX, SVG_PAD = 210, 34  # one small square plot; the padding holds the axis labels
-MARK = "; red: the test images at the threshold chosen on validation"
+MARK = "; red: the validation threshold"  # its point on the test images
 
 
 def _probability_section(rows: list[dict]) -> list[str]:
@@ -206,7 +206,8 @@ def _probability_section(rows: list[dict]) -> list[str]:
             "that a random image of the positive class gets a higher probability than a random other one. Average "
             "precision: the precision averaged over every recall reached. Log-loss and Brier: lower is better. "
             "Calibration error: the mean gap between how sure the model is and how often it is right, in "
-            f"{scores.CALIBRATION_BINS} bins (the diagram's points; on the diagonal is calibrated). Intervals: "
+            f"{scores.CALIBRATION_BINS} bins (the diagram's points; on the diagonal is calibrated). A red point: "
+            "where the threshold chosen on validation for the run's --target puts the test images. Intervals: "
             "2,000 stratified bootstrap resamples of the test images."
             + (f" Without predictions.csv: {_e(', '.join(missing))}." if missing else "") + "</p>")
     return ["<h2>Beyond accuracy: probabilities, curves and calibration</h2>", note,
@@ -315,4 +316,5 @@ def _svg(title: str, xlabel: str, ylabel: str, xs: list, ys: list, diagonal: boo
                  f'transform="rotate(-90 10 {pad / 2 + size / 2})">{_e(ylabel)}</text>')
     width, height = size + pad + 8, size + pad + 14
     return (f'<figure><svg width="{width}" height="{height}" role="img" '
-            f'aria-label="{_e(title)}">{"".join(parts)}</svg><figcaption>{_e(title)}</figcaption></figure>')
+            f'aria-label="{_e(title)}">{"".join(parts)}</svg><figcaption style="max-width:{width}px">{_e(title)}'
+            "</figcaption></figure>")

@@ -29,7 +29,7 @@ EPS = 1e-15  # a probability of exactly 0 for the true class costs -log(1e-15), 
 def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
     """Mean negative log of the probability given to each image's true class."""
     y, probs = np.asarray(y, dtype=int), np.asarray(probs, dtype=float)
-    return float(-np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1.0)).mean())
+    return max(0.0, float(-np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1.0)).mean()))  # never "-0.000"
 
 
 def brier(y: np.ndarray, probs: np.ndarray) -> float:
