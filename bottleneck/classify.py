@@ -17,7 +17,8 @@ from pathlib import Path
 import joblib
 import numpy as np
 import sklearn
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 from bottleneck import data, locks
@@ -26,6 +27,7 @@ from bottleneck.classifiers import grid, make_classifier
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
 from bottleneck.locks import WriteLock
+from bottleneck.scores import target_class
 from bottleneck.settings import FitSettings, takes
 from bottleneck.store import FeatureStore
 
@@ -59,10 +61,14 @@ def _fit(s: FitSettings) -> Path:
         if layer not in LAYER_MODES and layer not in st.taps:
             raise BottleneckError(f"{features} has no tap '{layer}'; it holds {', '.join(st.taps)} "
                                   f"(or use {', '.join(LAYER_MODES)})")
+        if s.target:  # before any training: a target this data cannot have is refused at once
+            target_class(s.target, st.classes)
         out_dir = Path(s.out) if s.out else Path("runs") / "fit" / Path(features).stem
         settings = {"clf": s.clf, "search": s.search, "class_weight": s.class_weight, "seed": s.seed}
         if s.folds:
             settings["folds"] = {"k": s.folds, "fold": s.fold, "seed": s.split_seed, "val_fraction": s.val_fraction}
+        if s.target:  # recorded only when given, so reports written without it still match for --reuse
+            settings["target"] = s.target
         if layer == "all":
             paths = [finished_fit(out_dir / folder_name(tap, **settings), settings | {"tap": tap}, st, s.reuse)
                      or fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force or s.reuse)
@@ -130,9 +136,10 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
     return best, {"by": how, "scores": {t: round(v, 4) for t, v in scores.items()}, "chosen": best}
 
 
-def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed: int, folds: dict | None = None
-                ) -> str:
-    """The folder of one fit: tap and classifier, then each setting that differs from the default."""
+def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed: int, folds: dict | None = None,
+                target: str | None = None) -> str:
+    """The folder of one fit: tap and classifier, then each setting that differs from the default
+    (the target changes the report, not the model: it has no part in the name)."""
     parts = [tap, clf] + (["search"] if search else []) + ([f"cw-{class_weight}"] if class_weight else [])
     return "-".join(parts + ([f"seed{seed}"] if seed else []) + ([f"fold{folds['fold']}"] if folds else []))
 
@@ -252,6 +259,10 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     started = time.perf_counter()
     test_paths, y_test, y_pred, probs = predict_images(pipe, x_test, y_test, test_paths, len(st.classes))
     predict_seconds = time.perf_counter() - started
+    point = None
+    if settings.get("target"):
+        *validation, how = validation_probabilities(pipe, d, seed, len(st.classes))
+        point = reports.operating_point(settings["target"], st.classes, validation, how, y_test, probs)
     pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout"),
                                                    "folds": d.get("folds")}
     rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf, "settings": settings,
@@ -265,7 +276,8 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
            "test_set": reports.test_set("test", test_paths, y_test, st.classes),
            "data_root": st.attrs.get("data_root"),
            "n_train": int(len(y)) // st.n_views, "n_test": int(len(y_test)),
-           **reports.metrics(y_test, y_pred, st.classes),
+           **reports.metrics(y_test, y_pred, st.classes, probs, point and point["class"]),
+           "operating_point": point,
            "cost": {"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
                     "extraction": st.attrs.get("cost", {})},
            "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]}}
@@ -289,6 +301,12 @@ def predict_images(pipe: Pipeline, x: np.ndarray, y: np.ndarray, paths: list[str
     probs = class_probabilities(pipe, x, n_classes)
     if len(set(paths)) == len(paths):
         return paths, y, pipe.predict(x), probs
+    return mean_over_views(paths, y, probs)
+
+
+def mean_over_views(paths: list[str], y: np.ndarray, probs: np.ndarray):
+    """(paths, labels, predictions, probabilities), one per image, each the mean of its rows' probabilities."""
+    n_classes = probs.shape[1]
     first: dict[str, int] = {}
     group = np.array([first.setdefault(p, len(first)) for p in paths])
     mean = np.zeros((len(first), n_classes))
@@ -296,6 +314,27 @@ def predict_images(pipe: Pipeline, x: np.ndarray, y: np.ndarray, paths: list[str
     mean /= np.bincount(group)[:, None]
     at = np.unique(group, return_index=True)[1]  # the first row of each image
     return list(first), y[at], mean.argmax(1), mean
+
+
+def validation_probabilities(pipe: Pipeline, d: dict, seed: int, n_classes: int):
+    """(labels, probabilities, how) of images the classifier did not train on, to choose a threshold on.
+
+    The final model may have trained on val (the search refits on train + val), so the classifier
+    with its chosen settings is refitted on train alone and scores the val split; without a val
+    split, each training image is scored by the fold of a stratified CV that left it out (an
+    image's views stay in one fold).
+    """
+    x, y, paths = d["train"]
+    if "val" in d:
+        xv, yv, pv = d["val"]
+        _, yv, _, pv_probs = predict_images(clone(pipe).fit(x, y), xv, yv, pv, n_classes)
+        return yv, pv_probs, "validation split, scored by the classifier refitted on train alone"
+    folds = StratifiedGroupKFold(cv_folds(y, paths), shuffle=True, random_state=seed)
+    probs = np.zeros((len(y), n_classes))
+    for train, held in folds.split(x, y, groups=paths):
+        probs[held] = class_probabilities(clone(pipe).fit(x[train], y[train]), x[held], n_classes)
+    _, y_img, _, p_img = mean_over_views(paths, y, probs)
+    return y_img, p_img, f"{folds.n_splits}-fold stratified CV on train, each image scored by the fold that left it out"
 
 
 def class_probabilities(pipe: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:

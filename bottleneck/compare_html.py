@@ -9,9 +9,12 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 
-from bottleneck import data
+import numpy as np
+
+from bottleneck import data, scores
 from bottleneck.compare import HEADERS, cells, label, predictions
 
 GALLERY_SIZE = 24  # disputed images shown; the count of all of them is given
@@ -64,6 +67,7 @@ def html_report(result: dict, comparison_png: bytes) -> str:
                   '<p class="note">These results were scored on other images than the table above, so they '
                   "are not compared with it.</p>", _table(result["apart"], "apart")]
     parts += _gallery(result)
+    parts += _probability_section(rows)
     parts += ["<h2>Each result</h2>", *_details(rows + result["apart"])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>bottleneck comparison</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
@@ -185,3 +189,159 @@ def _thumbnail(root: str | None, rel: str) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return f'<img src="{_data_uri(buf.getvalue())}" alt="{_e(rel)}" width="{img.width}" height="{img.height}">'
+
+
+# --------------------------------------------------------------------------- beyond accuracy
+
+SVG_PX, SVG_PAD = 210, 34  # one small square plot; the padding holds the axis labels
+MARK = "; red: the validation threshold"  # its point on the test images
+
+
+def _probability_section(rows: list[dict]) -> list[str]:
+    """Per row, from its predictions.csv: ROC and precision-recall curves for two classes, a
+    reliability diagram for any number, and a table of the scores they summarise."""
+    drawn, lines, missing = [], [], []
+    for r in rows:
+        preds = predictions(r)
+        if not preds:
+            missing.append(r["id"])
+            continue
+        classes = list(next(iter(preds.values()))["probabilities"])
+        y = np.array([classes.index(v["true"]) for v in preds.values()])
+        probs = np.array([[v["probabilities"][c] for c in classes] for v in preds.values()])
+        stored = _stored_report(r)
+        point, c = stored.get("operating_point"), _positive(classes, y, stored)
+        cal = scores.calibration(y, probs)
+        figures = [_reliability_svg(cal)]
+        ranking = {}
+        if c is not None and 0 < (y == c).sum() < len(y):
+            positive, p = y == c, probs[:, c]
+            # the report's own intervals when it has them: 2,000 resamples of 100,000 images take a while
+            ranking = ({k: stored[k] for k in ("roc_auc", "roc_auc_ci", "average_precision", "average_precision_ci")}
+                       if stored.get("positive_class") == classes[c] and stored.get("roc_auc_ci")
+                       else scores.ranking_scores(positive, p))
+            figures = [_roc_svg(positive, p, classes[c], point), _pr_svg(positive, p, classes[c], point)] + figures
+        lines.append(_score_cells(r, classes[c] if ranking else None, ranking, scores.log_loss(y, probs),
+                                  scores.brier(y, probs), cal["ece"], point))
+        drawn.append(f'<h3>{_e(r["id"])}</h3><div class="figures">{"".join(figures)}</div>')
+    if not drawn:
+        return []
+    head = "".join(f"<th>{h}</th>" for h in ("result", "positive class", "ROC-AUC (95 % CI)",
+                                             "average precision (95 % CI)", "log-loss", "Brier", "calibration error",
+                                             "operating point (chosen on validation) on test"))
+    note = ('<p class="note">From each result\'s predicted probabilities on the test images. ROC-AUC: the chance '
+            "that a random image of the positive class gets a higher probability than a random other one. Average "
+            "precision: the precision averaged over every recall reached. Log-loss and Brier: lower is better. "
+            "Calibration error: the mean gap between how sure the model is and how often it is right, in "
+            f"{scores.CALIBRATION_BINS} bins (the diagram's points; on the diagonal is calibrated). A red point: "
+            "where the threshold chosen on validation for the run's --target puts the test images. Intervals: "
+            "2,000 stratified bootstrap resamples of the test images."
+            + (f" Without predictions.csv: {_e(', '.join(missing))}." if missing else "") + "</p>")
+    return ["<h2>Beyond accuracy: probabilities, curves and calibration</h2>", note,
+            f'<table id="probabilities"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>',
+            *drawn]
+
+
+def _stored_report(r: dict) -> dict:
+    """A row's report.json ({} if unreadable): its operating point and intervals, when it has them."""
+    try:
+        rep = json.loads(Path(r["report"]).read_text())
+    except (OSError, ValueError):
+        return {}
+    return rep if isinstance(rep, dict) else {}
+
+
+def _positive(classes: list[str], y: np.ndarray, stored: dict) -> int | None:
+    """Two classes: the report's positive class (the target's, or the rarer one), else the rarer on
+    these images, as report.probability_scores chooses it; None for more classes."""
+    if len(classes) != 2:
+        return None
+    if stored.get("positive_class") in classes:
+        return classes.index(stored["positive_class"])
+    counts = np.bincount(y, minlength=2)
+    return int(counts[1] <= counts[0])
+
+
+def _score_cells(r: dict, positive: str | None, ranking: dict, log_loss: float, brier: float, ece: float,
+                 point: dict | None) -> str:
+    def with_ci(key):
+        return f"{ranking[key]:.3f} ({ranking[key + '_ci'][0]:.3f}-{ranking[key + '_ci'][1]:.3f})" if ranking else ""
+
+    at = ""
+    if point:
+        test = point["test"]["per_class"]
+        at = (f"{point['target']}: threshold {point['threshold']:.3f}"
+              + ("" if point["met_on_validation"] else " (target not met on validation)") + "; test "
+              + ", ".join(f"{k} recall {v['recall']:.3f} precision {v['precision']:.3f}" for k, v in test.items()))
+    cells = [r["id"], positive or "", with_ci("roc_auc"), with_ci("average_precision"), f"{log_loss:.3f}",
+             f"{brier:.3f}", f"{ece:.3f}", at]
+    return "<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if 2 <= i <= 6 else f"<td>{_e(c)}</td>"
+                            for i, c in enumerate(cells)) + "</tr>"
+
+
+def _roc_svg(positive: np.ndarray, p: np.ndarray, cls: str, point: dict | None) -> str:
+    curve = scores.roc_curve(positive, p)
+    marks = []
+    if point:  # where the validation threshold puts the test images
+        fpr, tpr = (p[~positive] >= point["threshold"]).mean(), (p[positive] >= point["threshold"]).mean()
+        marks = [(fpr, tpr)]
+    return _svg(f"ROC ({cls})" + (MARK if marks else ""), "false positive rate", "true positive rate",
+                curve["fpr"], curve["tpr"], diagonal=True, marks=marks)
+
+
+def _pr_svg(positive: np.ndarray, p: np.ndarray, cls: str, point: dict | None) -> str:
+    curve = scores.pr_curve(positive, p)
+    marks = []
+    if point and (p >= point["threshold"]).any():
+        picked = p >= point["threshold"]
+        marks = [((picked & positive).sum() / positive.sum(), (picked & positive).sum() / picked.sum())]
+    return _svg(f"precision-recall ({cls})" + (MARK if marks else ""), "recall", "precision", [0.0, *curve["recall"]],
+                [curve["precision"][0], *curve["precision"]], marks=marks, baseline=positive.mean())
+
+
+def _reliability_svg(cal: dict) -> str:
+    pts = cal["points"]
+    return _svg(f"reliability (error {cal['ece']:.3f})", "top probability", "fraction right",
+                [q["confidence"] for q in pts], [q["accuracy"] for q in pts], diagonal=True, line=False,
+                sizes=[q["n"] for q in pts])
+
+
+def _svg(title: str, xlabel: str, ylabel: str, xs: list, ys: list, diagonal: bool = False, line: bool = True,
+         marks: list = (), sizes: list | None = None, baseline: float | None = None) -> str:
+    """A square plot on [0, 1]² as inline SVG: a curve (or points sized by `sizes`), optional guides."""
+    size, pad = SVG_PX, SVG_PAD
+
+    def at(x, y):
+        return f"{pad + x * size:.1f},{pad / 2 + (1 - y) * size:.1f}"
+
+    parts = [f'<rect x="{pad}" y="{pad / 2}" width="{size}" height="{size}" fill="#fff" stroke="#999"/>']
+    for t in (0.25, 0.5, 0.75):
+        parts.append(f'<polyline points="{at(t, 0)} {at(t, 1)}" stroke="#eee"/>'
+                     f'<polyline points="{at(0, t)} {at(1, t)}" stroke="#eee"/>')
+    if diagonal:
+        parts.append(f'<polyline points="{at(0, 0)} {at(1, 1)}" stroke="#bbb" stroke-dasharray="4 3" fill="none"/>')
+    if baseline is not None:  # the precision of guessing the positive class for every image
+        parts.append(f'<polyline points="{at(0, baseline)} {at(1, baseline)}" stroke="#bbb" '
+                     'stroke-dasharray="4 3" fill="none"/>')
+    if line:
+        parts.append(f'<polyline points="{" ".join(at(x, y) for x, y in zip(xs, ys))}" stroke="#2a6ebb" '
+                     'stroke-width="2" fill="none"/>')
+    else:
+        most = max(sizes or [1])
+        parts += [f'<circle cx="{at(x, y).split(",")[0]}" cy="{at(x, y).split(",")[1]}" '
+                  f'r="{2.5 + 5 * (n / most) ** 0.5:.1f}" fill="#2a6ebb" fill-opacity=".7"><title>{n} images'
+                  f'</title></circle>' for x, y, n in zip(xs, ys, sizes or [1] * len(xs))]
+    parts += [f'<circle cx="{at(x, y).split(",")[0]}" cy="{at(x, y).split(",")[1]}" r="5" fill="#c62828">'
+              "<title>the threshold chosen on validation, on the test images</title></circle>" for x, y in marks]
+    for t in (0, 0.5, 1):
+        parts.append(f'<text x="{pad + t * size:.0f}" y="{pad / 2 + size + 12}" font-size="9" '
+                     f'text-anchor="middle">{t:g}</text><text x="{pad - 4}" y="{pad / 2 + (1 - t) * size + 3:.0f}" '
+                     f'font-size="9" text-anchor="end">{t:g}</text>')
+    parts.append(f'<text x="{pad + size / 2}" y="{pad / 2 + size + 26}" font-size="11" text-anchor="middle">'
+                 f"{_e(xlabel)}</text>")
+    parts.append(f'<text x="10" y="{pad / 2 + size / 2}" font-size="11" text-anchor="middle" '
+                 f'transform="rotate(-90 10 {pad / 2 + size / 2})">{_e(ylabel)}</text>')
+    width, height = size + pad + 8, size + pad + 14
+    return (f'<figure><svg width="{width}" height="{height}" role="img" '
+            f'aria-label="{_e(title)}">{"".join(parts)}</svg><figcaption style="max-width:{width}px">{_e(title)}'
+            "</figcaption></figure>")

@@ -45,6 +45,7 @@ from bottleneck.runtime import (
     resolve_precision,
     versions,
 )
+from bottleneck.scores import target_class
 from bottleneck.settings import FinetuneSettings, takes
 from bottleneck.trained import NETWORK_FORMAT, load_classifier
 
@@ -92,6 +93,8 @@ def _finetune(s: FinetuneSettings, args: dict, out_dir: Path) -> Path:
         run, data = top_run(s, args, dev, prec, rank, world, out_dir)
     else:
         run, data = image_run(s, args, dev, prec, rank, world, out_dir)
+    if s.target:  # before any training: a target this data cannot have is refused at once
+        target_class(s.target, data[0])
     run.train(s.progress and rank == 0)
     if rank != 0:
         return out_dir / "report.json"
@@ -150,9 +153,10 @@ def stop_before_training():
 
 def run_args(s: FinetuneSettings) -> dict:
     """The settings a run is made of (checkpoints and reports hold them); where it is written,
-    its workers and its progress bars do not change it."""
-    return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")} | {
-        "head_epochs": s.head_epochs_run()}
+    its workers and its progress bars do not change it. A target is kept only when given, so runs
+    and checkpoints made before targets existed still match."""
+    return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")
+            and not (k == "target" and v is None)} | {"head_epochs": s.head_epochs_run()}
 
 
 def changed_settings(out: Path, args: dict) -> list[str]:
@@ -492,7 +496,14 @@ class Run:
     def finish(self, classes: list[str], split_info: dict, root: str, test_paths: list[str], extra: dict,
                wall: float) -> Path:
         final = self.evaluate("test")
-        rep = build_report(self, classes, split_info, final, wall) | {"data_root": root} | extra
+        point = None
+        if self.args.get("target"):  # chosen on val by the model as it ends (the best epoch's, unless --keep-last)
+            val = self.evaluate("val")
+            point = reports.operating_point(self.args["target"], classes,
+                                            (np.array(val["y_true"]), val["probs"].numpy()),
+                                            "validation split, scored by the final model",
+                                            np.array(final["y_true"]), final["probs"].numpy())
+        rep = build_report(self, classes, split_info, final, wall, point) | {"data_root": root} | extra
         rep["test_set"] = reports.test_set("test", test_paths, final["y_true"], classes)
         reports.write_predictions(self.out, test_paths, final["y_true"], final["y_pred"], final["probs"].numpy(),
                                   classes)
@@ -575,7 +586,8 @@ def lr_factor(schedule: str, steps: int, phase: str):
     return factor
 
 
-def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wall: float) -> dict:
+def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wall: float,
+                 point: dict | None = None) -> dict:
     s, a = run.state, run.args
     head_only = s.head_only
     peak = (torch.cuda.max_memory_allocated(run.dev) if run.dev.type == "cuda"
@@ -586,7 +598,9 @@ def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wa
             "split": "test", "split_info": split_info, "trained_on": ["train", "val"],
             "n_train": len(run.images["train"][1]),
             "n_val": len(run.images["val"][1]), "n_test": len(final["y_true"]),
-            **reports.metrics(np.array(final["y_true"]), np.array(final["y_pred"]), classes),
+            **reports.metrics(np.array(final["y_true"]), np.array(final["y_pred"]), classes, final["probs"].numpy(),
+                              point and point["class"]),
+            "operating_point": point,
             "head_only": None if head_only is None else
             reports.metrics(np.array(head_only["y_true"]), np.array(head_only["y_pred"]), classes),
             "best_epoch": s.best_epoch, "history": s.history,

@@ -352,7 +352,7 @@ def fit_args(exp: Experiment, bb: dict) -> list[dict]:
         out = str(exp.out / "fit" / bb["name"])
         clfs = exp.fit["classifiers"] if bb["fit"] is True else bb["fit"]
         runs = [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
-                 "seed": seed, "out": out} | fold
+                 "seed": seed, "out": out} | fold | _target(exp)
                 for tap in exp.fit["layers"] for clf in clfs for seed in exp.fit["seeds"] for fold in fold_args(exp)]
     if any(probed_backbone(exp, ft["model"]) is bb for ft in exp.finetunes if ft.get("init_head") == PROBE):
         probe = probe_args(exp, bb)
@@ -379,7 +379,12 @@ def probe_args(exp: Experiment, bb: dict) -> dict:
     """The logistic-regression probe on the penultimate tap that LP-FT starts from."""
     search = exp.fit["search"] if exp.fit else True
     return {"clf": "logreg", "layer": backbones.get_spec(bb["model"]).default_tap, "search": search,
-            "class_weight": None, "seed": 0, "out": str(exp.out / "fit" / bb["name"])}
+            "class_weight": None, "seed": 0, "out": str(exp.out / "fit" / bb["name"])} | _target(exp)
+
+
+def _target(exp: Experiment) -> dict:
+    """[fit] target, when given: the probe shares its folder with the fits, so it takes it too."""
+    return {"target": exp.fit["target"]} if exp.fit and exp.fit.get("target") else {}
 
 
 def fit_report(args: dict) -> Path:

@@ -31,7 +31,7 @@ def evaluate(model: str, features: str, *, split: str = "test", out: str | None 
     t = trained.load(model)
     scored = evaluate_finetuned if t.kind == "network" else evaluate_classifier
     rep, paths, y_true, y_pred, probs = scored(t, features, split)
-    rep |= {**reports.metrics(y_true, y_pred, rep["classes"]),
+    rep |= {**reports.metrics(y_true, y_pred, rep["classes"], np.asarray(probs)),
             "test_set": reports.test_set(split, paths, y_true, rep["classes"])}
     if split in rep["trained_on"]:
         rep["caveat"] = (f"the model was trained or tuned on the {split} split: this score measures how well it "

@@ -20,17 +20,20 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from bottleneck import stats
+from bottleneck import scores, stats
 from bottleneck.data import split_digest
 
 
-def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], probs: np.ndarray | None = None,
+            positive: str | None = None) -> dict:
     """Accuracy and balanced accuracy with 95 % intervals over the test images, macro-F1,
-    per-class precision/recall/F1, confusion matrix."""
+    per-class precision/recall/F1, confusion matrix; with the probabilities, the scores of
+    probability_scores too."""
     labels = list(range(len(classes)))
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    return {
+    extra = {} if probs is None else probability_scores(y_true, np.asarray(probs, dtype=float), classes, positive)
+    return extra | {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "accuracy_ci": stats.wilson(int((y_true == y_pred).sum()), len(y_true)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
@@ -40,6 +43,31 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
                           "support": int(support[i])} for i, c in enumerate(classes)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def probability_scores(y_true: np.ndarray, probs: np.ndarray, classes: list[str], positive: str | None = None) -> dict:
+    """Log-loss, Brier score and calibration of the probabilities; for two classes, ROC-AUC and
+    average precision of the `positive` class with their intervals.
+
+    `positive` is by default the rarer class of these images (the second on a tie): the one a
+    detector is usually asked to find, whose average precision says most.
+    """
+    out = {"log_loss": scores.log_loss(y_true, probs), "brier": scores.brier(y_true, probs),
+           "calibration": scores.calibration(y_true, probs)}
+    if len(classes) == 2:
+        counts = np.bincount(y_true, minlength=2)
+        c = classes.index(positive) if positive in classes else int(counts[1] <= counts[0])
+        out |= {"positive_class": classes[c], **scores.ranking_scores(y_true == c, probs[:, c])}
+    return out
+
+
+def operating_point(target: str, classes: list[str], validation: tuple, chosen_on: str, y_test: np.ndarray,
+                    p_test: np.ndarray) -> dict:
+    """The threshold meeting `target` on the validation images `validation` = (labels, probabilities),
+    and each class's recall and precision when the test images are decided by it."""
+    chosen = scores.threshold_for(target, classes, *validation)
+    return chosen | {"chosen_on": chosen_on,
+                     "test": scores.at_threshold(chosen["threshold"], chosen["class"], classes, y_test, p_test)}
 
 
 def test_set(split: str, paths: list[str], y_true, classes: list[str]) -> dict:
@@ -84,9 +112,14 @@ def write_report(out: Path, report: dict) -> Path:
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(path)
     plot_confusion(np.array(report["confusion_matrix"]), report["classes"], out / "confusion_matrix.png",
-                   title=f"{report['model']} {report.get('tap', '')} {report.get('clf', '')}: "
-                         f"accuracy {report['accuracy']:.3f}")
+                   title=confusion_title(report))
     return path
+
+
+def confusion_title(report: dict) -> str:
+    """Model, tap and classifier, then the accuracy; a fine-tune has no tap, and no "None" stands for it."""
+    names = " ".join(str(v) for v in (report["model"], report.get("tap"), report.get("clf")) if v)
+    return f"{names}: accuracy {report['accuracy']:.3f}"
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:

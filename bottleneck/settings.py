@@ -22,6 +22,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from bottleneck.classifiers import CLASSIFIERS  # the one table of classifiers
 from bottleneck.errors import BottleneckError
+from bottleneck.scores import parse_target
 
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -50,6 +51,17 @@ SPLIT_SEED_HELP = "Seed of the stratified split (the same for extract and finetu
 FOLDS_HELP = ("Cross-validate: K stratified folds of all images (every split pooled), each in turn the test split, "
               "validation carved from the rest; the same K and --split-seed give fit and finetune the same folds.")
 FOLD_HELP = "With --folds: run only fold I (0-based) [default: every fold, one run folder each, ending -foldI]."
+TARGET_HELP = ("Two classes: an operating point, e.g. recall:defective=0.9 or precision:defective=0.95; the "
+               "threshold on that class's probability meeting it on validation images is applied to the test "
+               "images, and the report gives each class's recall and precision there.")
+
+
+def check_target(target: str | None) -> None:
+    if target is not None:
+        try:
+            parse_target(target)
+        except BottleneckError as e:
+            raise SettingError("target", str(e)) from None
 
 
 class SettingError(BottleneckError):
@@ -163,8 +175,11 @@ class FitSettings(Settings):
     force: bool = setting(False, "Replace a result of other settings in the same folder.", toml=False)
     reuse: bool = setting(False, "Keep a finished fit of the same settings and cache instead of fitting again, and "
                           "replace any other (what 'bottleneck run' does with its own folders).", toml=False)
+    target: str | None = setting(None, TARGET_HELP + " The validation images are the val split, scored by the "
+                                 "model trained on train alone, or else each training image scored by 5-fold CV.")
 
     def check(self) -> None:
+        check_target(self.target)
         check_folds(self)
         if self.folds and (self.layer == "all" or self.train_sizes):
             raise SettingError("folds", "--folds scores one classifier per fold; a layer probe (--layer all) or a "
@@ -223,6 +238,8 @@ class FinetuneSettings(Settings):
     out: str | None = setting(None, "Run folder [default: runs/finetune/MODEL]; rerunning with the same folder "
                               "resumes.", toml=False)
     progress: bool = setting(True, "Show progress bars.", toml=False)
+    target: str | None = setting(None, TARGET_HELP + " The validation images are scored by the final model (the "
+                                 "best epoch's, unless --keep-last).")
 
     def head_epochs_run(self) -> int:
         """Head-only epochs: as given, else none after --init-head (the probe is that phase) and one otherwise."""
@@ -237,6 +254,7 @@ class FinetuneSettings(Settings):
                                "--test-fraction")
         if self.folds and self.max_images is not None:
             raise SettingError("max_images", "with --folds every image is a test image once; drop --max-images")
+        check_target(self.target)
         if self.epochs + self.head_epochs_run() == 0:
             raise SettingError("epochs", "nothing to train: --epochs and --head-epochs are both 0")
         if self.lr == 0:

@@ -238,3 +238,47 @@ def test_reuse_keeps_a_finished_fit_of_this_cache_and_replaces_one_of_another(ca
     assert fit(str(other), layer="pool", search=False, out=str(tmp_path), reuse=True) == first
     assert json.loads(first.read_text())["cache"]["path"] == str(other)  # another cache: fitted again
     assert fit(str(other), layer="pool", search=False, out=str(tmp_path), force=True).stat().st_mtime_ns != stamp
+
+
+def test_target_threshold_is_chosen_on_validation_and_applied_to_the_test_images(cache, tmp_path):
+    from sklearn.base import clone
+
+    from bottleneck import report, scores
+    from bottleneck.classify import predict_images, split_data
+    from bottleneck.store import FeatureStore
+
+    path = fit(str(cache[0]), layer="pool", target="recall:dogs=0.9", out=str(tmp_path))  # searched on val
+    rep = json.loads(path.read_text())
+    point = rep["operating_point"]
+    assert point["chosen_on"].startswith("validation split") and point["n_validation"] == 8
+    # the same threshold from the val split scored by the chosen classifier refitted on train alone
+    with FeatureStore(cache[0]) as st:
+        d = split_data(st, "pool", 0)
+    alone = clone(joblib.load(path.parent / "model.joblib")).fit(*d["train"][:2])
+    _, y_val, _, p_val = predict_images(alone, *d["val"], 2)
+    assert point["threshold"] == scores.threshold_for("recall:dogs=0.9", ["cats", "dogs"], y_val, p_val)["threshold"]
+    assert point["met_on_validation"] and point["validation"]["recall"] >= 0.9
+    # applied to the test images of predictions.csv, it gives the recall the report states
+    rows = report.read_predictions(path.parent / "predictions.csv").values()
+    dogs = [r["probabilities"]["dogs"] for r in rows if r["true"] == "dogs"]
+    assert point["test"]["per_class"]["dogs"]["recall"] == np.mean([p >= point["threshold"] for p in dogs])
+    assert rep["positive_class"] == "dogs" and rep["settings"]["target"] == "recall:dogs=0.9"
+    for key in ("roc_auc", "average_precision"):
+        lo, hi = rep[f"{key}_ci"]
+        assert lo <= rep[key] <= hi
+    assert rep["log_loss"] > 0 and 0 <= rep["brier"] <= 1 and 0 <= rep["calibration"]["ece"] <= 1
+
+
+def test_without_a_val_split_the_target_is_met_on_cross_validated_probabilities(tmp_path):
+    tree = make_tree(tmp_path / "data", {"train": 10, "test": 3})
+    cache = extract("efficientnet_lite0", str(tree), layer=["pool"], out=str(tmp_path / "c"), batch_size=32,
+                    workers=0, progress=False)
+    result = run_cli("fit", "--features", str(cache), "--no-search", "--target", "precision:cats=0.8",
+                     "--out", str(tmp_path / "fit"))
+    assert result.returncode == 0, result.stderr
+    point = json.loads(open(result.stdout.strip().splitlines()[-1]).read())["operating_point"]
+    assert point["chosen_on"].startswith("5-fold stratified CV on train") and point["n_validation"] == 20
+    assert point["class"] == "cats" and sum(map(sum, point["test"]["confusion_matrix"])) == 6
+    bad = run_cli("fit", "--features", str(cache), "--target", "recall:birds=0.9", "--out", str(tmp_path / "x"))
+    assert bad.returncode != 0 and "names class 'birds', which is not one of cats, dogs" in bad.stderr
+    assert not (tmp_path / "x").exists()  # refused before any training

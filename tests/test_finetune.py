@@ -321,3 +321,24 @@ def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head
     with pytest.raises(BottleneckError, match="preprocessing"):
         finetune(LITE, str(small), init_head=str(probe), epochs=1, out=str(tmp_path / "ft3"),
                  **QUICK | {"image_size": 96})
+
+
+def test_a_target_threshold_is_chosen_on_val_by_the_final_model_and_scored_on_test(small, tmp_path):
+    import json
+
+    import numpy as np
+
+    from bottleneck import report
+
+    path = finetune(LITE, str(small), head_epochs=0, epochs=1, target="recall:dogs=0.5", out=str(tmp_path), **QUICK)
+    rep = json.loads(path.read_text())
+    point = rep["operating_point"]
+    assert point["chosen_on"] == "validation split, scored by the final model" and point["n_validation"] == 4
+    assert point["met_on_validation"] and point["validation"]["recall"] >= 0.5
+    rows = report.read_predictions(path.parent / "predictions.csv").values()
+    dogs = [r["probabilities"]["dogs"] for r in rows if r["true"] == "dogs"]
+    assert point["test"]["per_class"]["dogs"]["recall"] == np.mean([p >= point["threshold"] for p in dogs])
+    assert rep["positive_class"] == "dogs" and len(rep["roc_auc_ci"]) == 2 and rep["log_loss"] > 0
+    assert rep["params"]["target"] == "recall:dogs=0.5"
+    with pytest.raises(BottleneckError, match="names class 'birds'"):
+        finetune(LITE, str(small), target="recall:birds=0.5", out=str(tmp_path / "bad"), **QUICK)

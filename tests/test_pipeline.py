@@ -276,3 +276,16 @@ def test_a_top_fine_tune_trains_on_the_maps_of_the_experiments_own_cache(tmp_pat
         path.write_text(table)
         with pytest.raises(BottleneckError, match=f"(from_cache|fit).*{words}"):
             pipeline.load(path)
+
+
+def test_a_target_in_fit_and_finetune_tables_reaches_every_fit_the_probe_and_the_fine_tune(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text(GOOD.replace('layers = ["blocks.4"]', 'layers = ["blocks.4", "pool"]')
+                    .replace('classifiers = ["logreg"]', 'classifiers = ["logreg"]\ntarget = "recall:dogs=0.9"')
+                    + '\n[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = "probe"\n'
+                    'target = "precision:dogs=0.8"\n')
+    exp = pipeline.load(path)
+    assert [a["target"] for a in pipeline.fit_args(exp, exp.backbones[0])] == ["recall:dogs=0.9"] * 2
+    assert pipeline.finetune_kwargs(exp, exp.finetunes[0])["target"] == "precision:dogs=0.8"
+    message = load_error(tmp_path, 'classifiers = ["logreg"]', 'classifiers = ["logreg"]\ntarget = "f1:dogs=2"')[1]
+    assert "line 12" in message and "target" in message and "is not MEASURE:CLASS=VALUE" in message

@@ -43,3 +43,11 @@ def test_learning_curve_plot_is_a_png(tmp_path):
                 "val_accuracy": 0.4 + e / 10} for e in (1, 2, 3)]
     report.plot_history(history, tmp_path / "curve.png", title="t")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_confusion_title_names_no_missing_tap():
+    from bottleneck.report import confusion_title
+
+    fine_tune = {"model": "resnet50", "tap": None, "clf": "finetune", "accuracy": 0.9}
+    assert confusion_title(fine_tune) == "resnet50 finetune: accuracy 0.900"  # once "resnet50 None finetune"
+    assert confusion_title(fine_tune | {"tap": "pool", "clf": "logreg"}) == "resnet50 pool logreg: accuracy 0.900"
