@@ -219,7 +219,9 @@ def decide(ref: dict, ft: dict, margin: float, n: int) -> dict:
     one-sided tests at 5 %)."""
     base = {"margin": margin, "n_test": n, "reference": _choice(ref), "challenger": _choice(ft)}
     if ref["row"] is None or ft["row"] is None or "paired" not in ft["row"]:
-        why = ref.get("why") if ref["row"] is None else ft.get("why") or "its predictions are missing"
+        why = (ref.get("why") if ref["row"] is None else ft.get("why") if ft["row"] is None else
+               "the reference and the challenger are the same contender" if ft["row"] is ref["row"] else
+               "its predictions are missing")
         return base | {"outcome": "no pair", "why": why}
     d = ft["row"]["paired"]
     outcome = str(outcome_of(*d["difference_ci"], *d["difference_ci90"], margin))
@@ -537,9 +539,11 @@ def markdown(result: dict) -> str:
 
 
 def _md(text) -> str:
-    """Text safe in a Markdown table cell: HTML characters as entities, Markdown's own punctuation escaped."""
-    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
-    return re.sub(r"([\\`*_\[\]|#!])", r"\\\1", text)
+    """Text safe in a Markdown table cell: whatever could open an HTML tag or entity made an entity, Markdown's
+    own punctuation escaped; plain text such as "p < 0.001" stays as it reads."""
+    text = re.sub(r"&(?=#?\w+;)", "&amp;", str(text).replace("\n", " "))
+    text = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
+    return re.sub(r"([\\`*\[\]|])", r"\\\1", text)
 
 
 def _code(text) -> str:
@@ -549,7 +553,8 @@ def _code(text) -> str:
 def _table(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for r in rows:
-        lines.append("| " + " | ".join(_md(c) for c in cells(r)) + " |")
+        # the names (backbone, tap, classifier) come from the user's runs; the rest is our own text
+        lines.append("| " + " | ".join(_md(c) if 1 <= i <= 3 else c for i, c in enumerate(cells(r))) + " |")
     return lines
 
 
