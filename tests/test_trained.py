@@ -80,9 +80,10 @@ def test_a_crafted_pickle_is_never_run_by_any_command_without_trust(models, tmp_
     for name, args in commands.items():
         for model in ([crafted, tmp_path / "probe.pkl"] if name != "run" else [crafted]):
             result = run_cli(*(str(model) if a == "{m}" else a for a in args))
+            assert not marker.exists(), (name, model)  # the payload never ran
             assert result.returncode == 1 and "Traceback" not in result.stderr, (name, result.stderr)
             assert "not a model.skops written by 'bottleneck fit' but a pickle" in result.stderr, (name, result.stderr)
-            assert "pass --trust" in result.stderr and not marker.exists(), (name, model)
+            assert "pass --trust" in result.stderr, (name, result.stderr)
     with pytest.raises(BottleneckError, match="was not written by 'bottleneck fit'"):
         trained.load(crafted, trust=True)
     assert marker.exists()  # trusted, the very same file runs its payload
