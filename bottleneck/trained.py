@@ -136,7 +136,7 @@ def read_pipeline(path: str | os.PathLike, trust: bool = False):
     holding only TRUSTED_TYPES, or with `trust` a pickle (joblib)."""
     if is_skops(path):
         return _read_skops(path)
-    if not trust:
+    if trust is not True:  # only an explicit yes: trust="no" from a caller's config is no
         raise BottleneckError(f"{path} is not a model.skops written by 'bottleneck fit' but a pickle (an older "
                               f"model.joblib, or a file from elsewhere) or another file; {TRUST_HINT}")
     import joblib

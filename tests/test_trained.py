@@ -84,6 +84,9 @@ def test_a_crafted_pickle_is_never_run_by_any_command_without_trust(models, tmp_
             assert result.returncode == 1 and "Traceback" not in result.stderr, (name, result.stderr)
             assert "not a model.skops written by 'bottleneck fit' but a pickle" in result.stderr, (name, result.stderr)
             assert "pass --trust" in result.stderr, (name, result.stderr)
+    with pytest.raises(BottleneckError, match="pass --trust"):
+        trained.load(crafted, trust="no")  # only an explicit True trusts
+    assert not marker.exists()
     with pytest.raises(BottleneckError, match="was not written by 'bottleneck fit'"):
         trained.load(crafted, trust=True)
     assert marker.exists()  # trusted, the very same file runs its payload
