@@ -1,6 +1,6 @@
 """Step 0 of LP-FT: the network with a probe folded into its head, scored before any training.
 
-    python benchmarks/lpft_step0.py runs/elpv-paths/fit/efficientnet_lite0/pool-logreg-search/model.joblib
+    python benchmarks/lpft_step0.py runs/elpv-paths/fit/efficientnet_lite0/pool-logreg-search/model.skops
     python benchmarks/lpft_step0.py PROBE --precision fp32 --views none dihedral
 
 The probe (a `bottleneck fit --clf logreg` model on the model's penultimate tap) is folded into

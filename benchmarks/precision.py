@@ -18,10 +18,10 @@ import os
 import platform
 from pathlib import Path
 
-import joblib
 import numpy as np
 from scaling import write_subset
 
+from bottleneck import trained
 from bottleneck.classify import fit
 from bottleneck.extract import extract
 from bottleneck.store import FeatureStore
@@ -47,7 +47,7 @@ def main() -> None:
         report = fit(str(cache), out=str(out / "fit" / name.replace(" ", "-").replace(",", "")))
         with FeatureStore(cache) as st:
             feats = np.concatenate([st.features(s).astype(np.float64) for s in ("train", "test")])
-            predicted = joblib.load(report.parent / "model.joblib").predict(st.features("test"))
+            predicted = trained.load(report.parent / "model.skops").pipe.predict(st.features("test"))
         results[name] = {"features": feats, "predicted": predicted,
                          "accuracy": json.loads(report.read_text())["accuracy"]}
     base = results["fp32 compute, float32 storage"]

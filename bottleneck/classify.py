@@ -1,7 +1,8 @@
 """Stage 2: classical classifiers on cached features, trained in seconds.
 
-Every classifier is a scikit-learn Pipeline (scaling, then the estimator) saved with joblib;
-`joblib.load("model.joblib")` gives it back in a user's own code. Its provenance (cache
+Every classifier is a scikit-learn Pipeline (scaling, then the estimator) saved with skops as
+`model.skops`, which loads without running code from the file (bottleneck.trained reads it;
+`bottleneck.trained.load(path).pipe` gives it back in a user's own code). Its provenance (cache
 fingerprint, model, weights, tap, pooling, preprocessing, classes, versions) rides along as
 the fitted attribute `bottleneck_`.
 """
@@ -14,7 +15,6 @@ import os
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
 import sklearn
 from sklearn.base import clone
@@ -91,7 +91,7 @@ def finished_fit(out: Path, settings: dict, st: FeatureStore, reuse: bool) -> Pa
     """With `reuse`, the report of a finished fit in `out` made with these settings from this very
     cache (the fit stage's own "already done?" check, for run and for Slurm jobs alike)."""
     path = out / "report.json"
-    if not reuse or not path.is_file():
+    if not reuse or not path.is_file() or not (out / CLASSIFIER_FILE).is_file():  # a fit from before model.skops
         return None
     try:
         rep = json.loads(path.read_text())
@@ -103,6 +103,7 @@ def finished_fit(out: Path, settings: dict, st: FeatureStore, reuse: bool) -> Pa
     return path if same else None
 
 
+CLASSIFIER_FILE = "model.skops"  # read by bottleneck.trained; model.joblib (a pickle) before
 LAYER_MODES = ("auto", "concat", "select", "all")
 CONCAT, SELECT = "concat", "select"
 
@@ -145,10 +146,12 @@ def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed
 
 
 def save_classifier(pipe: Pipeline, path: Path) -> None:
-    """joblib.dump under a temporary name, then rename: a full disk never leaves half a model."""
+    """skops.io.dump under a temporary name, then rename: a full disk never leaves half a model."""
+    import skops.io
+
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        joblib.dump(pipe, tmp)
+        skops.io.dump(pipe, tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -285,7 +288,8 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     # The old report goes first and the new one comes last: a report present always describes the
     # model and predictions beside it, even when the writer is killed between two files.
     (out / "report.json").unlink(missing_ok=True)
-    save_classifier(pipe, out / "model.joblib")
+    save_classifier(pipe, out / CLASSIFIER_FILE)
+    (out / "model.joblib").unlink(missing_ok=True)  # a pickle of an earlier fit here no longer describes the result
     reports.write_predictions(out, test_paths, y_test, y_pred, probs, st.classes)
     path = reports.write_report(out, rep)
     lo, hi = rep["accuracy_ci"]

@@ -61,7 +61,7 @@ def choice_list(choices: tuple) -> str:
 stage_command("extract", "extract", settings.ExtractSettings,
               "Extract features of a folder of labelled images into an HDF5 cache; prints its path last.")
 stage_command("fit", "classify", settings.FitSettings,
-              "Train a classifier on cached features; writes model.joblib, predictions.csv and report.json.\n\n"
+              "Train a classifier on cached features; writes model.skops, predictions.csv and report.json.\n\n"
               "Prints the report's path last.")
 stage_command("finetune", "finetune", settings.FinetuneSettings,
               "Fine-tune the network on the same data and splits; prints the report's path last.\n\n"
@@ -70,17 +70,19 @@ stage_command("finetune", "finetune", settings.FinetuneSettings,
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="model.joblib written by 'bottleneck fit'.")],
+    model: Annotated[Path, typer.Argument(help="model.skops written by 'bottleneck fit', or model.pt by "
+                                          "'bottleneck finetune'.")],
     features: Annotated[Path, typer.Option(help="A compatible feature cache.")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Also write report.json and predictions.csv "
                                                  "here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    trust: Annotated[bool, typer.Option(help=settings.TRUST_HELP)] = False,
 ) -> None:
     """Re-score a saved classifier on a compatible cache."""
     from bottleneck.predict import evaluate as run
 
-    rep = run(str(model), str(features), split=split, out=str(out_dir) if out_dir else None)
+    rep = run(str(model), str(features), split=split, out=str(out_dir) if out_dir else None, trust=trust)
     if as_json:
         out.print(json.dumps(rep, indent=1))
         return
@@ -94,7 +96,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="[MODEL.joblib] then image files or folders.")],
+    images: Annotated[list[str], typer.Argument(help="[model.skops or model.pt] then image files or folders.")],
     imagenet: Annotated[bool, typer.Option(help="Use the backbone's own ImageNet classes, no classifier.")] = False,
     model: Annotated[str, typer.Option(help="Backbone for --imagenet.")] = "efficientnet_lite0",
     weights: Annotated[str, typer.Option(help="Weights for --imagenet.")] = "DEFAULT",
@@ -102,6 +104,7 @@ def predict(
     top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar (on stderr).")] = True,
+    trust: Annotated[bool, typer.Option(help=settings.TRUST_HELP)] = False,
 ) -> None:
     """Label images with a saved classifier (same backbone, tap and preprocessing), or with ImageNet."""
     from bottleneck.predict import predict as run
@@ -111,7 +114,7 @@ def predict(
     clf = None if imagenet else images[0]
     files = images if imagenet else images[1:]
     rows = run(clf, files, top_k=top_k, imagenet=imagenet, backbone=model, weights=weights, device=device,
-               progress=progress)
+               progress=progress, trust=trust)
     if fmt == "json":
         out.print(json.dumps(rows, indent=1))
     elif fmt == "csv":
@@ -318,6 +321,9 @@ def run_experiment(
     force: Annotated[bool, typer.Option(help="Redo fine-tunes whose finished run has other settings than the "
                                         "file's (they are refused otherwise).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    trust: Annotated[bool, typer.Option(help="Let [[finetune]] init_head read a classifier that is a pickle; "
+                                        "loading one runs any code it holds, so only for files you trust "
+                                        "(the experiment file cannot say so itself).")] = False,
 ) -> None:
     """Run an experiment: extract, fit, fine-tune, compare; finished stages are skipped."""
     from bottleneck import pipeline
@@ -328,9 +334,9 @@ def run_experiment(
                                 ("--time", time), ("--mem", mem), ("--setup", setup)) if v is not None]
         if given or dry_run or array_size != 4:
             raise BottleneckError(f"{', '.join(given) or '--dry-run/--array-size'} only apply with --slurm")
-        out.print(pipeline.run(experiment, force=force, progress=progress).read_text(), end="")
+        out.print(pipeline.run(experiment, force=force, progress=progress, trust=trust).read_text(), end="")
         return
-    rows = batch.submit(experiment, partition, account, gres, time, mem, array_size, setup, dry_run)
+    rows = batch.submit(experiment, partition, account, gres, time, mem, array_size, setup, dry_run, trust)
     run_dir = Path(rows[0]["script"]).parent.parent
     if dry_run:
         for r in rows:

@@ -124,7 +124,7 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
     net = backbones.build_model(model, s.weights)
     head = backbones.replace_head(net, model, len(classes), s.seed)
     if s.init_head:
-        init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep))
+        init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep, s.trust))
     net = net.to(dev, memory_format=torch.channels_last)
     run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
     return run, (classes, split_info, root, paths["test"],
@@ -153,9 +153,9 @@ def stop_before_training():
 
 def run_args(s: FinetuneSettings) -> dict:
     """The settings a run is made of (checkpoints and reports hold them); where it is written,
-    its workers and its progress bars do not change it. A target is kept only when given, so runs
-    and checkpoints made before targets existed still match."""
-    return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")
+    its workers and its progress bars do not change it, nor does --trust. A target is kept only when
+    given, so runs and checkpoints made before targets existed still match."""
+    return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress", "trust")
             and not (k == "target" and v is None)} | {"head_epochs": s.head_epochs_run()}
 
 
@@ -190,7 +190,7 @@ def validate(a: dict) -> None:
 
 # --------------------------------------------------------------------------- LP-FT
 
-def read_probe(path: str, model: str, weights: str, classes: list[str], prep: dict) -> dict:
+def read_probe(path: str, model: str, weights: str, classes: list[str], prep: dict, trust: bool = False) -> dict:
     """The weight matrix and bias of a logistic-regression probe, standardisation folded in, as
     {"weight": K×D, "bias": K}: the new head then starts as that probe (Kumar et al., ICLR 2022).
 
@@ -198,7 +198,7 @@ def read_probe(path: str, model: str, weights: str, classes: list[str], prep: di
     classes and preprocessing; anything else would start the head from another function.
     """
     try:
-        probe = load_classifier(path)
+        probe = load_classifier(path, trust)
     except BottleneckError as e:
         raise BottleneckError(f"--init-head: {e}") from None
     prov, scaler, clf = probe.meta, probe.pipe.named_steps.get("scale"), probe.pipe.named_steps["clf"]

@@ -44,7 +44,8 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
     net = backbones.build_model(s.model, s.weights)
     head = backbones.replace_head(net, s.model, len(attrs["classes"]), s.seed)
     if s.init_head:  # LP-FT of the top: a probe on this cache's penultimate tap sees what the head will
-        init_head(net, head, read_probe(s.init_head, s.model, s.weights, attrs["classes"], attrs["preprocessing"]))
+        init_head(net, head, read_probe(s.init_head, s.model, s.weights, attrs["classes"], attrs["preprocessing"],
+                                         s.trust))
     trunk = cut(net, s.model, attrs["maps"]["tap"], attrs["preprocessing"]["size"])
     note(f"training the layers after {attrs['maps']['tap']} on cached maps: "
          f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, the "

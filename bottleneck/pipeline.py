@@ -61,6 +61,7 @@ class Experiment:
     fit: dict | None = None
     compare: dict = field(default_factory=dict)
     finetunes: list[dict] = field(default_factory=list)
+    trust: bool = False  # run --trust: fine-tunes may read a pickled init_head (never a key of the file itself)
 
 
 # --------------------------------------------------------------------------- reading
@@ -399,15 +400,17 @@ def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
     """finetune()'s arguments for one [[finetune]] table: [data] decides its splits, as it does extract's;
     init_head = "probe" becomes the path of the probe this experiment fits."""
     if ft.get("init_head") == PROBE:
+        from bottleneck.classify import CLASSIFIER_FILE
+
         probe = fit_report(probe_args(exp, probed_backbone(exp, ft["model"])))
-        ft = ft | {"init_head": str(probe.parent / "model.joblib")}
+        ft = ft | {"init_head": str(probe.parent / CLASSIFIER_FILE)}
     if ft.get("from_cache"):  # the cache that backbone's extraction made (a Slurm job reads the record itself)
         record = cache_record(exp, maps_backbone(exp, ft))
         ft = ft | {"from_cache": record.read_text().strip() if record.is_file() else str(record)}
     out = finetune_dir(exp, ft)
     if exp.data["folds"]:  # finetune adds -foldI to the folder it is given
         out = out.with_name(out.name.removesuffix(f"-fold{ft['fold']}"))
-    return {k: v for k, v in ft.items() if k != "name"} | {
+    return {k: v for k, v in ft.items() if k != "name"} | ({"trust": True} if exp.trust else {}) | {
         "data_dir": exp.data["path"], "out": str(out), "val_fraction": exp.data["val_fraction"],
         "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["seed"], "folds": exp.data["folds"]}
 
@@ -476,13 +479,14 @@ def run_stage(exp: Experiment, stage: Stage, progress: bool = True) -> Path:
     return RUNNERS[stage.kind](exp, stage.table, progress)
 
 
-def run(experiment: str | Path, *, force: bool = False, progress: bool = True) -> Path:
+def run(experiment: str | Path, *, force: bool = False, progress: bool = True, trust: bool = False) -> Path:
     """Run every stage of an experiment on this machine, skipping finished ones; returns comparison.md.
 
     A fine-tune whose folder holds a finished run of other settings is refused before anything
     runs (the folder keeps describing what it holds); `force` deletes that run and redoes it.
+    `trust`: fine-tunes may read an init_head that is a pickle (see trained.py).
     """
-    exp = load(experiment)
+    exp = dataclasses.replace(load(experiment), trust=trust)
     check_finished(exp, force)
     prepare_data(exp)
     save_copy(exp)

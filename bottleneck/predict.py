@@ -22,13 +22,14 @@ from bottleneck.store import FeatureStore
 COMPATIBLE_KEYS = ("model", "weights", "pool", "preprocessing", "classes")
 
 
-def evaluate(model: str, features: str, *, split: str = "test", out: str | None = None) -> dict:
+def evaluate(model: str, features: str, *, split: str = "test", out: str | None = None, trust: bool = False) -> dict:
     """Metrics of a saved classifier (or fine-tuned network) on one split of a compatible cache.
 
     With `out`, writes report.json and predictions.csv there. A split the model was trained on
     is scored all the same, but the result says so: it measures memory, not generalisation.
+    `trust`: also read a classifier that is a pickle (it may run any code; see trained.py).
     """
-    t = trained.load(model)
+    t = trained.load(model, trust)
     scored = evaluate_finetuned if t.kind == "network" else evaluate_classifier
     rep, paths, y_true, y_pred, probs = scored(t, features, split)
     rep |= {**reports.metrics(y_true, y_pred, rep["classes"], np.asarray(probs)),
@@ -118,11 +119,11 @@ def image_files(inputs: list[str]) -> list[str]:
 
 def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: bool = False,
             backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", batch_size: int = 32,
-            device: str = "auto", progress: bool = True) -> list[dict]:
+            device: str = "auto", progress: bool = True, trust: bool = False) -> list[dict]:
     """Label images with a saved classifier (or, with imagenet=True, the backbone's own ImageNet head).
 
     Each row holds path, label, probability and the top-k; an unreadable file gets a row with
-    its error instead, and the others still get predictions.
+    its error instead, and the others still get predictions. `trust` as for evaluate.
     """
     if top_k < 1:
         raise BottleneckError("--top-k must be at least 1")
@@ -134,9 +135,9 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
                             backbones.preprocessing(backbone), "fp32", "none", [], {},
                             net=backbones.build_model(backbone, weights))
     elif model is None:
-        raise BottleneckError("give a classifier (MODEL.joblib or model.pt) or --imagenet")
+        raise BottleneckError("give a classifier (model.skops or model.pt) or --imagenet")
     else:
-        t = trained.load(model)
+        t = trained.load(model, trust)
     t.net = t.network().to(dev, memory_format=torch.channels_last)
     classes, prep = t.classes, t.preprocessing
     files = image_files(images)

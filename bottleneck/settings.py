@@ -62,6 +62,9 @@ def check_target(target: str | None) -> None:
             parse_target(target)
         except BottleneckError as e:
             raise SettingError("target", str(e)) from None
+# Never an experiment-file key: the file may be the untrusted input that names the pickle.
+TRUST_HELP = ("Also read a classifier that is a pickle (a model.joblib from before model.skops, or from elsewhere); "
+              "loading one runs any code it holds, so only for files you trust.")
 
 
 class SettingError(BottleneckError):
@@ -194,9 +197,10 @@ class FinetuneSettings(Settings):
     unfreeze: str = setting("all", "all, N (last N blocks) or from:TAP.")
     head_epochs: int | None = setting(None, "Epochs training the new head alone [default: 1, or 0 with "
                                       "--init-head].", low=0)
-    init_head: str | None = setting(None, "LP-FT: start the new head from a linear probe, the model.joblib of "
+    init_head: str | None = setting(None, "LP-FT: start the new head from a linear probe, the model.skops of "
                                     "'bottleneck fit --clf logreg --layer TAP' on this model's penultimate tap "
                                     "(standardisation folded in); the head-only epochs are then skipped.")
+    trust: bool = setting(False, TRUST_HELP, toml=False)
     from_cache: str | None = setting(None, "Train only the layers after a tap, and the head, on the tap's maps in a "
                                      "cache made by 'extract --maps TAP' from this data, without decoding images or "
                                      "running the network below the tap; each epoch draws one of the cache's views "

@@ -20,7 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -260,7 +260,7 @@ def _seconds(time: str) -> int | None:
 
 def submit(experiment: str | Path, partition: str | None = None, account: str | None = None,
            gres: str | None = None, time: str | None = None, mem: str | None = None, array_size: int = 4,
-           setup: str | None = None, dry_run: bool = False) -> list[dict]:
+           setup: str | None = None, dry_run: bool = False, trust: bool = False) -> list[dict]:
     """Write the experiment's sbatch scripts into RUN/slurm/ and submit them; returns stage, job id, script, log."""
     if array_size < 1:
         raise BottleneckError(f"--array-size must be at least 1, not {array_size}")
@@ -273,7 +273,7 @@ def submit(experiment: str | Path, partition: str | None = None, account: str | 
         raise BottleneckError(f"--time {time} is not a Slurm time; use e.g. 02:00:00 or 1-00:00:00")
     if setup is None and sys.prefix != sys.base_prefix:  # run from a venv: use it on the compute nodes too
         setup = f"source {shlex.quote(sys.prefix)}/bin/activate"
-    exp = pipeline.load(experiment)
+    exp = replace(pipeline.load(experiment), trust=trust)  # --trust goes on to the fine-tune jobs
     if _unprintable(str(exp.out)):
         raise BottleneckError(f"{exp.file}: out {str(exp.out)!r} holds a control character; the run folder goes "
                               "into sbatch's one-line --output directive, so choose a folder name without it")

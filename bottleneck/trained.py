@@ -1,14 +1,16 @@
 """A trained model, whichever stage made it, behind one small interface.
 
-`fit` writes a classifier on cached features (`model.joblib`, a scikit-learn Pipeline with its
+`fit` writes a classifier on cached features (`model.skops`, a scikit-learn Pipeline with its
 provenance in `.bottleneck_`); `finetune` writes a whole network (`model.pt`, weights and plain
 metadata). `load` reads either and checks it before use: what it says it is must be what it
-holds, or it is refused with one line. `evaluate` and `predict` use nothing else, so neither
-imports the stage that trained the model.
+holds, or it is refused with one line. `evaluate`, `predict` and `finetune --init-head` use
+nothing else, so none imports the stage that trained the model.
 
-`model.joblib` files are pickles: loading one runs code chosen by whoever wrote it. Only load
-classifiers you trained or trust (docs/reports.md). `model.pt` files are read as tensors and
-plain values only.
+Loading a model file never runs code from it. `model.skops` is read by skops, which builds only
+the types named in TRUSTED_TYPES (and numpy arrays and plain values) and refuses a file holding
+any other; `model.pt` is read as tensors and plain values only. A pickle (`model.joblib` from
+before skops, or a file from elsewhere) runs code chosen by whoever wrote it, so it is read only
+with `trust=True` (`--trust`), which says the user trusts the file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ from bottleneck.data import describe_error
 from bottleneck.errors import BottleneckError
 
 NETWORK_FORMAT = "bottleneck-finetuned/1"
+# Every type beyond skops's own trusted ones (numpy, plain values, most of scikit-learn) that the
+# pipelines of classifiers.TABLE hold once fitted, as single, concatenated (EqualTaps) or selected
+# (SelectRelevant) taps; tests/test_trained.py fits every one and fails on a type missing here.
+TRUSTED_TYPES = [
+    "bottleneck.classifiers.EqualTaps",
+    "bottleneck.classifiers.PlattSVC",
+    "bottleneck.classifiers.SelectRelevant",
+    "sklearn.calibration._CalibratedClassifier",  # svm and linear-svm: the calibrated SVM and its sigmoids
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",  # knn on narrow features keeps a k-d tree
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",  # mlp keeps its optimiser's state
+]
+TRUST_HINT = ("fit it again with 'bottleneck fit' (which writes model.skops), or pass --trust (trust=True) if you "
+              "trust whoever wrote the file: loading a pickle runs any code it holds")
 PROVENANCE_KEYS = ("model", "weights", "pool", "preprocessing", "precision", "classes", "tap", "clf")
 
 
@@ -94,28 +111,67 @@ def same_weights(prov: dict) -> backbones.WeightsRef:
     return ref
 
 
-def load(path: str | os.PathLike) -> Trained:
-    """A classifier written by fit or a network written by finetune (a `.pt` file, or any torch zip
-    archive), checked, as a Trained."""
+def load(path: str | os.PathLike, trust: bool = False) -> Trained:
+    """A classifier written by fit or a network written by finetune, told apart by content and
+    checked, as a Trained. A pickle is unpickled only with `trust` (it may run any code)."""
     if not Path(path).is_file():
         raise BottleneckError(f"model file {path} does not exist")
     # A .pt file is only ever read as tensors (a pickle named .pt is refused, never unpickled).
-    return load_network(path) if str(path).endswith(".pt") or zipfile.is_zipfile(path) else load_classifier(path)
+    if str(path).endswith(".pt") or (zipfile.is_zipfile(path) and not is_skops(path)):
+        return load_network(path)
+    return load_classifier(path, trust)
 
 
-def load_classifier(path: str | os.PathLike) -> Trained:
+def is_skops(path: str | os.PathLike) -> bool:
+    """A skops file is a zip archive with a schema.json (a torch archive has none)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "schema.json" in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def read_pipeline(path: str | os.PathLike, trust: bool = False):
+    """The object a classifier file holds, built without running code from the file: a skops file
+    holding only TRUSTED_TYPES, or with `trust` a pickle (joblib)."""
+    if is_skops(path):
+        return _read_skops(path)
+    if trust is not True:  # only an explicit yes: trust="no" from a caller's config is no
+        raise BottleneckError(f"{path} is not a model.skops written by 'bottleneck fit' but a pickle (an older "
+                              f"model.joblib, or a file from elsewhere) or another file; {TRUST_HINT}")
+    import joblib
+
+    try:
+        return joblib.load(path)
+    except Exception as e:
+        raise BottleneckError(f"{path} is not a readable classifier file ({describe_error(e)}); "
+                              "fit it again with 'bottleneck fit'") from None
+
+
+def _read_skops(path: str | os.PathLike):
+    import skops.io
+
+    try:
+        untrusted = sorted(set(skops.io.get_untrusted_types(file=path)) - set(TRUSTED_TYPES))
+        if untrusted:
+            raise BottleneckError(f"{path} holds types that bottleneck fit never writes ({', '.join(untrusted)}), "
+                                  "and building them could run code; fit it again with 'bottleneck fit'")
+        return skops.io.load(path, trusted=TRUSTED_TYPES)
+    except BottleneckError:
+        raise
+    except Exception as e:
+        raise BottleneckError(f"{path} is not a readable classifier file ({describe_error(e)}); "
+                              "fit it again with 'bottleneck fit'") from None
+
+
+def load_classifier(path: str | os.PathLike, trust: bool = False) -> Trained:
     """A fitted Pipeline written by 'bottleneck fit'; its provenance must describe the estimator it
     is attached to (same steps as fit builds, every class known), or it is refused."""
-    import joblib
     from sklearn.pipeline import Pipeline
 
     if not Path(path).is_file():
         raise BottleneckError(f"classifier file {path} does not exist")
-    try:
-        pipe = joblib.load(path)
-    except Exception as e:
-        raise BottleneckError(f"{path} is not a readable classifier file ({describe_error(e)}); "
-                              "fit it again with 'bottleneck fit'") from None
+    pipe = read_pipeline(path, trust)
     prov = getattr(pipe, "bottleneck_", None)
     if not isinstance(prov, dict) or not isinstance(pipe, Pipeline) or not hasattr(pipe, "predict_proba"):
         raise BottleneckError(f"{path} was not written by 'bottleneck fit'")

@@ -192,5 +192,5 @@ def test_timm_models_extract_fit_and_predict_end_to_end(tree, tmp_path, arch, ta
     with open(report.with_name("predictions.csv"), newline="") as f:
         fitted = {row["path"].rsplit("/", 1)[1]: row["predicted"] for row in csv.DictReader(f)}
     # predict rebuilds the same (seeded) random network from the classifier's provenance
-    rows = predict(str(report.with_name("model.joblib")), [str(tree / "test")])
+    rows = predict(str(report.with_name("model.skops")), [str(tree / "test")])
     assert {r["path"].rsplit("/", 1)[1]: r["label"] for r in rows} == fitted

@@ -1,15 +1,16 @@
 import json
 
-import joblib
 import numpy as np
 import pytest
 from conftest import hold_lock, make_tree, run_cli
 
+from bottleneck import trained
 from bottleneck.classifiers import CLASSIFIERS
 from bottleneck.classify import fit
 from bottleneck.errors import BottleneckError
 from bottleneck.extract import extract
 from bottleneck.predict import evaluate, predict
+from bottleneck.trained import read_pipeline
 
 
 @pytest.mark.parametrize("clf", CLASSIFIERS)
@@ -41,7 +42,7 @@ def test_layer_probe_and_learning_curve(cache, tmp_path):
 
 def test_bad_classifier_inputs_are_clear_errors(cache, tmp_path):
     (tmp_path / "model.joblib").write_bytes(b"\x80\x04garbage")
-    result = run_cli("evaluate", str(tmp_path / "model.joblib"), "--features", str(cache[0]))
+    result = run_cli("evaluate", str(tmp_path / "model.joblib"), "--features", str(cache[0]), "--trust")
     assert result.returncode != 0 and "not a readable classifier" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("fit", "--features", str(cache[0]), "--clf", "forest")
     assert result.returncode != 0 and "unknown classifier 'forest'" in result.stderr
@@ -105,7 +106,7 @@ def test_layer_auto_picks_the_tap_with_the_best_validation_score(cache, tmp_path
     ties = [t for t in ("concat", "blocks.4", "pool") if choice["scores"][t] == best]
     assert choice["chosen"] == ties[-1]  # a single tap before the concatenation, the deeper of two taps
     assert rep["tap"] == choice["chosen"] and rep["settings"]["tap"] == "auto"
-    assert (tmp_path / "auto-logreg" / "model.joblib").is_file()
+    assert (tmp_path / "auto-logreg" / "model.skops").is_file()
 
 
 def test_concatenated_taps_are_weighted_equally_and_predict_as_fitted(cache, tmp_path):
@@ -114,7 +115,7 @@ def test_concatenated_taps_are_weighted_equally_and_predict_as_fitted(cache, tmp
     path = fit(str(cache[0]), layer="concat", search=False, out=str(tmp_path))
     rep = json.loads(path.read_text())
     assert rep["tap"] == "concat" and rep["taps"] == ["blocks.4", "pool"]
-    pipe = joblib.load(path.parent / "model.joblib")
+    pipe = trained.load(path.parent / "model.skops").pipe
     assert pipe.named_steps["taps"].dims == (112, 1280) and pipe.bottleneck_["taps"] == ["blocks.4", "pool"]
     # each tap's block carries the same total variance after scaling
     x = np.random.default_rng(0).normal(size=(50, 1392))
@@ -123,9 +124,9 @@ def test_concatenated_taps_are_weighted_equally_and_predict_as_fitted(cache, tmp
     # predicting from the images recomputes both taps and gives the labels the fit scored
     saved = reports.read_predictions(path.parent / "predictions.csv")
     files = sorted(saved)[:6]
-    rows = predict(str(path.parent / "model.joblib"), [str(cache[1] / f) for f in files])
+    rows = predict(str(path.parent / "model.skops"), [str(cache[1] / f) for f in files])
     assert [r["label"] for r in rows] == [saved[f]["predicted"] for f in files]
-    assert evaluate(str(path.parent / "model.joblib"), str(cache[0]))["accuracy"] == rep["accuracy"]
+    assert evaluate(str(path.parent / "model.skops"), str(cache[0]))["accuracy"] == rep["accuracy"]
 
 
 def test_relevance_ranks_the_features_that_carry_the_classes_first():
@@ -152,12 +153,12 @@ def test_selected_features_of_all_taps_are_chosen_on_validation_and_predict_as_f
     assert rep["tap"] == "select" and rep["taps"] == ["blocks.4", "pool"]
     assert rep["search"]["grid"]["select__fraction"] == SELECT_FRACTIONS
     assert rep["search"]["chosen"]["select__fraction"] in SELECT_FRACTIONS
-    pipe = joblib.load(path.parent / "model.joblib")
+    pipe = trained.load(path.parent / "model.skops").pipe
     kept = pipe.named_steps["select"].support_
     assert len(kept) == round(rep["search"]["chosen"]["select__fraction"] * 1392)
     saved = reports.read_predictions(path.parent / "predictions.csv")
     files = sorted(saved)[:6]
-    rows = predict(str(path.parent / "model.joblib"), [str(cache[1] / f) for f in files])
+    rows = predict(str(path.parent / "model.skops"), [str(cache[1] / f) for f in files])
     assert [r["label"] for r in rows] == [saved[f]["predicted"] for f in files]
 
 
@@ -175,8 +176,8 @@ def test_fit_on_views_trains_on_every_view_and_scores_each_image_by_their_mean(c
     path = fit(str(views), layer="pool", search=False, out=str(tmp_path / "f"))
     rep = json.loads(path.read_text())
     assert (rep["n_train"], rep["n_test"], rep["views"]) == (32, 12, "flips")
-    model = path.parent / "model.joblib"
-    row_probs = joblib.load(model).predict_proba(x)
+    model = path.parent / "model.skops"
+    row_probs = trained.load(model).pipe.predict_proba(x)
     saved = reports.read_predictions(path.parent / "predictions.csv")
     assert len(saved) == 12
     for i in range(0, 48, 4):  # each image: the mean of its four views' probabilities
@@ -221,7 +222,7 @@ def test_one_writer_per_result_folder_and_a_report_always_matches_its_model(cach
     with pytest.raises(KeyboardInterrupt):  # --force replaces the result: the old report must not survive it
         fit(str(cache[0]), layer="pool", search=False, out=str(tmp_path), force=True)
     assert report_before and not (tmp_path / "pool-logreg" / "report.json").exists()
-    assert (tmp_path / "pool-logreg" / "model.joblib").is_file()
+    assert (tmp_path / "pool-logreg" / "model.skops").is_file()
 
 
 def test_reuse_keeps_a_finished_fit_of_this_cache_and_replaces_one_of_another(cache, tmp_path):
@@ -254,7 +255,7 @@ def test_target_threshold_is_chosen_on_validation_and_applied_to_the_test_images
     # the same threshold from the val split scored by the chosen classifier refitted on train alone
     with FeatureStore(cache[0]) as st:
         d = split_data(st, "pool", 0)
-    alone = clone(joblib.load(path.parent / "model.joblib")).fit(*d["train"][:2])
+    alone = clone(read_pipeline(path.parent / "model.skops")).fit(*d["train"][:2])
     _, y_val, _, p_val = predict_images(alone, *d["val"], 2)
     assert point["threshold"] == scores.threshold_for("recall:dogs=0.9", ["cats", "dogs"], y_val, p_val)["threshold"]
     assert point["met_on_validation"] and point["validation"]["recall"] >= 0.9

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import hold_lock, make_tree
 
-from bottleneck import backbones
+from bottleneck import backbones, trained
 from bottleneck.errors import BottleneckError
 from bottleneck.finetune import finetune
 from bottleneck.trained import load_network
@@ -288,7 +288,6 @@ def test_sigterm_while_images_decode_exits_75_without_a_traceback(tmp_path):
 def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head_phase(small, tmp_path):
     import json
 
-    import joblib
     import numpy as np
 
     from bottleneck import data
@@ -299,9 +298,9 @@ def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head
 
     cache = extract(LITE, str(small), layer=["pool"], image_size=64, out=str(tmp_path / "c"), batch_size=8, workers=0,
                     precision="fp32", progress=False)
-    probe = fit(str(cache), layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.joblib"
+    probe = fit(str(cache), layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.skops"
     with FeatureStore(cache) as st:
-        expected = joblib.load(probe).predict_proba(st.features("test", "pool"))
+        expected = trained.load(probe).pipe.predict_proba(st.features("test", "pool"))
         paths, prep = st.paths("test"), st.attrs["preprocessing"]
     net = backbones.build_model(LITE)
     head = backbones.replace_head(net, LITE, 2, seed=0)
@@ -315,7 +314,7 @@ def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head
     assert [h["phase"] for h in rep["history"]] == ["finetune"] and rep["params"]["head_epochs"] == 0
     assert rep["head_only"] is not None and rep["params"]["init_head"] == str(probe)
 
-    svm = fit(str(cache), clf="svm", layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.joblib"
+    svm = fit(str(cache), clf="svm", layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.skops"
     with pytest.raises(BottleneckError, match="not a logreg probe"):
         finetune(LITE, str(small), init_head=str(svm), epochs=1, out=str(tmp_path / "ft2"), **QUICK)
     with pytest.raises(BottleneckError, match="preprocessing"):

@@ -92,7 +92,7 @@ def test_lp_ft_of_the_top_starts_from_a_probe_on_the_same_cache(maps_cache, tmp_
     cache, tree = maps_cache
     probe_report = fit(str(cache), layer="pool", search=False, out=str(tmp_path / "fit"))
     probe = json.loads(probe_report.read_text())
-    head = str(probe_report.parent / "model.joblib")
+    head = str(probe_report.parent / "model.skops")
     rep = json.loads(finetune(LITE, str(tree), from_cache=str(cache), init_head=head, epochs=1,
                               out=str(tmp_path / "top"), **QUICK).read_text())
     assert [h["phase"] for h in rep["history"]] == ["finetune"]  # the probe is the head-only phase

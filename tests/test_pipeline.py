@@ -233,7 +233,7 @@ def test_lpft_from_the_experiments_own_probe(tmp_path):
              "out": str(exp.out / "fit" / "efficientnet_lite0")}
     assert fits[-1] == probe and len(fits) == 2  # [fit]'s own auto fit, then the probe on the head's input tap
     kwargs = pipeline.finetune_kwargs(exp, exp.finetunes[0])
-    assert kwargs["init_head"] == str(pipeline.fit_report(probe).parent / "model.joblib")
+    assert kwargs["init_head"] == str(pipeline.fit_report(probe).parent / "model.skops")
     jobs = {j.stage: j for j in slurm.plan(exp, slurm.Options())}
     assert jobs["finetune-lpft"].after == ["fit-efficientnet_lite0"]  # the job waits for its probe
     no_fit = GOOD.replace('layers = ["blocks.4"]', 'layers = ["pool"]').split("[fit]")[0]

@@ -4,11 +4,11 @@ import json
 import subprocess
 import sys
 
-import joblib
 import numpy as np
 import pytest
 from conftest import run_cli
 
+from bottleneck import trained
 from bottleneck.classify import fit
 from bottleneck.errors import BottleneckError
 from bottleneck.extract import extract
@@ -17,15 +17,15 @@ from bottleneck.predict import evaluate, predict
 
 def test_saved_pipeline_predicts_the_same_in_a_fresh_process(cache, tmp_path):
     report = fit(str(cache[0]), clf="svm", layer="pool", out=str(tmp_path))
-    model = report.parent / "model.joblib"
-    pipe = joblib.load(model)
+    model = report.parent / "model.skops"
+    pipe = trained.load(model).pipe
     assert pipe.bottleneck_["model"] == "efficientnet_lite0" and pipe.bottleneck_["tap"] == "pool"
     from bottleneck.store import FeatureStore
 
     with FeatureStore(cache[0]) as st:
         x = st.features("test", "pool")
     np.save(tmp_path / "x.npy", x)
-    code = ("import joblib, numpy as np, sys; p = joblib.load(sys.argv[1]); "
+    code = ("import numpy as np, sys; from bottleneck.trained import load; p = load(sys.argv[1]).pipe; "
             "np.save(sys.argv[3], p.predict_proba(np.load(sys.argv[2])))")
     subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "x.npy"), str(tmp_path / "p.npy")],
                    check=True)
@@ -34,7 +34,7 @@ def test_saved_pipeline_predicts_the_same_in_a_fresh_process(cache, tmp_path):
 
 def test_evaluate_matches_the_report_and_refuses_other_caches(cache, tmp_path):
     rep = json.loads(fit(str(cache[0]), clf="logreg", layer="pool", search=False, out=str(tmp_path)).read_text())
-    model = tmp_path / "pool-logreg" / "model.joblib"
+    model = tmp_path / "pool-logreg" / "model.skops"
     assert evaluate(str(model), str(cache[0]))["accuracy"] == rep["accuracy"]
     other = extract("squeezenet1_1", str(cache[1]), weights="none", out=str(tmp_path / "c"), batch_size=16,
                     workers=0, progress=False)
@@ -44,7 +44,7 @@ def test_evaluate_matches_the_report_and_refuses_other_caches(cache, tmp_path):
 
 def test_predict_labels_images_and_reports_unreadable_ones(cache, tmp_path):
     fit(str(cache[0]), clf="logreg", layer="pool", search=False, out=str(tmp_path))
-    model = str(tmp_path / "pool-logreg" / "model.joblib")
+    model = str(tmp_path / "pool-logreg" / "model.skops")
     (tmp_path / "broken.jpg").write_text("not an image")
     images = [str(cache[1] / "test" / "dogs" / "test_000.png"), str(tmp_path / "broken.jpg")]
     rows = predict(model, images)
@@ -58,7 +58,7 @@ def test_predict_labels_images_and_reports_unreadable_ones(cache, tmp_path):
 
 def test_evaluate_on_a_split_it_was_trained_on_says_so(cache, tmp_path):
     fit(str(cache[0]), clf="logreg", layer="pool", out=str(tmp_path))  # searched, refit on train + val
-    model = str(tmp_path / "pool-logreg-search" / "model.joblib")
+    model = str(tmp_path / "pool-logreg-search" / "model.skops")
     assert "caveat" not in evaluate(model, str(cache[0]), split="test")
     rep = evaluate(model, str(cache[0]), split="val", out=str(tmp_path / "ev"))
     assert "trained or tuned on the val split" in rep["caveat"]
@@ -77,7 +77,7 @@ def test_predict_refuses_a_weights_file_replaced_since_fitting(cache, tmp_path):
     torch.save(backbones.build_model("squeezenet1_1", "none").state_dict(), weights)
     path = extract("squeezenet1_1", str(cache[1]), weights=str(weights), out=str(tmp_path / "c"), batch_size=16,
                    workers=0, progress=False)
-    model = str(fit(str(path), clf="logreg", out=str(tmp_path / "fit")).parent / "model.joblib")
+    model = str(fit(str(path), clf="logreg", out=str(tmp_path / "fit")).parent / "model.skops")
     image = [str(cache[1] / "test" / "dogs" / "test_000.png")]
     assert predict(model, image)[0]["error"] is None
     state = torch.load(weights, weights_only=True)

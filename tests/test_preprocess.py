@@ -4,13 +4,12 @@ import json
 import subprocess
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 from conftest import make_tree
 from PIL import Image
 
-from bottleneck import data, preprocess
+from bottleneck import data, preprocess, trained
 from bottleneck.classify import fit
 from bottleneck.errors import BottleneckError
 from bottleneck.extract import extract
@@ -71,7 +70,7 @@ def test_extract_records_the_choice_and_fit_carries_it_to_prediction(tmp_path):
     assert cropped != cache  # another preprocessing is another cache
     rep = json.loads(fit(str(cache), layer="pool", out=str(tmp_path / "f")).read_text())
     assert rep["preprocessing"] == prep
-    assert joblib.load(tmp_path / "f" / "pool-logreg-search" / "model.joblib").bottleneck_["preprocessing"] == prep
+    assert trained.load(tmp_path / "f" / "pool-logreg-search" / "model.skops").meta["preprocessing"] == prep
 
 
 # --------------------------------------------------------------------------- CIFAR-10 subset

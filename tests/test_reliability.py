@@ -65,7 +65,7 @@ def test_fifty_broken_files_in_a_real_dataset_are_skipped_with_reasons(tmp_path)
 
     fitted = run_cli("fit", "--features", result.stdout.strip().splitlines()[-1], "--out", str(tmp_path / "fit"))
     assert fitted.returncode == 0, fitted.stderr
-    model = next((tmp_path / "fit").rglob("model.joblib"))
+    model = next((tmp_path / "fit").rglob("model.skops"))
     predicted = run_cli("predict", str(model), str(data), "--format", "json", timeout=600)
     assert predicted.returncode == 0, predicted.stderr
     rows = {Path(r["path"]).name: r for r in json.loads(predicted.stdout)}
@@ -147,7 +147,7 @@ def world(tmp_path_factory):
     if disk:
         free = shutil.disk_usage(root / "full").free
         (root / "full" / "filler").write_bytes(b"\0" * (free - 8192))
-    paths = {**made, "tree": tree, "model": next(root.glob("fit/*/model.joblib")), "fit": root / "fit",
+    paths = {**made, "tree": tree, "model": next(root.glob("fit/*/model.skops")), "fit": root / "fit",
              "missing": root / "missing", "ro": root / "ro", "full": root / "full",
              "corrupt_joblib": broken / "corrupt" / "model.joblib",
              **{p.stem: p for p in broken.glob("*.h5")}, **{f"{p.stem}_toml": p for p in broken.glob("*.toml")}}
@@ -183,14 +183,14 @@ BAD_COMMANDS = {
     "evaluate-missing-model": (["evaluate", "{missing}", "--features", "{cache}"], ["does not exist"]),
     "evaluate-missing-cache": (["evaluate", "{model}", "--features", "{missing}"], ["does not exist"]),
     "evaluate-corrupt-model": (["evaluate", "{corrupt_joblib}", "--features", "{cache}"],
-                               ["not a readable classifier"]),
+                               ["not a model.skops written by 'bottleneck fit'"]),
     "evaluate-foreign-cache": (["evaluate", "{model}", "--features", "{other}"], ["squeezenet1_1"]),
     "evaluate-truncated-cache": (["evaluate", "{model}", "--features", "{truncated}"], ["truncated.h5"]),
     "evaluate-incomplete-cache": (["evaluate", "{model}", "--features", "{incomplete}"], ["incomplete.h5"]),
     # predict
     "predict-missing-model": (["predict", "{missing}", "{tree}"], ["does not exist"]),
     "predict-missing-images": (["predict", "{model}", "{missing}"], ["does not exist"]),
-    "predict-corrupt-model": (["predict", "{corrupt_joblib}", "{tree}"], ["not a readable classifier"]),
+    "predict-corrupt-model": (["predict", "{corrupt_joblib}", "{tree}"], ["not a model.skops written by"]),
     "predict-unknown-model": (["predict", "--imagenet", "--model", "vgg17", "{tree}"], ["unknown model 'vgg17'"]),
     "predict-cuda": (["predict", "{model}", "{tree}", "--device", "cuda"], ["no CUDA GPU"]),
     # finetune
@@ -345,26 +345,27 @@ def test_a_model_whose_weights_do_not_match_its_metadata_is_refused(tree, tmp_pa
 
 def test_a_provenance_copied_onto_another_estimator_is_refused(tree, tmp_path):
     """Once a traceback (a 7-feature estimator) or a silent score (a bare LogisticRegression)."""
-    import joblib
     import numpy as np
+    import skops.io
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
 
+    from bottleneck import trained
     from bottleneck.classify import fit
     from bottleneck.extract import extract
 
     cache = extract("squeezenet1_1", str(tree), layer=["fire9"], out=str(tmp_path / "c"), batch_size=8, workers=0,
                     progress=False, weights="none")
     report = fit(str(cache), layer="fire9", search=False, out=str(tmp_path / "fit"))
-    prov = joblib.load(report.parent / "model.joblib").bottleneck_
+    prov = trained.load(report.parent / "model.skops").meta
     rng = np.random.default_rng(0)
     others = {"narrow": Pipeline([("clf", LogisticRegression().fit(rng.random((20, 7)), [0, 1] * 10))]),
               "bare": LogisticRegression().fit(rng.random((20, 512)), [0, 1] * 10)}
     for name, est in others.items():
         est.bottleneck_ = prov
-        joblib.dump(est, tmp_path / f"{name}.joblib")
-        for args in (["evaluate", str(tmp_path / f"{name}.joblib"), "--features", str(cache)],
-                     ["predict", str(tmp_path / f"{name}.joblib"), str(tree / "test")]):
+        skops.io.dump(est, tmp_path / f"{name}.skops")
+        for args in (["evaluate", str(tmp_path / f"{name}.skops"), "--features", str(cache)],
+                     ["predict", str(tmp_path / f"{name}.skops"), str(tree / "test")]):
             result = run_cli(*args)
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
             assert "not the logreg pipeline that 'bottleneck fit' builds" in result.stderr or \

@@ -91,6 +91,15 @@ def test_dry_run_prints_scripts_and_order_and_submits_nothing(tmp_path, data):
     assert not (tmp_path / "dry" / "slurm" / "jobs.json").exists()
 
 
+def test_run_trust_reaches_the_fine_tune_jobs_and_nothing_else_trusts(tmp_path, data):
+    """`run --slurm --trust` lets a fine-tune job read a pickled init_head; without it no job may."""
+    path = experiment(tmp_path, data, "trust", extract=False, finetune=f'init_head = "{tmp_path / "old.joblib"}"\n')
+    for trust in (True, False):
+        scripts = [Path(r["script"]).read_text() for r in slurm.submit(path, dry_run=True, trust=trust)]
+        finetune = next(s for s in scripts if "bottleneck finetune" in s)
+        assert ("--trust" in finetune) is trust and sum("--trust" in s for s in scripts) == trust
+
+
 def hostile(mark: str) -> str:
     """Text that runs `touch MARK` wherever a script lets the shell read it as code."""
     return f" $(touch {mark}) `touch {mark}`;touch {mark};' \"{mark}\" # {mark}"
