@@ -15,6 +15,7 @@ Adding an option to a stage is adding a field here and reading it in the stage.
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import types
 import typing
@@ -280,6 +281,8 @@ def check_value(f: dataclasses.Field, hint, value) -> None:
     m = f.metadata
     if value is None:
         return
+    if base_type(hint)[0] is float and not math.isfinite(value):  # NaN passes every bound: compared, it is False
+        raise SettingError(f.name, f"{flag(f)} must be a finite number, not {value}")
     if m["choices"] and value not in m["choices"]:
         raise SettingError(f.name, f"unknown {m['what'] or flag(f)} {_short(value)}; choose one of "
                            f"{', '.join(m['choices'])}")
