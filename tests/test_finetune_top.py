@@ -99,3 +99,17 @@ def test_lp_ft_of_the_top_starts_from_a_probe_on_the_same_cache(maps_cache, tmp_
     assert rep["head_only"]["accuracy"] == probe["accuracy"]  # step 0 scores as the probe did
     # the probe's extraction is this run's own cache: counted once, in cache_cost_seconds
     assert rep["probe_cost_seconds"] == pytest.approx(probe["cost"]["fit_seconds"])
+
+
+def test_evaluate_of_a_network_on_a_multi_view_cache_counts_images_not_views(maps_cache, tmp_path):
+    """It once scored each of the 6 test images twice over a 'flips' cache: "test (12 images)"."""
+    from bottleneck.predict import evaluate
+
+    cache, tree = maps_cache
+    run = json.loads(finetune(LITE, str(tree), from_cache=str(cache), epochs=1, out=str(tmp_path / "top"), **QUICK)
+                     .read_text())
+    rep = evaluate(str(tmp_path / "top" / "model.pt"), str(cache), out=str(tmp_path / "eval"))
+    assert rep["n_test"] == 6 and rep["test_set"] == run["test_set"]
+    rows = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[1:]
+    assert len(rows) == 6 and len({r.split(",")[0] for r in rows}) == 6
+    assert rep["accuracy"] == pytest.approx(run["accuracy"])  # the images training scored, and no others
