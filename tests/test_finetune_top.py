@@ -113,3 +113,29 @@ def test_evaluate_of_a_network_on_a_multi_view_cache_counts_images_not_views(map
     rows = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[1:]
     assert len(rows) == 6 and len({r.split(",")[0] for r in rows}) == 6
     assert rep["accuracy"] == pytest.approx(run["accuracy"])  # the images training scored, and no others
+
+
+def test_edited_maps_or_features_are_refused_before_training(maps_cache, tmp_path):
+    """Zeroed maps, which 'cache verify' reports, once trained to exit 0: every read is checked now."""
+    import shutil
+
+    import h5py
+    from conftest import run_cli
+
+    from bottleneck.classify import fit
+
+    cache, tree = maps_cache
+    edited = {name: shutil.copy(cache, tmp_path / f"{name}.h5") for name in ("maps", "features")}
+    with h5py.File(edited["maps"], "r+") as f:
+        f["train/maps/blocks.5"][0] = 0  # one image's map: finite, plausible, wrong
+    with h5py.File(edited["features"], "r+") as f:
+        f["val/features/pool"][1, :5] = 0
+    out = tmp_path / "top"
+    result = run_cli("finetune", "--model", LITE, "--data", str(tree), "--from-cache", str(edited["maps"]),
+                     "--epochs", "1", "--out", str(out), "--workers", "0", "--no-progress")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: " in result.stderr and "train/maps/blocks.5 does not match its checksum" in result.stderr
+    assert not (out / "model.pt").exists() and not (out / "report.json").exists()
+    with pytest.raises(BottleneckError, match="val/features/pool does not match its checksum"):
+        fit(str(edited["features"]), layer="pool", search=False, out=str(tmp_path / "fit"))
+    assert not (tmp_path / "fit").exists()
