@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bottleneck import backbones, locks, preprocess, runtime
+from bottleneck import backbones, data, locks, preprocess, runtime
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError, Interrupted, write_error
@@ -139,11 +139,24 @@ def stop_before_training():
             signal.signal(sig, handler)
 
 
+DATA_KEY = "dataset_fingerprint"  # in a run's settings: its data's fingerprint (run_args)
+
+
 def run_args(s: FinetuneSettings) -> dict:
     """The settings a run is made of (checkpoints and reports hold them); where it is written,
-    its workers and its progress bars do not change it."""
+    its workers and its progress bars do not change it. The data's fingerprint is one of them:
+    the same folder with a class or an image added is other data."""
     return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress")} | {
-        "head_epochs": s.head_epochs_run()}
+        "head_epochs": s.head_epochs_run(), DATA_KEY: data_fingerprint(s)}
+
+
+def data_fingerprint(s: FinetuneSettings) -> str | None:
+    """The fingerprint a cache of this data and these splits records (data.dataset_fingerprint: every
+    file's path, label, split, size and time); None for data not there (yet: run writes built-in data
+    after its checks), which reading the data refuses later."""
+    if not Path(s.data_dir).exists():
+        return None
+    return data.dataset_fingerprint(data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed))
 
 
 def changed_settings(out: Path, args: dict) -> list[str]:
@@ -154,15 +167,28 @@ def changed_settings(out: Path, args: dict) -> list[str]:
         before = rep["params"] | {"model": rep["model"], "data_dir": rep["data"]}
     except (OSError, ValueError, KeyError, TypeError):
         raise BottleneckError(f"{path} is not a readable fine-tuning report; delete {out} to train again") from None
+    if DATA_KEY not in before:  # a run from before fingerprints were recorded: only its data's path can be compared
+        note(f"{out} was trained before runs recorded their data's fingerprint: a change of the files under "
+             f"{args['data_dir']} since then is not detected")
+        before[DATA_KEY] = args[DATA_KEY]
     return [k for k in args if before.get(k) != args[k]]
 
 
+def describe_changes(changed: list[str]) -> str:
+    """What differs, for a refusal: the settings by name, the data in words, or both."""
+    settings = [k for k in changed if k != DATA_KEY]
+    parts = [f"settings ({', '.join(settings)})"] if settings else []
+    if DATA_KEY in changed:
+        parts.append("data (the classes or images under its data folder changed since)")
+    return " and ".join(parts)
+
+
 def finished_run(out: Path, args: dict) -> Path:
-    """The report of a finished run in `out` made with these very settings; any other is refused."""
+    """The report of a finished run in `out` made with these very settings and data; any other is refused."""
     path = out / "report.json"
     changed = changed_settings(out, args)
     if changed:
-        raise BottleneckError(f"{out} holds a finished run with other settings ({', '.join(changed)}); use another "
+        raise BottleneckError(f"{out} holds a finished run with other {describe_changes(changed)}; use another "
                               "--out, or delete it to train again")
     note(f"{out} already holds this finished run; delete it to train again")
     return path
@@ -344,7 +370,7 @@ class Run:
                                   "start over") from None
         if ckpt.get("format") != "bottleneck-checkpoint/1" or ckpt.get("args") != self.args:
             changed = [k for k in self.args if ckpt.get("args", {}).get(k) != self.args[k]]
-            raise BottleneckError(f"{self.out} holds a run with other settings ({', '.join(changed) or 'format'}); "
+            raise BottleneckError(f"{self.out} holds a run with other {describe_changes(changed) or 'format'}; "
                                   "use another --out or delete it")
         self.net.load_state_dict(ckpt["model"])
         self.state = TrainState.from_dict(ckpt["state"], path)
