@@ -112,7 +112,8 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
     net = backbones.build_model(model, s.weights)
     head = backbones.replace_head(net, model, len(classes), s.seed)
     if s.init_head:
-        init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep))
+        test = RunTest(args[DATA_KEY], root, paths["test"])
+        init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep, test))
     net = net.to(dev, memory_format=torch.channels_last)
     run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
     return run, (classes, split_info, root, paths["test"],
@@ -203,12 +204,14 @@ def validate(a: dict) -> None:
 
 # --------------------------------------------------------------------------- LP-FT
 
-def read_probe(path: str, model: str, weights: str, classes: list[str], prep: dict) -> dict:
+def read_probe(path: str, model: str, weights: str, classes: list[str], prep: dict,
+               test: RunTest | None = None) -> dict:
     """The weight matrix and bias of a logistic-regression probe, standardisation folded in, as
     {"weight": K×D, "bias": K}: the new head then starts as that probe (Kumar et al., ICLR 2022).
 
     The probe must come from this model's penultimate tap (the head's input), the same weights,
-    classes and preprocessing; anything else would start the head from another function.
+    classes and preprocessing; anything else would start the head from another function. Given the
+    run's `test` images, it must not have trained on any of them (`check_probe_images`).
     """
     try:
         probe = load_classifier(path)
@@ -232,12 +235,64 @@ def read_probe(path: str, model: str, weights: str, classes: list[str], prep: di
     for bad, why in problems:
         if bad:
             raise BottleneckError(f"--init-head {path}: {why}")
+    if test is not None:
+        check_probe_images(path, prov, test)
     w = clf.coef_ / scaler.scale_  # logits = W (x - mean) / scale + b = (W / scale) x + (b - W / scale · mean)
     b = clf.intercept_ - w @ scaler.mean_
     if len(w) == 1:  # binary: one logit for class 1; softmax over (-z/2, z/2) is sigmoid(z)
         w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
     order = np.argsort(clf.classes_)
     return {"weight": torch.tensor(w[order], dtype=torch.float32), "bias": torch.tensor(b[order], dtype=torch.float32)}
+
+
+@dataclass(frozen=True)
+class RunTest:
+    """The test images of a run: its data's fingerprint, the root of its paths and the paths."""
+
+    dataset_fingerprint: str | None
+    root: str
+    paths: list[str]
+
+
+def check_probe_images(path: str, prov: dict, test: RunTest) -> None:
+    """Refuse a probe that trained or was tuned on any of the run's test images: the LP-FT score would
+    then count images its head had already seen (a probe fitted with another --split-seed did).
+
+    The same data in the same splits (one fingerprint covers every file's split) shares its test
+    images by construction; otherwise the images the probe trained on are read from its cache."""
+    if prov.get("dataset_fingerprint") and prov.get("dataset_fingerprint") == test.dataset_fingerprint:
+        return
+    seen = probe_images(prov)
+    if seen is None:
+        raise BottleneckError(f"--init-head {path}: it was fitted on other data or other splits than this run's, "
+                              f"and its cache {prov.get('cache')} is gone or changed, so the images it trained on "
+                              "cannot be checked against this run's test images; fit the probe on a cache of this "
+                              "data with the same --split-seed and fractions")
+    mine = {_absolute(test.root, p) for p in test.paths}
+    both = sorted(mine & seen)
+    if both:
+        raise BottleneckError(f"--init-head {path}: it trained on {len(both)} of this run's {len(mine)} test images "
+                              f"(e.g. {both[0]}), so LP-FT would be scored on images its head has seen; fit the probe "
+                              "on a cache of this data with the same --split-seed and fractions as this run")
+
+
+def probe_images(prov: dict) -> set[str] | None:
+    """The images (absolute paths) of the splits a probe was trained or tuned on, from the cache it was
+    fitted on; None when that cache is gone or is not the one it was fitted on."""
+    from bottleneck.store import FeatureStore
+
+    try:
+        with FeatureStore(prov["cache"]) as st:
+            if st.attrs.get("fingerprint") != prov.get("fingerprint"):
+                return None
+            splits = [s for s in prov.get("trained_on", ["train", "val"]) if s in st.splits]
+            return {_absolute(st.attrs["data_root"], p) for s in splits for p in st.paths(s)}
+    except (BottleneckError, KeyError, TypeError):
+        return None
+
+
+def _absolute(root: str, path: str) -> str:
+    return os.path.realpath(os.path.join(root, path))
 
 
 def probe_cost(path: str, counted_cache: str | None = None) -> float | None:

@@ -139,3 +139,32 @@ def test_edited_maps_or_features_are_refused_before_training(maps_cache, tmp_pat
     with pytest.raises(BottleneckError, match="val/features/pool does not match its checksum"):
         fit(str(edited["features"]), layer="pool", search=False, out=str(tmp_path / "fit"))
     assert not (tmp_path / "fit").exists()
+
+
+def test_a_probe_that_trained_on_the_runs_test_images_is_refused(tmp_path):
+    """A probe fitted on a cache split with another --split-seed was once accepted: LP-FT then scored
+    on test images its head had trained on."""
+    import shutil
+
+    from bottleneck.classify import fit
+
+    data = make_tree(tmp_path / "data", {"all": 12}, split_folders=False)  # split by the seeds below
+    common = dict(layer=["pool"], image_size=64, batch_size=8, workers=0, precision="fp32", progress=False)
+    other_split = extract(LITE, str(data), split_seed=1, out=str(tmp_path / "c1"), **common)
+    probe = fit(str(other_split), layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.joblib"
+    maps = extract(LITE, str(data), maps="blocks.5", out=str(tmp_path / "c0"), **common)
+    overlap = r"--init-head .*: it trained on [1-6] of this run's 6 test images"
+    with pytest.raises(BottleneckError, match=overlap):
+        finetune(LITE, str(data), init_head=str(probe), epochs=1, image_size=64, out=str(tmp_path / "a"), **QUICK)
+    with pytest.raises(BottleneckError, match=overlap):
+        finetune(LITE, str(data), from_cache=str(maps), init_head=str(probe), epochs=1, out=str(tmp_path / "b"),
+                 **QUICK)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    shutil.move(other_split, tmp_path / "moved.h5")  # nothing left to tell which images it trained on
+    with pytest.raises(BottleneckError, match=r"its cache .* is gone or changed"):
+        finetune(LITE, str(data), from_cache=str(maps), init_head=str(probe), epochs=1, out=str(tmp_path / "b"),
+                 **QUICK)
+    same_split = fit(str(maps), layer="pool", search=False, out=str(tmp_path / "fit0")).parent / "model.joblib"
+    rep = json.loads(finetune(LITE, str(data), init_head=str(same_split), epochs=1, image_size=64,
+                              out=str(tmp_path / "c"), **QUICK).read_text())
+    assert rep["params"]["init_head"] == str(same_split)  # the same data and splits: accepted
