@@ -395,8 +395,8 @@ class FeatureStore:
 
     def _checked(self, ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
         """`rows`, all of `ds` as just read, refused unless they match the checksum written with them: an
-        edited or bit-rotted value would otherwise train and score to exit 0. Hashing what is already
-        in memory costs a fraction of reading it."""
+        edited or bit-rotted value would otherwise train and score to exit 0. The rows are hashed as
+        they are in memory, so the file is not read twice."""
         if _row_digest(rows) != ds.attrs.get("sha256"):
             raise _damaged(self.path, f"{ds.name.lstrip('/')} does not match its checksum ('bottleneck cache verify' "
                            "lists every such dataset)")
