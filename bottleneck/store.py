@@ -587,6 +587,10 @@ def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
             continue
         g = st.file[split]
         skipped = st.skipped(split)
+        # Each shard's rows are checked against their checksums as they stream through, before the
+        # merged file is renamed into place: an edited shard must not become a clean-looking cache.
+        hashes = {name: hashlib.sha256() for name in ("labels", "paths", "view", *[f"features/{t}" for t in st.taps],
+                                                      *([f"maps/{st.map_tap}"] if st.map_tap else [])) if name in g}
         for start in range(0, max(1, g["labels"].shape[0]), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             first_block = start == 0
@@ -597,10 +601,18 @@ def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
             maps = {st.map_tap: g[f"maps/{st.map_tap}"][rows]} if st.map_tap else {}
             if not all(np.isfinite(m).all() for m in maps.values()):
                 raise _damaged(st.path, f"{split}/maps/{st.map_tap} holds NaN or inf")
-            yield {"features": features, "maps": maps,
-                   "labels": g["labels"][rows], "paths": list(g["paths"].asstr()[rows]), "view": st.views(split)[rows],
-                   "skipped_paths": [p for p, _ in skipped] if first_block else [],
-                   "skipped_reasons": [r for _, r in skipped] if first_block else []}
+            block = {"features": features, "maps": maps, "labels": g["labels"][rows],
+                     "paths": np.asarray(g["paths"].asstr()[rows], dtype=object),
+                     "view": g["view"][rows] if "view" in g else np.zeros(len(g["labels"][rows]), dtype=np.int8)}
+            for name, h in hashes.items():
+                group, _, key = name.rpartition("/")
+                h.update(_row_bytes(block[group][key] if group else block[name]))
+            yield block | {"paths": list(block["paths"]),
+                           "skipped_paths": [p for p, _ in skipped] if first_block else [],
+                           "skipped_reasons": [r for _, r in skipped] if first_block else []}
+        for name, h in hashes.items():
+            if h.hexdigest() != g[name].attrs.get("sha256"):
+                raise _damaged(st.path, f"{split}/{name} does not match its checksum")
 
 
 def _sum_costs(costs: list[dict]) -> dict:
