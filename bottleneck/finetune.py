@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bottleneck import backbones, locks, preprocess, runtime
+from bottleneck import backbones, data, locks, preprocess, runtime
 from bottleneck import report as reports
 from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError, Interrupted, write_error
@@ -124,7 +124,8 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
     net = backbones.build_model(model, s.weights)
     head = backbones.replace_head(net, model, len(classes), s.seed)
     if s.init_head:
-        init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep, s.trust))
+        test = RunTest(args[DATA_KEY], root, paths["test"])
+        init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep, test, s.trust))
     net = net.to(dev, memory_format=torch.channels_last)
     run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
     return run, (classes, split_info, root, paths["test"],
@@ -151,12 +152,25 @@ def stop_before_training():
             signal.signal(sig, handler)
 
 
+DATA_KEY = "dataset_fingerprint"  # in a run's settings: its data's fingerprint (run_args)
+
+
 def run_args(s: FinetuneSettings) -> dict:
     """The settings a run is made of (checkpoints and reports hold them); where it is written,
-    its workers and its progress bars do not change it, nor does --trust. A target is kept only when
+    its workers and its progress bars do not change it, nor does --trust. The data's fingerprint is one
+    of them: the same folder with a class or an image added is other data. A target is kept only when
     given, so runs and checkpoints made before targets existed still match."""
     return {k: v for k, v in s.asdict().items() if k not in ("out", "workers", "progress", "trust")
-            and not (k == "target" and v is None)} | {"head_epochs": s.head_epochs_run()}
+            and not (k == "target" and v is None)} | {"head_epochs": s.head_epochs_run(), DATA_KEY: data_fingerprint(s)}
+
+
+def data_fingerprint(s: FinetuneSettings) -> str | None:
+    """The fingerprint a cache of this data and these splits records (data.dataset_fingerprint: every
+    file's path, label, split, size and time); None for data not there (yet: run writes built-in data
+    after its checks), which reading the data refuses later."""
+    if not Path(s.data_dir).exists():
+        return None
+    return data.dataset_fingerprint(data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed))
 
 
 def changed_settings(out: Path, args: dict) -> list[str]:
@@ -167,15 +181,28 @@ def changed_settings(out: Path, args: dict) -> list[str]:
         before = rep["params"] | {"model": rep["model"], "data_dir": rep["data"]}
     except (OSError, ValueError, KeyError, TypeError):
         raise BottleneckError(f"{path} is not a readable fine-tuning report; delete {out} to train again") from None
+    if DATA_KEY not in before:  # a run from before fingerprints were recorded: only its data's path can be compared
+        note(f"{out} was trained before runs recorded their data's fingerprint: a change of the files under "
+             f"{args['data_dir']} since then is not detected")
+        before[DATA_KEY] = args[DATA_KEY]
     return [k for k in args if before.get(k) != args[k]]
 
 
+def describe_changes(changed: list[str]) -> str:
+    """What differs, for a refusal: the settings by name, the data in words, or both."""
+    settings = [k for k in changed if k != DATA_KEY]
+    parts = [f"settings ({', '.join(settings)})"] if settings else []
+    if DATA_KEY in changed:
+        parts.append("data (the classes or images under its data folder changed since)")
+    return " and ".join(parts)
+
+
 def finished_run(out: Path, args: dict) -> Path:
-    """The report of a finished run in `out` made with these very settings; any other is refused."""
+    """The report of a finished run in `out` made with these very settings and data; any other is refused."""
     path = out / "report.json"
     changed = changed_settings(out, args)
     if changed:
-        raise BottleneckError(f"{out} holds a finished run with other settings ({', '.join(changed)}); use another "
+        raise BottleneckError(f"{out} holds a finished run with other {describe_changes(changed)}; use another "
                               "--out, or delete it to train again")
     note(f"{out} already holds this finished run; delete it to train again")
     return path
@@ -190,12 +217,14 @@ def validate(a: dict) -> None:
 
 # --------------------------------------------------------------------------- LP-FT
 
-def read_probe(path: str, model: str, weights: str, classes: list[str], prep: dict, trust: bool = False) -> dict:
+def read_probe(path: str, model: str, weights: str, classes: list[str], prep: dict,
+               test: RunTest | None = None, trust: bool = False) -> dict:
     """The weight matrix and bias of a logistic-regression probe, standardisation folded in, as
     {"weight": K×D, "bias": K}: the new head then starts as that probe (Kumar et al., ICLR 2022).
 
     The probe must come from this model's penultimate tap (the head's input), the same weights,
-    classes and preprocessing; anything else would start the head from another function.
+    classes and preprocessing; anything else would start the head from another function. Given the
+    run's `test` images, it must not have trained on any of them (`check_probe_images`).
     """
     try:
         probe = load_classifier(path, trust)
@@ -219,12 +248,64 @@ def read_probe(path: str, model: str, weights: str, classes: list[str], prep: di
     for bad, why in problems:
         if bad:
             raise BottleneckError(f"--init-head {path}: {why}")
+    if test is not None:
+        check_probe_images(path, prov, test)
     w = clf.coef_ / scaler.scale_  # logits = W (x - mean) / scale + b = (W / scale) x + (b - W / scale · mean)
     b = clf.intercept_ - w @ scaler.mean_
     if len(w) == 1:  # binary: one logit for class 1; softmax over (-z/2, z/2) is sigmoid(z)
         w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
     order = np.argsort(clf.classes_)
     return {"weight": torch.tensor(w[order], dtype=torch.float32), "bias": torch.tensor(b[order], dtype=torch.float32)}
+
+
+@dataclass(frozen=True)
+class RunTest:
+    """The test images of a run: its data's fingerprint, the root of its paths and the paths."""
+
+    dataset_fingerprint: str | None
+    root: str
+    paths: list[str]
+
+
+def check_probe_images(path: str, prov: dict, test: RunTest) -> None:
+    """Refuse a probe that trained or was tuned on any of the run's test images: the LP-FT score would
+    then count images its head had already seen (a probe fitted with another --split-seed did).
+
+    The same data in the same splits (one fingerprint covers every file's split) shares its test
+    images by construction; otherwise the images the probe trained on are read from its cache."""
+    if prov.get("dataset_fingerprint") and prov.get("dataset_fingerprint") == test.dataset_fingerprint:
+        return
+    seen = probe_images(prov)
+    if seen is None:
+        raise BottleneckError(f"--init-head {path}: it was fitted on other data or other splits than this run's, "
+                              f"and its cache {prov.get('cache')} is gone or changed, so the images it trained on "
+                              "cannot be checked against this run's test images; fit the probe on a cache of this "
+                              "data with the same --split-seed and fractions")
+    mine = {_absolute(test.root, p) for p in test.paths}
+    both = sorted(mine & seen)
+    if both:
+        raise BottleneckError(f"--init-head {path}: it trained on {len(both)} of this run's {len(mine)} test images "
+                              f"(e.g. {both[0]}), so LP-FT would be scored on images its head has seen; fit the probe "
+                              "on a cache of this data with the same --split-seed and fractions as this run")
+
+
+def probe_images(prov: dict) -> set[str] | None:
+    """The images (absolute paths) of the splits a probe was trained or tuned on, from the cache it was
+    fitted on; None when that cache is gone or is not the one it was fitted on."""
+    from bottleneck.store import FeatureStore
+
+    try:
+        with FeatureStore(prov["cache"]) as st:
+            if st.attrs.get("fingerprint") != prov.get("fingerprint"):
+                return None
+            splits = [s for s in prov.get("trained_on", ["train", "val"]) if s in st.splits]
+            return {_absolute(st.attrs["data_root"], p) for s in splits for p in st.paths(s)}
+    except (BottleneckError, KeyError, TypeError):
+        return None
+
+
+def _absolute(root: str, path: str) -> str:
+    return os.path.realpath(os.path.join(root, path))
 
 
 def probe_cost(path: str, counted_cache: str | None = None) -> float | None:
@@ -357,7 +438,7 @@ class Run:
                                   "start over") from None
         if ckpt.get("format") != "bottleneck-checkpoint/1" or ckpt.get("args") != self.args:
             changed = [k for k in self.args if ckpt.get("args", {}).get(k) != self.args[k]]
-            raise BottleneckError(f"{self.out} holds a run with other settings ({', '.join(changed) or 'format'}); "
+            raise BottleneckError(f"{self.out} holds a run with other {describe_changes(changed) or 'format'}; "
                                   "use another --out or delete it")
         self.net.load_state_dict(ckpt["model"])
         self.state = TrainState.from_dict(ckpt["state"], path)

@@ -22,7 +22,7 @@ from torch import nn
 from bottleneck import backbones, data
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
-from bottleneck.finetune import Run, init_head, probe_cost, read_probe, stop_before_training
+from bottleneck.finetune import Run, RunTest, init_head, probe_cost, read_probe, stop_before_training
 from bottleneck.finetune_data import fold_tensors
 from bottleneck.settings import FinetuneSettings
 from bottleneck.store import FeatureStore
@@ -44,8 +44,9 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
     net = backbones.build_model(s.model, s.weights)
     head = backbones.replace_head(net, s.model, len(attrs["classes"]), s.seed)
     if s.init_head:  # LP-FT of the top: a probe on this cache's penultimate tap sees what the head will
+        test = RunTest(attrs["dataset_fingerprint"], attrs["data_root"], paths["test"])
         init_head(net, head, read_probe(s.init_head, s.model, s.weights, attrs["classes"], attrs["preprocessing"],
-                                         s.trust))
+                                        test, s.trust))
     trunk = cut(net, s.model, attrs["maps"]["tap"], attrs["preprocessing"]["size"])
     note(f"training the layers after {attrs['maps']['tap']} on cached maps: "
          f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, the "

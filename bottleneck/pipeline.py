@@ -518,7 +518,7 @@ def run_compare(exp: Experiment, table: None, progress: bool) -> Path:
 
 def check_finished(exp: Experiment, force: bool = False) -> None:
     """Refuse (or, with `force`, delete) finished fine-tunes made with other settings than the file's."""
-    from bottleneck.finetune import changed_settings, run_args
+    from bottleneck.finetune import changed_settings, describe_changes, run_args
 
     for ft in exp.finetunes:
         kwargs = finetune_kwargs(exp, ft)
@@ -528,10 +528,10 @@ def check_finished(exp: Experiment, force: bool = False) -> None:
         changed = changed_settings(out, run_args(settings.FinetuneSettings(**kwargs)))
         if changed and not force:
             raise BottleneckError(f"{out} holds a finished fine-tune of [[finetune]] '{ft['name']}' made with other "
-                                  f"settings ({', '.join(changed)}); rerun with --force to redo it, or give the "
+                                  f"{describe_changes(changed)}; rerun with --force to redo it, or give the "
                                   "table a new name")
         if changed:
-            note(f"--force: deleting {out}, made with other settings ({', '.join(changed)})")
+            note(f"--force: deleting {out}, made with other {describe_changes(changed)}")
             shutil.rmtree(out)
 
 

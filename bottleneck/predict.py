@@ -83,7 +83,7 @@ def evaluate_finetuned(t: trained.Trained, features: str, split: str, device: st
             raise BottleneckError(f"{features} has classes {st.classes}, {model} was trained on {meta['classes']}")
         if split not in st.splits:
             raise BottleneckError(f"{features} has no split '{split}'; it holds {', '.join(st.splits)}")
-        root, paths, y = st.attrs["data_root"], st.paths(split), st.labels(split)
+        root, (paths, y) = st.attrs["data_root"], one_row_per_image(st.paths(split), st.labels(split))
     dev = resolve_device(device)
     loader = torch.utils.data.DataLoader(data.ImageDataset(root, paths, meta["preprocessing"]), batch_size=64)
     batches, reasons = zip(*loader)
@@ -98,6 +98,17 @@ def evaluate_finetuned(t: trained.Trained, features: str, split: str, device: st
            "split": split, "n_test": int(len(y)), "features": str(features),
            "trained_on": meta.get("trained_on", ["train"])}
     return rep, paths, y, probs.argmax(1), probs
+
+
+def one_row_per_image(paths: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The first row of each image: a multi-view cache lists an image once per view, but a network
+    scores the image itself, once, averaging its own test-time views (counting views as images
+    would narrow the interval and change the test set's hash)."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        first.setdefault(p, i)
+    rows = list(first.values())
+    return [paths[i] for i in rows], labels[rows]
 
 
 def image_files(inputs: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ Adding an option to a stage is adding a field here and reading it in the stage.
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import types
 import typing
@@ -258,6 +259,9 @@ class FinetuneSettings(Settings):
                                "--test-fraction")
         if self.folds and self.max_images is not None:
             raise SettingError("max_images", "with --folds every image is a test image once; drop --max-images")
+        if self.folds and self.init_head:  # a probe's splits are its cache's, not this fold's
+            raise SettingError("init_head", "--init-head is not checked against a fold's test images; drop --folds "
+                               "or --init-head")
         check_target(self.target)
         if self.epochs + self.head_epochs_run() == 0:
             raise SettingError("epochs", "nothing to train: --epochs and --head-epochs are both 0")
@@ -333,6 +337,8 @@ def check_value(f: dataclasses.Field, hint, value) -> None:
     m = f.metadata
     if value is None:
         return
+    if base_type(hint)[0] is float and not math.isfinite(value):  # NaN passes every bound: compared, it is False
+        raise SettingError(f.name, f"{flag(f)} must be a finite number, not {value}")
     if m["choices"] and value not in m["choices"]:
         raise SettingError(f.name, f"unknown {m['what'] or flag(f)} {_short(value)}; choose one of "
                            f"{', '.join(m['choices'])}")

@@ -257,6 +257,11 @@ def _row_bytes(rows: np.ndarray) -> bytes:
     return np.ascontiguousarray(rows).tobytes()
 
 
+def _row_digest(rows: np.ndarray) -> str:
+    """The checksum of a whole dataset's rows; numbers are hashed in place, not copied to bytes first."""
+    return hashlib.sha256(_row_bytes(rows) if rows.dtype.kind == "O" else np.ascontiguousarray(rows)).hexdigest()
+
+
 def _digest(ds: h5py.Dataset) -> str:
     h = hashlib.sha256()
     for start in range(0, ds.shape[0], CHUNK_ROWS):
@@ -376,10 +381,11 @@ class FeatureStore:
         tap = tap or self.taps[-1]
         if tap not in self.taps:
             raise BottleneckError(f"{self.path} has no tap '{tap}'; it holds {', '.join(self.taps)}")
-        x = self._split(split)[f"features/{tap}"][:]
+        ds = self._split(split)[f"features/{tap}"]
+        x = ds[:]
         if not np.isfinite(x).all():  # one NaN makes a scaler, and so every prediction, NaN
             raise _damaged(self.path, f"{split}/features/{tap} holds NaN or inf")
-        return x
+        return self._checked(ds, x)
 
     @property
     def map_tap(self) -> str | None:
@@ -390,16 +396,19 @@ class FeatureStore:
         """The float16 maps of `map_tap`, one per row, as the next layer of the network reads them."""
         if self.map_tap is None:
             raise BottleneckError(f"{self.path} holds no unpooled maps; extract with --maps TAP to keep them")
-        x = self._split(split)[f"maps/{self.map_tap}"][:]
+        ds = self._split(split)[f"maps/{self.map_tap}"]
+        x = ds[:]
         if not np.isfinite(x).all():
             raise _damaged(self.path, f"{split}/maps/{self.map_tap} holds NaN or inf")
-        return x
+        return self._checked(ds, x)
 
     def labels(self, split: str) -> np.ndarray:
-        return self._split(split)["labels"][:]
+        ds = self._split(split)["labels"]
+        return self._checked(ds, ds[:])
 
     def paths(self, split: str) -> list[str]:
-        return list(self._split(split)["paths"].asstr()[:])
+        ds = self._split(split)["paths"]
+        return list(self._checked(ds, ds.asstr()[:]))
 
     @property
     def n_views(self) -> int:
@@ -409,7 +418,16 @@ class FeatureStore:
     def views(self, split: str) -> np.ndarray:
         """The view index of each row (older caches, which have no views, hold zeros)."""
         g = self._split(split)
-        return g["view"][:] if "view" in g else np.zeros(g["labels"].shape[0], dtype=np.int8)
+        return self._checked(g["view"], g["view"][:]) if "view" in g else np.zeros(g["labels"].shape[0], dtype=np.int8)
+
+    def _checked(self, ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+        """`rows`, all of `ds` as just read, refused unless they match the checksum written with them: an
+        edited or bit-rotted value would otherwise train and score to exit 0. The rows are hashed as
+        they are in memory, so the file is not read twice."""
+        if _row_digest(rows) != ds.attrs.get("sha256"):
+            raise _damaged(self.path, f"{ds.name.lstrip('/')} does not match its checksum ('bottleneck cache verify' "
+                           "lists every such dataset)")
+        return rows
 
     def skipped(self, split: str) -> list[tuple[str, str]]:
         rows = self._split(split)["skipped"][:]
@@ -613,6 +631,10 @@ def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
             continue
         g = st.file[split]
         skipped = st.skipped(split)
+        # Each shard's rows are checked against their checksums as they stream through, before the
+        # merged file is renamed into place: an edited shard must not become a clean-looking cache.
+        hashes = {name: hashlib.sha256() for name in ("labels", "paths", "view", *[f"features/{t}" for t in st.taps],
+                                                      *([f"maps/{st.map_tap}"] if st.map_tap else [])) if name in g}
         for start in range(0, max(1, g["labels"].shape[0]), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             first_block = start == 0
@@ -623,10 +645,18 @@ def _shard_blocks(stores: list[FeatureStore], split: str) -> Iterator[dict]:
             maps = {st.map_tap: g[f"maps/{st.map_tap}"][rows]} if st.map_tap else {}
             if not all(np.isfinite(m).all() for m in maps.values()):
                 raise _damaged(st.path, f"{split}/maps/{st.map_tap} holds NaN or inf")
-            yield {"features": features, "maps": maps,
-                   "labels": g["labels"][rows], "paths": list(g["paths"].asstr()[rows]), "view": st.views(split)[rows],
-                   "skipped_paths": [p for p, _ in skipped] if first_block else [],
-                   "skipped_reasons": [r for _, r in skipped] if first_block else []}
+            block = {"features": features, "maps": maps, "labels": g["labels"][rows],
+                     "paths": np.asarray(g["paths"].asstr()[rows], dtype=object),
+                     "view": g["view"][rows] if "view" in g else np.zeros(len(g["labels"][rows]), dtype=np.int8)}
+            for name, h in hashes.items():
+                group, _, key = name.rpartition("/")
+                h.update(_row_bytes(block[group][key] if group else block[name]))
+            yield block | {"paths": list(block["paths"]),
+                           "skipped_paths": [p for p, _ in skipped] if first_block else [],
+                           "skipped_reasons": [r for _, r in skipped] if first_block else []}
+        for name, h in hashes.items():
+            if h.hexdigest() != g[name].attrs.get("sha256"):
+                raise _damaged(st.path, f"{split}/{name} does not match its checksum")
 
 
 def _sum_costs(costs: list[dict]) -> dict:

@@ -341,3 +341,38 @@ def test_a_target_threshold_is_chosen_on_val_by_the_final_model_and_scored_on_te
     assert rep["params"]["target"] == "recall:dogs=0.5"
     with pytest.raises(BottleneckError, match="names class 'birds'"):
         finetune(LITE, str(small), target="recall:birds=0.5", out=str(tmp_path / "bad"), **QUICK)
+
+
+def test_a_finished_run_on_data_changed_since_is_refused_and_run_redoes_it_only_with_force(tmp_path):
+    """A class added to --data once returned the old run ("already holds this finished run"), old classes and all."""
+    import json
+
+    from conftest import make_image
+
+    from bottleneck import pipeline
+
+    data = make_tree(tmp_path / "data", {"train": 4, "val": 2, "test": 2})
+
+    def add_class(name: str, tint: int) -> None:
+        for split, n in {"train": 4, "val": 2, "test": 2}.items():
+            for i in range(n):
+                make_image(data / split / name / f"{i}.png", seed=1000 + tint * 10 + i, tint=tint)
+
+    args = dict(head_epochs=0, epochs=1, out=str(tmp_path / "ft"), **QUICK)
+    report = finetune(LITE, str(data), **args)
+    add_class("birds", 2)
+    with pytest.raises(BottleneckError, match=r"holds a finished run with other data \(the classes or images"):
+        finetune(LITE, str(data), **args)
+    assert json.loads(report.read_text())["classes"] == ["cats", "dogs"]  # refused, not overwritten
+
+    toml = tmp_path / "e.toml"
+    toml.write_text(f'out = "{tmp_path / "run"}"\n\n[data]\npath = "{data}"\n\n[[finetune]]\nmodel = "squeezenet1_1"\n'
+                    'weights = "none"\nhead_epochs = 0\nepochs = 1\nbatch_size = 4\nimage_size = 64\nworkers = 0\n')
+    pipeline.run(toml, progress=False)
+    done = tmp_path / "run" / "finetune" / "squeezenet1_1" / "report.json"
+    assert json.loads(done.read_text())["classes"] == ["birds", "cats", "dogs"]
+    add_class("fish", 1)
+    with pytest.raises(BottleneckError, match=r"made with other data .*rerun with --force"):
+        pipeline.run(toml, progress=False)
+    pipeline.run(toml, force=True, progress=False)
+    assert json.loads(done.read_text())["classes"] == ["birds", "cats", "dogs", "fish"]

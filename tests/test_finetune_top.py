@@ -99,3 +99,72 @@ def test_lp_ft_of_the_top_starts_from_a_probe_on_the_same_cache(maps_cache, tmp_
     assert rep["head_only"]["accuracy"] == probe["accuracy"]  # step 0 scores as the probe did
     # the probe's extraction is this run's own cache: counted once, in cache_cost_seconds
     assert rep["probe_cost_seconds"] == pytest.approx(probe["cost"]["fit_seconds"])
+
+
+def test_evaluate_of_a_network_on_a_multi_view_cache_counts_images_not_views(maps_cache, tmp_path):
+    """It once scored each of the 6 test images twice over a 'flips' cache: "test (12 images)"."""
+    from bottleneck.predict import evaluate
+
+    cache, tree = maps_cache
+    run = json.loads(finetune(LITE, str(tree), from_cache=str(cache), epochs=1, out=str(tmp_path / "top"), **QUICK)
+                     .read_text())
+    rep = evaluate(str(tmp_path / "top" / "model.pt"), str(cache), out=str(tmp_path / "eval"))
+    assert rep["n_test"] == 6 and rep["test_set"] == run["test_set"]
+    rows = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[1:]
+    assert len(rows) == 6 and len({r.split(",")[0] for r in rows}) == 6
+    assert rep["accuracy"] == pytest.approx(run["accuracy"])  # the images training scored, and no others
+
+
+def test_edited_maps_or_features_are_refused_before_training(maps_cache, tmp_path):
+    """Zeroed maps, which 'cache verify' reports, once trained to exit 0: every read is checked now."""
+    import shutil
+
+    import h5py
+    from conftest import run_cli
+
+    from bottleneck.classify import fit
+
+    cache, tree = maps_cache
+    edited = {name: shutil.copy(cache, tmp_path / f"{name}.h5") for name in ("maps", "features")}
+    with h5py.File(edited["maps"], "r+") as f:
+        f["train/maps/blocks.5"][0] = 0  # one image's map: finite, plausible, wrong
+    with h5py.File(edited["features"], "r+") as f:
+        f["val/features/pool"][1, :5] = 0
+    out = tmp_path / "top"
+    result = run_cli("finetune", "--model", LITE, "--data", str(tree), "--from-cache", str(edited["maps"]),
+                     "--epochs", "1", "--out", str(out), "--workers", "0", "--no-progress")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: " in result.stderr and "train/maps/blocks.5 does not match its checksum" in result.stderr
+    assert not (out / "model.pt").exists() and not (out / "report.json").exists()
+    with pytest.raises(BottleneckError, match="val/features/pool does not match its checksum"):
+        fit(str(edited["features"]), layer="pool", search=False, out=str(tmp_path / "fit"))
+    assert not (tmp_path / "fit").exists()
+
+
+def test_a_probe_that_trained_on_the_runs_test_images_is_refused(tmp_path):
+    """A probe fitted on a cache split with another --split-seed was once accepted: LP-FT then scored
+    on test images its head had trained on."""
+    import shutil
+
+    from bottleneck.classify import fit
+
+    data = make_tree(tmp_path / "data", {"all": 12}, split_folders=False)  # split by the seeds below
+    common = dict(layer=["pool"], image_size=64, batch_size=8, workers=0, precision="fp32", progress=False)
+    other_split = extract(LITE, str(data), split_seed=1, out=str(tmp_path / "c1"), **common)
+    probe = fit(str(other_split), layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.joblib"
+    maps = extract(LITE, str(data), maps="blocks.5", out=str(tmp_path / "c0"), **common)
+    overlap = r"--init-head .*: it trained on [1-6] of this run's 6 test images"
+    with pytest.raises(BottleneckError, match=overlap):
+        finetune(LITE, str(data), init_head=str(probe), epochs=1, image_size=64, out=str(tmp_path / "a"), **QUICK)
+    with pytest.raises(BottleneckError, match=overlap):
+        finetune(LITE, str(data), from_cache=str(maps), init_head=str(probe), epochs=1, out=str(tmp_path / "b"),
+                 **QUICK)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    shutil.move(other_split, tmp_path / "moved.h5")  # nothing left to tell which images it trained on
+    with pytest.raises(BottleneckError, match=r"its cache .* is gone or changed"):
+        finetune(LITE, str(data), from_cache=str(maps), init_head=str(probe), epochs=1, out=str(tmp_path / "b"),
+                 **QUICK)
+    same_split = fit(str(maps), layer="pool", search=False, out=str(tmp_path / "fit0")).parent / "model.joblib"
+    rep = json.loads(finetune(LITE, str(data), init_head=str(same_split), epochs=1, image_size=64,
+                              out=str(tmp_path / "c"), **QUICK).read_text())
+    assert rep["params"]["init_head"] == str(same_split)  # the same data and splits: accepted

@@ -3,6 +3,7 @@ file and the Slurm scripts all come from the same fields, and agree on names and
 
 import dataclasses
 import inspect
+import typing
 
 import pytest
 import typer
@@ -102,3 +103,31 @@ def test_paths_may_be_pathlib_objects_and_are_kept_as_strings(tmp_path):
         return s
 
     assert echo(tmp_path / "c.h5", out=tmp_path / "o").features == str(tmp_path / "c.h5")  # extract returns a Path
+
+
+FLOAT_FIELDS = [(name, key) for name, cls in STAGES.items() for key, hint in typing.get_type_hints(cls).items()
+                if settings.base_type(hint)[0] is float]
+
+
+@pytest.mark.parametrize("stage, name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_setting_refuses_nan_and_infinity(stage, name, value):
+    required = {"extract": {"model": "resnet18", "data_dir": "d"}, "fit": {"features": "c.h5"},
+                "finetune": {"model": "resnet18", "data_dir": "d"}}[stage]
+    with pytest.raises(settings.SettingError, match="must be a finite number") as e:
+        STAGES[stage](**required, **{name: value}).validate()  # what the Python API, the CLI and run all call
+    assert e.value.key == name
+
+
+def test_nan_settings_are_refused_on_the_command_line_and_in_an_experiment(tmp_path):
+    from conftest import run_cli
+
+    for option in (["--lr", "nan"], ["--backbone-lr-mult", "inf"]):
+        result = run_cli("finetune", "--model", "resnet18", "--data", str(tmp_path), *option)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("error: ") and "must be a finite number" in result.stderr, result.stderr
+    path = tmp_path / "e.toml"
+    path.write_text(f'[data]\npath = "{tmp_path}"\nval_fraction = nan\n\n[[finetune]]\nmodel = "resnet18"\n'
+                    "lr = inf\n")
+    with pytest.raises(BottleneckError, match="must be a finite number"):
+        pipeline.load(path)

@@ -54,6 +54,8 @@ EDITS = {
     "dims-wrong": ("has 512 columns, its 'dims' say 9", lambda f: f.attrs.__setitem__(
         "dims", json.dumps({"fire7": 384, "fire9": 9}))),
     "no-paths": ("has no dataset paths", lambda f: f.__delitem__("train/paths")),
+    "zeroed": ("features/fire9 does not match its checksum", lambda f: f["train/features/fire9"].write_direct(
+        np.zeros((1, f["train/features/fire9"].shape[1]), dtype="float32"), dest_sel=np.s_[0:1])),
 }
 
 
@@ -71,7 +73,7 @@ def test_an_edited_cache_is_one_error_in_every_reader_and_merge_leaves_nothing(s
     assert re.search(message, verify.stdout), verify.stdout
     readers = [["fit", "--features", str(damaged[0]), "--out", str(tmp_path / "fit")],
                ["cache", "merge", *map(str, damaged[1:]), "--out", str(tmp_path / "merged.h5")]]
-    if edit != "nan":  # info reads metadata and labels, never the features themselves
+    if edit not in ("nan", "zeroed"):  # info reads metadata and labels, never the features themselves
         readers.append(["cache", "info", str(damaged[0])])
     for args in readers:
         result = run_cli(*args)
