@@ -243,7 +243,10 @@ def _probability_section(rows: list[dict]) -> list[str]:
 
 
 def _stored_report(r: dict) -> dict:
-    """A row's report.json ({} if unreadable): its operating point and intervals, when it has them."""
+    """A row's report.json ({} if unreadable): its operating point and intervals, when it has them.
+    A cross-validated row pools its folds' predictions: no one fold's report speaks for it."""
+    if r.get("folds"):
+        return {}
     try:
         rep = json.loads(Path(r["report"]).read_text())
     except (OSError, ValueError):
