@@ -100,15 +100,7 @@ def comparison(run_dirs: list[str], reference: str | None = None, *, challenger:
     margin = _margin(margin)
     rows = pool_folds(collect(_folders(run_dirs)))
     main, apart = split_by_test_set(rows)
-    outcomes = {r["id"]: correct_by_image(r) for r in main}
-    left_out = [r | {"left_out": "no predictions.csv beside its report: rerun its stage"}
-                for r in main if outcomes[r["id"]] is None]
-    paired_rows = [r for r in main if outcomes[r["id"]] is not None]
-    images = sorted(outcomes[paired_rows[0]["id"]]) if paired_rows else []
-    for r in paired_rows:
-        if sorted(outcomes[r["id"]]) != images:
-            left_out.append(r | {"left_out": "its predictions.csv lists other images than its report's test set"})
-    paired_rows = [r for r in paired_rows if r not in left_out and sorted(outcomes[r["id"]]) == images]
+    outcomes, images, paired_rows, left_out = pairable(main)
     groups = contenders(paired_rows, outcomes, images) if paired_rows else contenders(main, {}, [])
     ref = pick(groups, "fixed features", reference, "--reference")
     ft = pick(groups, "fine-tune", challenger, "--challenger")
@@ -130,6 +122,21 @@ def comparison(run_dirs: list[str], reference: str | None = None, *, challenger:
             "contenders": counts, "margin": margin, "test_set": main[0]["test_set"], "rows": groups,
             "apart": apart, "left_out": left_out, "repeats": [g["across_seeds"] for g in groups if g["n_seeds"] > 1],
             "intervals": INTERVALS}
+
+
+def pairable(rows: list[dict]) -> tuple[dict, list[str], list[dict], list[dict]]:
+    """(per-image outcomes by row id, the test images, rows that can be paired on them, rows left out with
+    the reason): a row without predictions, or whose predictions list other images, is named, never
+    silently replaced by another."""
+    outcomes = {r["id"]: correct_by_image(r) for r in rows}
+    left_out = [r | {"left_out": "no predictions.csv beside its report: rerun its stage"}
+                for r in rows if outcomes[r["id"]] is None]
+    scored = [r for r in rows if outcomes[r["id"]] is not None]
+    images = sorted(outcomes[scored[0]["id"]]) if scored else []
+    paired = [r for r in scored if sorted(outcomes[r["id"]]) == images]
+    left_out += [r | {"left_out": "its predictions.csv lists other images than its report's test set"}
+                 for r in scored if r not in paired]
+    return outcomes, images, paired, left_out
 
 
 def _margin(points) -> float:
