@@ -430,8 +430,10 @@ def validation(rep: dict) -> dict | None:
 
 
 def _finetuned(rep: dict, name: str) -> str:
-    """What a fine-tune trained; several LP-FT or top runs are told apart by their run's name and length."""
+    """What a fine-tune trained; several LP-FT or top runs are told apart by their run's name (without
+    -seedN: a contender's seeds share it) and length."""
     params = rep.get("params") or {}
+    name = re.sub(r"-seed\d+$", "", name)
     lpft = "head from a logreg probe" if params.get("init_head") else ""
     if params.get("from_cache"):
         views = (rep.get("from_cache") or {}).get("views", "none")

@@ -26,7 +26,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom:
 #verdict { font-size: 1.2em; background: #f3f7fb; border-left: 5px solid #2a6ebb; padding: .8em 1em; }
 table { border-collapse: collapse; font-size: .9em; } th, td { border: 1px solid #ccc; padding: .3em .6em; }
 th { background: #f0f0f0; } tr.reference td { background: #fff8dc; }
-td.num { text-align: right; white-space: nowrap; }
+td.num { text-align: right; white-space: nowrap; } .wide { overflow-x: auto; }
 .note { color: #555; font-size: .9em; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; } .figures figure { margin: 0; }
 figcaption { font-size: .8em; color: #444; max-width: 420px; }
@@ -84,7 +84,8 @@ def _table(rows: list[dict], ident: str) -> str:
         tds = "".join(f'<td class="num">{_e(c)}</td>' if i >= 4 else f"<td>{_e(c)}</td>"
                       for i, c in enumerate(cells(r)))
         body.append(f'<tr class="{"reference" if r.get("reference") else ""}" title="{_e(r["id"])}">{tds}</tr>')
-    return f'<table id="{ident}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="wide"><table id="{ident}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>")
 
 
 def _power(decision: dict) -> str:
@@ -143,18 +144,20 @@ def _gallery(result: dict) -> list[str]:
     ft = next((r for r in rows if r.get("challenger")), None)
     if ref is None or ft is None or ref["method"] != "fixed features" or ft is ref:
         return []
-    a, b = (predictions(r) for r in (ref, ft))  # a contender run with seeds shows its first seed
+    a, b = (predictions(r) for r in (ref, ft))  # a contender run with seeds shows one of its runs, named
     if a is None or b is None:
         return []
     disputed = _interleaved(sorted(p for p in a if p in b and a[p]["predicted"] != b[p]["predicted"]), a, b)
     only_ft = sum(b[p]["predicted"] == b[p]["true"] for p in disputed)
     only_ref = sum(a[p]["predicted"] == a[p]["true"] for p in disputed)
+    name_a, name_b = (label(r) if r.get("n_seeds", 1) == 1 else f"{r['classifier']}, run {r['runs'][0]['id']}"
+                      for r in (ref, ft))
     head = [f"<h2>Where they disagree: {len(disputed)} test images</h2>",
-            f'<p class="note">{_e(label(ref))} against {_e(label(ft))}: fine-tuning alone is right on '
+            f'<p class="note">{_e(name_a)} against {_e(name_b)}: fine-tuning alone is right on '
             f"{only_ft}, the fixed features alone on {only_ref}"
             + (f"; {GALLERY_SIZE} are shown, taken in turn from each true class and each side"
                if len(disputed) > GALLERY_SIZE else "") + ".</p>"]
-    cards = [_card(p, a[p], b[p], ref.get("data_root") or ft.get("data_root"), label(ref), label(ft))
+    cards = [_card(p, a[p], b[p], ref.get("data_root") or ft.get("data_root"), name_a, name_b)
              for p in disputed[:GALLERY_SIZE]]
     return head + [f'<div class="gallery" id="gallery">{"".join(cards)}</div>']
 
