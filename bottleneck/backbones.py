@@ -251,7 +251,7 @@ def _first_size_that_runs(name: str, start: int) -> int | None:
 MIN_INPUT, MAX_INPUT = 8, 1024  # the sizes check_input_size may try, from the smallest up
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4)  # meta networks hold no memory to speak of
 def _meta_network(name: str) -> nn.Module:
     with torch.device("meta"):  # no memory, no initialisation, no weights
         return _build_arch(get_spec(name)).eval()
