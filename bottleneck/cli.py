@@ -227,7 +227,7 @@ def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Pat
         if store.is_complete(cache) and not store.writer_running(cache):
             continue  # blocks left beside a finished cache by a writer killed at its last step
         state = {True: f"being written ({blocks} blocks so far)",
-                 False: f"interrupted after {blocks} blocks: rerun its extract command to resume",
+                 False: f"interrupted {store.Parts(cache).condition()}",
                  None: f"unfinished ({blocks} blocks)"}[store.writer_running(cache)]
         table.add_row(cache.name, "", "", "", "", state)
     out.print(table)

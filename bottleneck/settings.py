@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -31,15 +32,30 @@ VIEWS = {"none": 1, "hflip": 2, "flips": 4, "dihedral": 8}  # views per image, a
 MAX_CROPS = 64
 
 
-def n_views(views: str) -> int:
-    """Views per image of a VIEWS name or of crops:K (the image and K - 1 seeded crops of it)."""
+@dataclass(frozen=True)
+class Views:
+    """A --views value parsed once: its canonical name (crops:02 is crops:2, one cache) and views per image."""
+
+    name: str
+    count: int
+
+
+def parse_views(views: str) -> Views:
+    """A VIEWS name, or crops:K (the image and K - 1 seeded crops of it) with K in ASCII digits."""
     if views in VIEWS:
-        return VIEWS[views]
-    k = views.removeprefix("crops:")
-    if views.startswith("crops:") and k.isdigit() and 2 <= int(k) <= MAX_CROPS:
-        return int(k)
-    raise BottleneckError(f"unknown views '{views}'; choose one of {', '.join(VIEWS)} or crops:K "
+        return Views(views, VIEWS[views])
+    k = re.fullmatch(r"crops:([0-9]+)", views)  # '²' is a digit to str.isdigit, and a traceback to int()
+    if k and 2 <= int(k.group(1)) <= MAX_CROPS:
+        return Views(f"crops:{int(k.group(1))}", int(k.group(1)))
+    raise BottleneckError(f"unknown views {_short(views)}; choose one of {', '.join(VIEWS)} or crops:K "
                           f"(K from 2 to {MAX_CROPS})")
+
+
+def n_views(views: str) -> int:
+    """Views per image of a VIEWS name or of crops:K."""
+    return parse_views(views).count
+
+
 IMAGE_SIZE_HELP = "Network input N×N [default: the model's own]."
 CROP_HELP = ("Resize the short side and centre-crop (the model's own pipeline), or resize the whole image "
              "[default: the whole image for images smaller than the input, else crop].")
