@@ -364,9 +364,12 @@ def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weigh
                       "balanced_accuracy": m["balanced_accuracy"]})
         note(f"{n or 'all'} per class ({len(chosen)} images): test accuracy {m['accuracy']:.3f}")
     out.mkdir(parents=True, exist_ok=True)
+    # Named by everything that makes it: a second curve of other sizes (or seed) once replaced the first.
+    name = "learning_curve-" + "-".join([folder_name(tap, clf, False, class_weight, seed),
+                                         *(str(n or "all") for n in wanted)])
     reports.plot_curve([r["n_train"] for r in table], [r["accuracy"] for r in table], "training images",
-                       out / f"learning_curve-{tap}-{clf}.png", title=f"{st.attrs['model']} {tap} {clf}", log_x=True)
-    return _write_table(out / f"learning_curve-{tap}-{clf}.json", table)
+                       out / f"{name}.png", title=f"{st.attrs['model']} {tap} {clf}", log_x=True)
+    return _write_table(out / f"{name}.json", table)
 
 
 def _write_table(path: Path, table: list[dict]) -> Path:

@@ -234,6 +234,9 @@ class FinetuneSettings(Settings):
             raise SettingError("epochs", "nothing to train: --epochs and --head-epochs are both 0")
         if self.lr == 0:
             raise SettingError("lr", "--lr must be positive")
+        if self.init_head is not None and not self.init_head.strip():  # "" was silently no LP-FT at all
+            raise SettingError("init_head", "--init-head is empty; give the model.joblib of a logreg probe, or leave "
+                               "it out")
         u = self.unfreeze
         if not (u == "all" or u.isdigit() or u.startswith("from:")):
             raise SettingError("unfreeze", f"--unfreeze must be all, a number of blocks, or from:TAP; not '{u}'")

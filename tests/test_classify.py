@@ -262,3 +262,12 @@ def test_tiny_classes_fit_every_classifier_or_are_refused_naming_the_class(cache
     d = {"train": (x, y, [f"{i}.png" for i in range(6)])}
     best, chosen, _, _ = search_params(make_classifier(clf), clf, d, 0, grid(clf), ["cats", "dogs"])
     assert chosen["cv"] == "3-fold stratified on train" and best.predict(x).tolist() == y.tolist()
+
+
+def test_a_second_learning_curve_keeps_the_first(cache, tmp_path):
+    first = fit(str(cache[0]), layer="pool", train_sizes="2,all", out=str(tmp_path))
+    second = fit(str(cache[0]), layer="pool", train_sizes="4,all", seed=1, out=str(tmp_path))
+    assert (first.name, second.name) == ("learning_curve-pool-logreg-2-all.json",
+                                         "learning_curve-pool-logreg-seed1-4-all.json")
+    assert [r["n_train"] for r in json.loads(first.read_text())] == [4, 32]  # not overwritten by the second
+    assert first.with_suffix(".png").is_file() and second.with_suffix(".png").is_file()

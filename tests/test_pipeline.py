@@ -276,3 +276,18 @@ def test_a_top_fine_tune_trains_on_the_maps_of_the_experiments_own_cache(tmp_pat
         path.write_text(table)
         with pytest.raises(BottleneckError, match=f"(from_cache|fit).*{words}"):
             pipeline.load(path)
+
+
+@pytest.mark.parametrize("head, words", [
+    ('""', ["line 15", "[[finetune]] #1 init_head", "--init-head is empty"]),  # was silently no LP-FT
+    ('"runs/missing/model.joblib"', ["line 15", "init_head: 'runs/missing/model.joblib' is not a file"]),
+])
+def test_an_init_head_that_is_empty_or_no_file_is_refused_when_the_file_is_read(tmp_path, head, words):
+    new = f'classifiers = ["logreg"]\n\n[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = {head}\n'
+    path, message = load_error(tmp_path, 'classifiers = ["logreg"]\n', new)
+    for word in words:
+        assert word in message
+    from bottleneck import slurm
+
+    with pytest.raises(BottleneckError, match="init_head"):  # run --slurm --dry-run reads it the same way
+        slurm.submit(path, dry_run=True)
