@@ -233,8 +233,8 @@ def check_input_size(name: str, size: int) -> None:
     nearest one above, both found by running the network on the meta device (vgg16 pools 16 px to
     nothing; a ViT takes only multiples of its patch). One error before any work, not a traceback."""
     problem = _input_problem(name, size)
-    if problem is None:
-        return
+    if problem is None or _input_problem(name, preprocessing(name)["size"]) is not None:
+        return  # it runs, or the meta device cannot tell (the network fails there at its own size too)
     smallest = _first_size_that_runs(name, MIN_INPUT)
     if smallest is None:
         raise BottleneckError(f"{name} runs at no input size from {MIN_INPUT} to {MAX_INPUT} px here ({problem})")
