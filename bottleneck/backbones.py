@@ -228,6 +228,46 @@ def _tap_shapes(model: nn.Module, taps: dict[str, Tap], size: int) -> dict[str, 
     return shapes
 
 
+def check_input_size(name: str, size: int) -> None:
+    """Refuse an input size the network cannot take, naming the smallest size that works and the
+    nearest one above, both found by running the network on the meta device (vgg16 pools 16 px to
+    nothing; a ViT takes only multiples of its patch). One error before any work, not a traceback."""
+    problem = _input_problem(name, size)
+    if problem is None or _input_problem(name, preprocessing(name)["size"]) is not None:
+        return  # it runs, or the meta device cannot tell (the network fails there at its own size too)
+    smallest = _first_size_that_runs(name, MIN_INPUT)
+    if smallest is None:
+        raise BottleneckError(f"{name} runs at no input size from {MIN_INPUT} to {MAX_INPUT} px here ({problem})")
+    above = smallest if smallest > size else _first_size_that_runs(name, size + 1)
+    nearest = f", the nearest above {size} is {above} px" if above and above != smallest else ""
+    raise BottleneckError(f"{name} cannot take {size} px input ({problem}); the smallest size that works is "
+                          f"{smallest} px{nearest}: pass --image-size {above or smallest}, or leave it out")
+
+
+def _first_size_that_runs(name: str, start: int) -> int | None:
+    return next((s for s in range(start, MAX_INPUT + 1) if _input_problem(name, s) is None), None)
+
+
+MIN_INPUT, MAX_INPUT = 8, 1024  # the sizes check_input_size may try, from the smallest up
+
+
+@functools.lru_cache(maxsize=4)  # meta networks hold no memory to speak of
+def _meta_network(name: str) -> nn.Module:
+    with torch.device("meta"):  # no memory, no initialisation, no weights
+        return _build_arch(get_spec(name)).eval()
+
+
+@functools.lru_cache(maxsize=4096)
+def _input_problem(name: str, size: int) -> str | None:
+    """Why the network fails on a size×size image, in a few words, or None when it runs."""
+    try:
+        with torch.no_grad():
+            _meta_network(name)(torch.empty(1, 3, size, size, device="meta"))
+    except Exception as e:  # whatever a layer says about a map too small or a grid that does not fit
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+    return None
+
+
 DEFAULT_STAGES = 3  # spatial taps stored by default before the penultimate vector
 
 

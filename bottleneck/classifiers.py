@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import ParameterGrid
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
@@ -115,10 +116,51 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Sizes:
+    """How much training data a classifier gets: its smallest class (rows, and which class) and all rows."""
+
+    smallest: int
+    smallest_class: int
+    rows: int
+    classes: int
+
+    @classmethod
+    def of(cls, *labels: np.ndarray) -> Sizes:
+        """The worst of several label sets (the training rows of each CV fold, and of the refit)."""
+        sizes = []
+        for y in labels:
+            counts = np.bincount(np.asarray(y, dtype=int))
+            present = np.flatnonzero(counts)
+            low = present[np.argmin(counts[present])]
+            sizes.append(cls(int(counts[low]), int(low), len(y), len(present)))
+        return min(sizes, key=lambda z: (z.smallest, z.rows))
+
+
+def _calibration_folds(params: dict, n: Sizes) -> dict:
+    """3-fold calibration, or as many folds as the smallest class has rows (at least 2)."""
+    return {"clf__cv": min(3, n.smallest)} if n.smallest >= 2 else {"refuse": "calibrates its probabilities by "
+                                                                     "cross-validation, which needs 2 per class"}
+
+
+def _early_stopping(params: dict, n: Sizes) -> dict:
+    """Early stopping holds out a stratified tenth: it needs a row of every class on both sides."""
+    held = int(np.ceil(params["clf__validation_fraction"] * n.rows))
+    return {} if n.smallest >= 2 and held >= n.classes and n.rows - held >= n.classes else {
+        "clf__early_stopping": False}
+
+
+def _neighbours(params: dict, n: Sizes) -> dict:
+    """No more neighbours than training rows."""
+    return {"clf__n_neighbors": min(params["clf__n_neighbors"], n.rows)}
+
+
+@dataclass(frozen=True)
 class Classifier:
     estimator: Callable[[int, str | None], BaseEstimator]  # (seed, class_weight) → an unfitted estimator
     grid: dict  # the main hyperparameter(s), searched by --search
     standardise: bool = True  # else L2-normalise each vector (neighbours by cosine); no per-tap weighting then
+    # (parameters, Sizes) → parameters to change for data this small, or {"refuse": why}; logreg needs none
+    small: Callable[[dict, Sizes], dict] | None = None
 
 
 TABLE: dict[str, Classifier] = {
@@ -126,18 +168,19 @@ TABLE: dict[str, Classifier] = {
                          {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]}),
     "svm": Classifier(lambda seed, cw: PlattSVC(SVC(C=1.0, class_weight=cw, random_state=seed), cv=3,
                                                 ensemble=False),
-                      {"clf__estimator__C": [0.3, 1.0, 3.0, 10.0]}),
+                      {"clf__estimator__C": [0.3, 1.0, 3.0, 10.0]}, small=_calibration_folds),
     # Calibrated so that predict_proba exists, as for every other classifier.
     "linear-svm": Classifier(lambda seed, cw: CalibratedClassifierCV(
         LinearSVC(C=0.001, class_weight=cw, random_state=seed), cv=3),
-        {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]}),
+        {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]}, small=_calibration_folds),
     # One hidden layer, L2 penalty and early stopping on a held-out tenth of the training data.
     "mlp": Classifier(lambda seed, cw: MLPClassifier(hidden_layer_sizes=(256,), alpha=0.01, early_stopping=True,
                                                      validation_fraction=0.1, n_iter_no_change=10, max_iter=300,
                                                      random_state=seed),
-                      {"clf__alpha": [1e-3, 1e-2, 1e-1, 1.0], "clf__hidden_layer_sizes": [(256,), (1024,)]}),
+                      {"clf__alpha": [1e-3, 1e-2, 1e-1, 1.0], "clf__hidden_layer_sizes": [(256,), (1024,)]},
+                      small=_early_stopping),
     "knn": Classifier(lambda seed, cw: KNeighborsClassifier(n_neighbors=5), {"clf__n_neighbors": [1, 5, 11, 21]},
-                      standardise=False),
+                      standardise=False, small=_neighbours),
 }
 CLASSIFIERS = tuple(TABLE)
 GRIDS = {name: c.grid for name, c in TABLE.items()}
@@ -164,3 +207,25 @@ def make_classifier(clf: str, seed: int = 0, class_weight: str | None = None,
         return Pipeline([("scale", Normalizer()), ("clf", entry.estimator(seed, class_weight))])
     scale = [("scale", StandardScaler())] + ([("taps", EqualTaps(tuple(dims)))] if len(dims) > 1 else [])
     return Pipeline(scale + [("clf", entry.estimator(seed, class_weight))])
+
+
+def suited(clf: str, pipe: Pipeline, grid: dict, sizes: Sizes, classes: list[str]) -> tuple[Pipeline, list[dict]]:
+    """The pipeline and the grid's points with what training data this small can hold (fewer calibration
+    folds, no early stopping, fewer neighbours), or a refusal naming the smallest class."""
+    small = TABLE[clf].small
+    points = [dict(p) for p in ParameterGrid(grid)] if grid else [{}]
+    if small is None:
+        return pipe, [{k: [v] for k, v in p.items()} for p in points]
+    base = pipe.get_params()
+    changes = [small(base | p, sizes) for p in [{}] + points]
+    if "refuse" in changes[0]:
+        raise BottleneckError(f"class {classes[sizes.smallest_class]!r} has {sizes.smallest} training "
+                              f"image{'s' if sizes.smallest != 1 else ''} here; {clf} {changes[0]['refuse']}: add "
+                              "images of it, or fit logreg, mlp or knn")
+    pipe = clone(pipe).set_params(**changes[0])
+    suited_points = []
+    for p, change in zip(points, changes[1:]):
+        point = {k: [v] for k, v in (p | change).items()}
+        if point not in suited_points:  # two grid values may become one (21 and 11 neighbours of 8 rows)
+            suited_points.append(point)
+    return pipe, suited_points

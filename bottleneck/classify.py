@@ -23,7 +23,7 @@ from sklearn.pipeline import Pipeline
 
 from bottleneck import data, locks
 from bottleneck import report as reports
-from bottleneck.classifiers import grid, make_classifier
+from bottleneck.classifiers import Sizes, grid, make_classifier, suited
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
 from bottleneck.locks import WriteLock
@@ -128,7 +128,7 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
         d = split_data(st, tap, settings["seed"], settings.get("folds"))
         pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"], tap_dims(st, tap))
         chosen = search_params(pipe, settings["clf"], d, settings["seed"],
-                               grid(settings["clf"]) if settings["search"] else {})[1]
+                               grid(settings["clf"]) if settings["search"] else {}, st.classes)[1]
         scores[tap] = chosen["cv_accuracy"]
     rank = {t: (round(scores[t], 12), t != CONCAT, st.taps.index(t) if t in st.taps else -1) for t in scores}
     best = max(scores, key=rank.get)
@@ -254,9 +254,10 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     started = time.perf_counter()
     chosen, trained_on = {}, ["train"]
     if search:
-        pipe, chosen, x, y = search_params(pipe, clf, d, seed, tried)
+        pipe, chosen, x, y = search_params(pipe, clf, d, seed, tried, st.classes)
         trained_on += ["val"] if "val" in d else []
     else:
+        pipe = suited(clf, pipe, {}, Sizes.of(y), st.classes)[0]
         pipe.fit(x, y)
     fit_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -357,9 +358,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
-def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict):
+def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict, classes: list[str]):
     """Grid search on the validation split when there is one, else 5-fold CV on train (cv_folds; an empty
-    grid scores the classifier's fixed settings the same way)."""
+    grid scores the classifier's fixed settings the same way). Each setting is suited to the smallest
+    training fold (classifiers.suited): tiny classes get fewer calibration folds or neighbours, not a crash."""
     (x, y, paths) = d["train"]
     if "val" in d:
         xv, yv, _ = d["val"]
@@ -367,8 +369,8 @@ def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict):
         x, y = np.concatenate([x, xv]), np.concatenate([y, yv])  # refit on train + val
     else:
         cv = StratifiedKFold(cv_folds(y, paths), shuffle=True, random_state=seed)
-    grid = GridSearchCV(pipe, grid or {"clf": [pipe.named_steps["clf"]]}, cv=cv, n_jobs=-1, scoring="accuracy",
-                        refit=True)
+    pipe, points = suited(clf, pipe, grid, Sizes.of(y, *(y[train] for train, _ in cv.split(x, y))), classes)
+    grid = GridSearchCV(pipe, points, cv=cv, n_jobs=-1, scoring="accuracy", refit=True)
     grid.fit(x, y)
     chosen = {k.removeprefix("clf__"): _plain(v) for k, v in grid.best_params_.items()}
     chosen["cv"] = "validation split" if "val" in d else f"{cv.n_splits}-fold stratified on train"
@@ -435,16 +437,20 @@ def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weigh
     for n in wanted:
         chosen = np.concatenate([o[:n] if n else o for o in order.values()])
         idx = np.flatnonzero(np.isin(image, image[chosen]))
-        pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap), select=tap == SELECT).fit(x[idx], y[idx])
+        pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap), select=tap == SELECT)
+        pipe = suited(clf, pipe, {}, Sizes.of(y[idx]), st.classes)[0].fit(x[idx], y[idx])
         _, y_true, y_pred, _ = predict_images(pipe, x_test, y_test, test_paths, len(st.classes))
         m = reports.metrics(y_true, y_pred, st.classes)
         table.append({"per_class": n or "all", "n_train": int(len(chosen)), "accuracy": m["accuracy"],
                       "balanced_accuracy": m["balanced_accuracy"]})
         note(f"{n or 'all'} per class ({len(chosen)} images): test accuracy {m['accuracy']:.3f}")
     out.mkdir(parents=True, exist_ok=True)
+    # Named by everything that makes it: a second curve of other sizes (or seed) once replaced the first.
+    name = "learning_curve-" + "-".join([folder_name(tap, clf, False, class_weight, seed),
+                                         *(str(n or "all") for n in wanted)])
     reports.plot_curve([r["n_train"] for r in table], [r["accuracy"] for r in table], "training images",
-                       out / f"learning_curve-{tap}-{clf}.png", title=f"{st.attrs['model']} {tap} {clf}", log_x=True)
-    return _write_table(out / f"learning_curve-{tap}-{clf}.json", table)
+                       out / f"{name}.png", title=f"{st.attrs['model']} {tap} {clf}", log_x=True)
+    return _write_table(out / f"{name}.json", table)
 
 
 def _write_table(path: Path, table: list[dict]) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -51,7 +52,30 @@ def stage_command(name: str, module: str, cls, doc: str) -> None:
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc
-    app.command(name)(command)
+    app.command(name, cls=OptionsOnce)(command)
+
+
+class OptionsOnce(typer.core.TyperCommand):
+    """A stage's command, where an option of one value given twice is refused (click keeps the
+    last: `--maps A --maps B` extracted B's maps without a word)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        single = {name: p for p in self.params if p.param_type_name == "option" and not p.multiple
+                  and not p.is_flag for name in p.opts}
+        given: dict[str, list[str]] = {}
+        words = iter(args)
+        for word in words:
+            if word == "--":
+                break
+            name, eq, value = word.partition("=")
+            if name in single:
+                given.setdefault(single[name].name, []).append(value if eq else next(words, ""))
+        for param, values in given.items():
+            if len(values) > 1:
+                flag = next(p for p in self.params if p.name == param).opts[0]
+                raise BottleneckError(f"{flag} was given {len(values)} times ({', '.join(map(repr, values))}); "
+                                      "it takes one value: give it once")
+        return super().parse_args(ctx, args)
 
 
 def choice_list(choices: tuple) -> str:
@@ -230,7 +254,7 @@ def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Pat
         if store.is_complete(cache) and not store.writer_running(cache):
             continue  # blocks left beside a finished cache by a writer killed at its last step
         state = {True: f"being written ({blocks} blocks so far)",
-                 False: f"interrupted after {blocks} blocks: rerun its extract command to resume",
+                 False: f"interrupted {store.Parts(cache).condition()}",
                  None: f"unfinished ({blocks} blocks)"}[store.writer_running(cache)]
         table.add_row(cache.name, "", "", "", "", state)
     out.print(table)

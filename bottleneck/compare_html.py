@@ -29,9 +29,11 @@ th { background: #f0f0f0; } tr.reference td { background: #fff8dc; }
 td.num { text-align: right; white-space: nowrap; } .wide { overflow-x: auto; }
 .note { color: #555; font-size: .9em; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; } .figures figure { margin: 0; }
-figcaption { font-size: .8em; color: #444; max-width: 420px; }
+figcaption { font-size: .8em; color: #444; max-width: 420px; overflow-wrap: anywhere; }
+/* Long class and file names wrap inside their card (min-width: 0 lets a grid cell be narrower than a word). */
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: .8em; }
-.card { border: 1px solid #ddd; padding: .4em; font-size: .78em; } .card img { display: block; margin: 0 auto .3em; }
+.card { border: 1px solid #ddd; padding: .4em; font-size: .78em; min-width: 0; overflow-wrap: anywhere; }
+.card img { display: block; margin: 0 auto .3em; }
 .right { color: #1a7f37; } .wrong { color: #c62828; }
 """
 

@@ -22,7 +22,7 @@ from bottleneck import backbones, data, preprocess, runtime, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import apply_precision, resolve_device, resolve_precision
-from bottleneck.settings import ExtractSettings, n_views, takes
+from bottleneck.settings import ExtractSettings, n_views, parse_views, takes
 
 
 @takes(ExtractSettings)
@@ -33,6 +33,7 @@ def extract(s: ExtractSettings) -> Path:
     0.25), the same function finetune and fit use, so all three score the same test images.
     """
     started = time.perf_counter()
+    views = parse_views(s.views).name  # one spelling, one cache: crops:02 is crops:2
     model, pool, dtype, batch_size, force, progress = s.model, s.pool, s.dtype, s.batch_size, s.force, s.progress
     taps = backbones.resolve_taps(model, s.layer, pool)
     if s.maps and s.maps not in taps:  # its pooled features come with its maps
@@ -44,9 +45,9 @@ def extract(s: ExtractSettings) -> Path:
     ref = backbones.resolve_weights(model, s.weights)
     every = sorted(p for samples in manifest.splits.values() for p, _ in samples)
     prep, why = preprocess.choose(model, manifest.root, every, s.image_size, s.crop, s.interpolation)
-    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest, s.views, s.maps) | {
+    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest, views, s.maps) | {
         "preprocessing_rule": why}
-    path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n, s.views, s.maps)
+    path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n, views, s.maps)
 
     if path.is_file() and not force and store.is_complete(path):
         note(f"reusing complete cache {path} (use --force to extract again)")
@@ -74,7 +75,7 @@ def extract(s: ExtractSettings) -> Path:
             workers = runtime.workers(s.workers)
             setup = time.perf_counter() - started
             run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
-                       workers, progress, batch_size, s.views)
+                       workers, progress, batch_size, views)
         else:
             setup = 0.0
         attrs |= {"shard": f"{shard_i}/{shard_n}", "block_rows": block_rows,
@@ -83,7 +84,7 @@ def extract(s: ExtractSettings) -> Path:
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         attrs["cost"] = extraction_cost(parts, plan, dev, prec, setup)
         blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
-        rows = {split: n_views(s.views) * sum(len(block_samples(manifest, split, k, block_rows)) for k in ks)
+        rows = {split: n_views(views) * sum(len(block_samples(manifest, split, k, block_rows)) for k in ks)
                 for split, ks in plan.items()}
         store.write_cache(path, attrs, blocks, dtype, rows)
         parts.remove()

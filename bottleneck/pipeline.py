@@ -100,6 +100,7 @@ def load(path: str | Path) -> Experiment:
         if t.get("init_head") == PROBE and exp.data["folds"]:
             raise where.error("finetune", i, "init_head", f"\"{PROBE}\" with [data] folds would start every fold "
                               "from one probe that saw its test images; drop init_head or folds")
+        _check_init_head(where, i, t)
         if t.get("init_head") == PROBE and probed_backbone(exp, t["model"]) is None:
             spec = backbones.get_spec(t["model"])
             raise where.error("finetune", i, "init_head", f"\"{PROBE}\" starts the head from the logreg probe on "
@@ -116,6 +117,15 @@ def load(path: str | Path) -> Experiment:
     if not exp.backbones and not exp.finetunes:
         raise where.error(None, 0, None, "defines no [[backbone]] and no [[finetune]]; nothing to run")
     return exp
+
+
+def _check_init_head(where: _Locator, i: int, t: dict) -> None:
+    """init_head is "probe" or a classifier file that exists now: a missing one would fail only when
+    its job runs, after every stage before it (`run --slurm --dry-run` checks nothing else)."""
+    head = t.get("init_head")
+    if head is not None and head != PROBE and not Path(head).is_file():
+        raise where.error("finetune", i, "init_head", f"{head!r} is not a file; give \"{PROBE}\" (the logreg probe "
+                          "this experiment fits) or the model.joblib of 'bottleneck fit --clf logreg'")
 
 
 def _check_maps_backbone(where: _Locator, i: int, t: dict, exp: Experiment) -> None:

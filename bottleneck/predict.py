@@ -6,12 +6,13 @@ Both read the model through bottleneck.trained, whichever stage made it.
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, trained
+from bottleneck import backbones, data, settings, trained
 from bottleneck import report as reports
 from bottleneck.classify import predict_images
 from bottleneck.console import progress_bar
@@ -29,6 +30,7 @@ def evaluate(model: str, features: str, *, split: str = "test", out: str | None 
     is scored all the same, but the result says so: it measures memory, not generalisation.
     `trust`: also read a classifier that is a pickle (it may run any code; see trained.py).
     """
+    model, features, split, out = checked(evaluate, model=model, features=features, split=split, out=out).values()
     t = trained.load(model, trust)
     scored = evaluate_finetuned if t.kind == "network" else evaluate_classifier
     rep, paths, y_true, y_pred, probs = scored(t, features, split)
@@ -41,6 +43,23 @@ def evaluate(model: str, features: str, *, split: str = "test", out: str | None 
         reports.write_predictions(Path(out), paths, y_true, y_pred, probs, rep["classes"])
         reports.write_report(Path(out), rep)
     return rep
+
+
+def checked(func, **args) -> dict:
+    """The arguments, each of its annotated type, as the settings-backed stages check theirs
+    (`evaluate(None, ...)` and `predict(..., top_k="3")` were TypeErrors from deep inside); paths
+    may be pathlib objects."""
+    hints = typing.get_type_hints(func)
+    plain = {}
+    for name, value in args.items():
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if isinstance(value, (list, tuple)):
+            value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+        problem = settings.type_problem(hints[name], value)
+        if problem:
+            raise BottleneckError(f"{func.__name__}(): {name} {problem}")
+        plain[name] = value
+    return plain
 
 
 def evaluate_classifier(t: trained.Trained, features: str, split: str) -> tuple[dict, list[str], np.ndarray,
@@ -136,6 +155,9 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
     Each row holds path, label, probability and the top-k; an unreadable file gets a row with
     its error instead, and the others still get predictions. `trust` as for evaluate.
     """
+    model, images, top_k, imagenet, backbone, weights, batch_size, device, progress = checked(
+        predict, model=model, images=images, top_k=top_k, imagenet=imagenet, backbone=backbone, weights=weights,
+        batch_size=batch_size, device=device, progress=progress).values()
     if top_k < 1:
         raise BottleneckError("--top-k must be at least 1")
     dev = resolve_device(device)

@@ -50,6 +50,8 @@ def choose(model: str, root: str, paths: list[str], image_size: int | None = Non
     """(preprocessing, why) for these images: `crop` left None is decided from the sizes of a
     sample of `paths` (relative to `root`); `why` is empty when nothing was decided."""
     why = ""
+    if image_size is not None:
+        backbones.check_input_size(model, image_size)  # before any work: vgg16 at 16 px failed mid-extraction
     if crop is None:
         size = image_size or backbones.preprocessing(model)["size"]
         crop, why = crop_rule(sample_shape(root, paths), size)

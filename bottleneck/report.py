@@ -105,15 +105,42 @@ def read_predictions(path: Path) -> dict[str, dict]:
 
 
 def write_report(out: Path, report: dict) -> Path:
-    """Write report.json and confusion_matrix.png into `out`; returns the JSON's path."""
+    """Write confusion_matrix.png, then report.json into `out`; returns the JSON's path.
+
+    The report comes last: a folder holding report.json is finished, whatever failed before it.
+    Above PLOT_CLASSES classes the picture shows the most confused ones, and the report says so.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    cm = np.array(report["confusion_matrix"])
+    shown = most_confused(cm, PLOT_CLASSES)
+    report = report | {"confusion_plot": {"classes": len(shown), "of": len(cm),
+                                          "chosen": "all" if len(shown) == len(cm) else "most confused"}}
+    plot_confusion(cm[np.ix_(shown, shown)], [report["classes"][i] for i in shown], out / "confusion_matrix.png",
+                   title=confusion_title(report)
+                         + (f" ({len(shown)} most confused of {len(cm)} classes)" if len(shown) < len(cm) else ""))
     path = out / "report.json"
     tmp = path.with_name(f"report.json.tmp{os.getpid()}")  # two writers never share a temporary file
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(path)
-    plot_confusion(np.array(report["confusion_matrix"]), report["classes"], out / "confusion_matrix.png",
-                   title=confusion_title(report))
     return path
+
+
+PLOT_CLASSES = 30  # a confusion matrix picture stays readable (and a few hundred pixels) up to this many classes
+LABEL_CHARS = 24  # longer class names are shortened on plot axes (the report keeps them whole)
+
+
+def most_confused(cm: np.ndarray, n: int) -> list[int]:
+    """Every class when there are at most `n`; else the `n` classes in the most errors (as the true
+    or the predicted class), in their own order. A 1,000-class matrix once asked for a 50,000-px figure."""
+    if len(cm) <= n:
+        return list(range(len(cm)))
+    errors = cm.sum(0) + cm.sum(1) - 2 * np.diag(cm)
+    return sorted(np.argsort(-errors, kind="stable")[:n].tolist())
+
+
+def short_label(name: str, chars: int = LABEL_CHARS) -> str:
+    """A class name that fits a plot's axis: long ones keep their start and end around an ellipsis."""
+    return name if len(name) <= chars else name[:chars - 9] + "…" + name[-8:]
 
 
 def confusion_title(report: dict) -> str:
@@ -128,11 +155,12 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = max(4.2, 0.5 * len(classes) + 2)
+    labels = [short_label(c) for c in classes]
+    size = min(max(4.2, 0.5 * len(classes) + 2), 20)  # bounded: write_report shows at most PLOT_CLASSES classes
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xticks(range(len(classes)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for (i, j), n in np.ndenumerate(cm):
@@ -158,7 +186,7 @@ def plot_curve(xs: list, ys: list[float], xlabel: str, path: Path, title: str = 
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -180,7 +208,7 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> None:
     left.set(xlabel="epoch", ylabel="loss")
     right.set(xlabel="epoch", ylabel="accuracy")
     left.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -17,6 +17,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -33,15 +34,30 @@ VIEWS = {"none": 1, "hflip": 2, "flips": 4, "dihedral": 8}  # views per image, a
 MAX_CROPS = 64
 
 
-def n_views(views: str) -> int:
-    """Views per image of a VIEWS name or of crops:K (the image and K - 1 seeded crops of it)."""
+@dataclass(frozen=True)
+class Views:
+    """A --views value parsed once: its canonical name (crops:02 is crops:2, one cache) and views per image."""
+
+    name: str
+    count: int
+
+
+def parse_views(views: str) -> Views:
+    """A VIEWS name, or crops:K (the image and K - 1 seeded crops of it) with K in ASCII digits."""
     if views in VIEWS:
-        return VIEWS[views]
-    k = views.removeprefix("crops:")
-    if views.startswith("crops:") and k.isdigit() and 2 <= int(k) <= MAX_CROPS:
-        return int(k)
-    raise BottleneckError(f"unknown views '{views}'; choose one of {', '.join(VIEWS)} or crops:K "
+        return Views(views, VIEWS[views])
+    k = re.fullmatch(r"crops:([0-9]+)", views)  # '²' is a digit to str.isdigit, and a traceback to int()
+    if k and 2 <= int(k.group(1)) <= MAX_CROPS:
+        return Views(f"crops:{int(k.group(1))}", int(k.group(1)))
+    raise BottleneckError(f"unknown views {_short(views)}; choose one of {', '.join(VIEWS)} or crops:K "
                           f"(K from 2 to {MAX_CROPS})")
+
+
+def n_views(views: str) -> int:
+    """Views per image of a VIEWS name or of crops:K."""
+    return parse_views(views).count
+
+
 IMAGE_SIZE_HELP = "Network input N×N [default: the model's own]."
 CROP_HELP = ("Resize the short side and centre-crop (the model's own pipeline), or resize the whole image "
              "[default: the whole image for images smaller than the input, else crop].")
@@ -267,6 +283,9 @@ class FinetuneSettings(Settings):
             raise SettingError("epochs", "nothing to train: --epochs and --head-epochs are both 0")
         if self.lr == 0:
             raise SettingError("lr", "--lr must be positive")
+        if self.init_head is not None and not self.init_head.strip():  # "" was silently no LP-FT at all
+            raise SettingError("init_head", "--init-head is empty; give the model.joblib of a logreg probe, or leave "
+                               "it out")
         u = self.unfreeze
         if not (u == "all" or u.isdigit() or u.startswith("from:")):
             raise SettingError("unfreeze", f"--unfreeze must be all, a number of blocks, or from:TAP; not '{u}'")

@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
 from bottleneck.locks import WriteLock, held, is_stale
 
@@ -57,13 +58,21 @@ class Parts:
         self.dir = Path(f"{cache}.parts")
 
     def start(self, meta: dict) -> dict:
-        """Create the folder, or return the meta of the run it already holds."""
+        """Create the folder, or return the meta of the run it already holds. What a damage made
+        unreadable is done again, said once: blocks that do not open are computed again, and a
+        meta.json that does not read starts the extraction over (its blocks cannot be trusted)."""
         meta_file = self.dir / "meta.json"
         if meta_file.is_file():
-            old = json.loads(meta_file.read_text())
+            old = self.meta()
+            if old is None:
+                note(f"{meta_file} is damaged; the interrupted extraction starts again")
+            else:
+                for block in self.damaged():
+                    note(f"block {block} is damaged (truncated or empty); computing it again")
+                    block.unlink()
             # Finished blocks fix the block size; with none yet (a first run that died, say out of
             # memory), the new run's batch size is taken.
-            if old.get("fingerprint") == meta["fingerprint"] and any(self.dir.glob("*.npz")):
+            if old and old.get("fingerprint") == meta["fingerprint"] and any(self.dir.glob("*.npz")):
                 return old
             self.remove()
         if self.dir.is_symlink() or (self.dir.exists() and not is_parts_folder(self.dir)):
@@ -72,6 +81,29 @@ class Parts:
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(meta_file, json.dumps(meta).encode())
         return meta
+
+    def meta(self) -> dict | None:
+        """meta.json as written by start, or None when it is damaged (not JSON, or not its keys)."""
+        try:
+            meta = json.loads((self.dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(meta, dict) and isinstance(meta.get("fingerprint"), str) and \
+            isinstance(meta.get("block_rows"), int) and meta["block_rows"] >= 1
+        return meta if ok else None
+
+    def damaged(self) -> list[Path]:
+        """Blocks that do not open as a block: truncated, emptied, or another file under a block's name."""
+        return [p for p in sorted(self.dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9][0-9].npz"))
+                if not _readable_block(p)]
+
+    def condition(self) -> str:
+        """How far an interrupted extraction got, and what its rerun will do about damage."""
+        if self.meta() is None:
+            return "with a damaged meta.json: rerun its extract command to start it again"
+        blocks, damaged = len(list(self.dir.glob("*.npz"))), len(self.damaged())
+        bad = f" ({damaged} damaged: the rerun computes {'it' if damaged == 1 else 'them'} again)" if damaged else ""
+        return f"after {blocks} blocks{bad}: rerun its extract command to resume"
 
     def block_path(self, split: str, k: int) -> Path:
         return self.dir / f"{split}-{k:07d}.npz"
@@ -93,8 +125,11 @@ class Parts:
             raise write_error(e, target) from None
 
     def read(self, split: str, k: int) -> dict:
-        with np.load(self.block_path(split, k), allow_pickle=False) as z:
-            return _unflatten_block({name: z[name] for name in z.files})
+        with self._open(split, k) as z:
+            try:
+                return _unflatten_block({name: z[name] for name in z.files})
+            except Exception as e:  # a flipped byte fails its CRC only when read
+                raise self._damaged_block(split, k, e) from None
 
     def iter_blocks(self, split: str, blocks: list[int]) -> Iterator[dict]:
         for k in blocks:
@@ -103,9 +138,25 @@ class Parts:
     def summary(self, split: str, k: int) -> dict:
         """Images and seconds of one block, without reading its features (a multi-view block has
         one row per view of each image)."""
-        with np.load(self.block_path(split, k), allow_pickle=False) as z:
-            views = int(z["view"].max()) + 1 if "view" in z.files and len(z["view"]) else 1
-            return {"images": len(z["labels"]) // views + len(z["skipped_paths"]), "seconds": float(z["seconds"])}
+        with self._open(split, k) as z:
+            try:
+                views = int(z["view"].max()) + 1 if "view" in z.files and len(z["view"]) else 1
+                return {"images": len(z["labels"]) // views + len(z["skipped_paths"]), "seconds": float(z["seconds"])}
+            except Exception as e:
+                raise self._damaged_block(split, k, e) from None
+
+    def _open(self, split: str, k: int):
+        try:
+            return np.load(self.block_path(split, k), allow_pickle=False)
+        except Exception as e:  # an empty file is an EOFError, which click once printed as "Aborted."
+            raise self._damaged_block(split, k, e) from None
+
+    def _damaged_block(self, split: str, k: int, e: Exception) -> BottleneckError:
+        """A block that fails when read is removed (it is ours, and useless), so the rerun computes it again."""
+        path = self.block_path(split, k)
+        path.unlink(missing_ok=True)
+        return BottleneckError(f"block {path} is damaged ({type(e).__name__}) and was removed; rerun the same "
+                               "'bottleneck extract' command to compute it again and finish the cache")
 
     def remove(self) -> None:
         """Remove the blocks and the folder, if it is one bottleneck wrote (nothing else is touched)."""
@@ -131,6 +182,15 @@ def is_parts_folder(path: Path) -> bool:
             return False
         return all(_PARTS_ENTRY.fullmatch(e.name) and e.is_file(follow_symlinks=False) for e in os.scandir(path))
     except OSError:
+        return False
+
+
+def _readable_block(path: Path) -> bool:
+    """Opens as a zip of arrays with a block's own names (its central directory is at the end: a cut is seen)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"labels", "paths", "seconds"} <= set(z.files)
+    except Exception:
         return False
 
 

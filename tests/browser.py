@@ -33,6 +33,8 @@ document.getElementById("page").addEventListener("load", () => {{
     images: images.length,
     decoded: images.filter(img => img.complete && img.naturalWidth > 0).length,
     gallery: doc.querySelectorAll("#gallery .card img").length,
+    overflowing: [...doc.querySelectorAll("#gallery, #gallery .card")].filter(
+      e => e.scrollWidth > e.clientWidth + 1).length,
   }};
   const out = document.createElement("pre");
   out.id = "result";

@@ -194,3 +194,21 @@ def test_timm_models_extract_fit_and_predict_end_to_end(tree, tmp_path, arch, ta
     # predict rebuilds the same (seeded) random network from the classifier's provenance
     rows = predict(str(report.with_name("model.skops")), [str(tree / "test")])
     assert {r["path"].rsplit("/", 1)[1]: r["label"] for r in rows} == fitted
+
+
+@pytest.mark.parametrize("name, size, smallest, above", [
+    ("vgg16", 16, 32, None),  # five poolings leave nothing of 16 px
+    ("timm:convnext_atto", 9, 32, None),
+    ("timm:vit_tiny_patch16_224", 100, 16, 112),  # multiples of its 16-px patch only
+])
+def test_an_image_size_the_network_cannot_take_is_one_error_naming_the_smallest_that_works(
+        tree, tmp_path, name, size, smallest, above):
+    nearest = f", the nearest above {size} is {above} px" if above else ""
+    with pytest.raises(BottleneckError, match=f"cannot take {size} px input .*the smallest size that works is "
+                                              f"{smallest} px{nearest}: pass --image-size {above or smallest}"):
+        backbones.check_input_size(name, size)
+    backbones.check_input_size(name, above or smallest)  # and that size runs
+    if name == "vgg16":  # before any work: no weights fetched, no cache begun
+        with pytest.raises(BottleneckError, match="smallest size that works is 32 px"):
+            extract(name, str(tree), image_size=size, weights="none", out=str(tmp_path / "c"), progress=False)
+        assert not (tmp_path / "c").exists()

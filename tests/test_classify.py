@@ -283,3 +283,36 @@ def test_without_a_val_split_the_target_is_met_on_cross_validated_probabilities(
     bad = run_cli("fit", "--features", str(cache), "--target", "recall:birds=0.9", "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "names class 'birds', which is not one of cats, dogs" in bad.stderr
     assert not (tmp_path / "x").exists()  # refused before any training
+
+
+@pytest.mark.parametrize("clf", CLASSIFIERS)
+def test_tiny_classes_fit_every_classifier_or_are_refused_naming_the_class(cache, tmp_path, clf):
+    # 2 images per class: the SVMs' 3-fold calibration, the MLP's held-out tenth and kNN's 5 neighbours
+    # each crashed here; they get 2 folds, no early stopping and 4 neighbours.
+    curve = json.loads(fit(str(cache[0]), clf=clf, layer="pool", train_sizes="2,all", out=str(tmp_path)).read_text())
+    assert [r["n_train"] for r in curve] == [4, 32]
+    if clf in ("svm", "linear-svm"):  # calibration needs 2 images of every class
+        with pytest.raises(BottleneckError, match=f"class 'cats' has 1 training image here; {clf} calibrates"):
+            fit(str(cache[0]), clf=clf, layer="pool", train_sizes="1", out=str(tmp_path))
+    else:
+        fit(str(cache[0]), clf=clf, layer="pool", train_sizes="1", out=str(tmp_path))
+
+    # The search by CV on 3 images per class trains on folds of 2 per class: every grid point is suited to them.
+    from bottleneck.classifiers import grid, make_classifier
+    from bottleneck.classify import search_params
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 0, 0, 1, 1, 1])
+    x = rng.normal(size=(6, 8)) + y[:, None] * 3
+    d = {"train": (x, y, [f"{i}.png" for i in range(6)])}
+    best, chosen, _, _ = search_params(make_classifier(clf), clf, d, 0, grid(clf), ["cats", "dogs"])
+    assert chosen["cv"] == "3-fold stratified on train" and best.predict(x).tolist() == y.tolist()
+
+
+def test_a_second_learning_curve_keeps_the_first(cache, tmp_path):
+    first = fit(str(cache[0]), layer="pool", train_sizes="2,all", out=str(tmp_path))
+    second = fit(str(cache[0]), layer="pool", train_sizes="4,all", seed=1, out=str(tmp_path))
+    assert (first.name, second.name) == ("learning_curve-pool-logreg-2-all.json",
+                                         "learning_curve-pool-logreg-seed1-4-all.json")
+    assert [r["n_train"] for r in json.loads(first.read_text())] == [4, 32]  # not overwritten by the second
+    assert first.with_suffix(".png").is_file() and second.with_suffix(".png").is_file()

@@ -49,6 +49,9 @@ def test_extract_prints_the_cache_path_last_and_cache_commands_read_it(tree, tmp
     (["--model", "resnet18", "--data", "{tree}", "--device", "cuda"], ["no CUDA GPU"]),
     (["--model", "resnet18", "--data", "{tree}", "--pool", "median"], ["unknown pooling"]),
     (["--model", "resnet18", "--data", "{tree}", "--shard", "3/2"], ["--shard"]),
+    # click kept the last of two values without a word
+    (["--model", "resnet18", "--data", "{tree}", "--maps", "layer3", "--maps=layer4"],
+     ["--maps was given 2 times ('layer3', 'layer4'); it takes one value: give it once"]),
 ])
 def test_bad_extract_input_is_one_clear_error(tree, tmp_path, args, words):
     args = [a.format(tree=tree, tmp=tmp_path) for a in args]

@@ -7,10 +7,11 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import make_image
 from PIL import Image
 
+from bottleneck import compare_html, scores
 from bottleneck import report as reports
-from bottleneck import scores
 from bottleneck.compare import compare
 
 CLASSES = ["defective", "functional"]
@@ -75,3 +76,27 @@ def test_the_figures_render_in_chromium(page, tmp_path):
     shot = browser.screenshot(page[0], tmp_path / "page.png", height=4000)
     gray = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert gray.std() > 20 and (gray < 128).mean() > 0.01
+
+
+LONG = "a_class_named_after_a_folder_of_somebodys_dataset_without_any_spaces_at_all_" * 2
+
+
+def test_long_class_names_stay_inside_their_gallery_cards(tmp_path):
+    browser = pytest.importorskip("browser")
+    try:
+        browser.chromium()
+    except browser.Unavailable as e:
+        pytest.skip(str(e))
+    classes = [LONG + "cats", LONG + "dogs"]
+    cards = []
+    for i in range(6):
+        rel = f"test/{LONG}{i}.png"
+        make_image(tmp_path / "images" / rel, i, tint=i % 2)
+        a = {"true": classes[i % 2], "predicted": classes[i % 2], "probabilities": {classes[i % 2]: 0.9}}
+        b = a | {"predicted": classes[1 - i % 2], "probabilities": {classes[1 - i % 2]: 0.6}}
+        cards.append(compare_html._card(rel, a, b, str(tmp_path / "images"), "svm", "finetune-" + LONG))
+    page = tmp_path / "page.html"
+    page.write_text(f"<!DOCTYPE html><html><head><style>{compare_html.STYLE}</style></head><body>"
+                    f'<div class="gallery" id="gallery">{"".join(cards)}</div></body></html>')
+    seen = browser.inspect(page)
+    assert seen["gallery"] == 6 and seen["overflowing"] == 0  # once one card stretched past the page

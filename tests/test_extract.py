@@ -1,12 +1,14 @@
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tree
+from conftest import make_tree, run_cli
 from test_data import bad_files
 
 from bottleneck import backbones, data, store
@@ -226,3 +228,70 @@ def test_crop_views_are_the_image_and_the_same_seeded_crops_of_every_image(tree,
         np.testing.assert_allclose(st.features("train", "pool"), rows, atol=1e-4)
     with pytest.raises(BottleneckError, match="crops:K"):
         extract(LITE, str(tree), views="crops:1", out=str(tmp_path / "c"), progress=False)
+
+
+def _interrupted(tree, out, blocks: int = 3) -> Path:
+    """The .parts folder of an extraction killed (SIGKILL) after `blocks` finished blocks."""
+    proc = subprocess.Popen(_extract_cmd(tree, out) + ["--layer", "pool"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("*.parts/*.npz"))) < blocks:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(out.glob("*.h5")), "the run finished before it could be killed"
+    return next(out.glob("*.parts"))
+
+
+def test_damaged_blocks_and_meta_are_redone_and_cache_ls_says_so(tmp_path, capsys):
+    from bottleneck.cli import cache_ls
+
+    tree = make_tree(tmp_path / "data", {"train": 6, "test": 2})
+    resume = lambda out: extract(LITE, str(tree), layer=["pool"], out=str(out), batch_size=2,  # noqa: E731
+                                 workers=0, progress=False)
+    parts = _interrupted(tree, tmp_path / "a")
+    shutil.copytree(parts, tmp_path / "b" / parts.name)  # the same run, for the damaged meta.json below
+    blocks = sorted(parts.glob("*.npz"))
+    blocks[0].write_bytes(blocks[0].read_bytes()[:100])  # truncated: once "Aborted." and nothing else
+    blocks[1].write_bytes(b"")  # empty: once a BadZipFile traceback
+    data = bytearray(blocks[2].read_bytes())
+    data[len(data) // 3] ^= 0xFF  # a flipped byte inside an array: only reading it tells
+    blocks[2].write_bytes(bytes(data))
+    capsys.readouterr()
+    cache_ls(tmp_path / "a")
+    assert "interrupted after 3 blocks (2 damaged: the rerun computes them again)" in capsys.readouterr().out
+    try:
+        cache = resume(tmp_path / "a")
+        notes = capsys.readouterr().err
+    except BottleneckError as e:  # the flipped byte is met when the blocks are assembled: one error, the block goes
+        notes = capsys.readouterr().err
+        assert "is damaged (BadZipFile) and was removed; rerun the same 'bottleneck extract'" in str(e)
+        cache_ls(tmp_path / "a")
+        assert "rerun its extract command to resume" in capsys.readouterr().out
+        cache = resume(tmp_path / "a")
+    assert notes.count("is damaged (truncated or empty); computing it again") == 2
+    assert store.verify(cache) == []
+    with store.FeatureStore(cache) as st:
+        assert len(st.labels("train")) == 12 and len(st.labels("test")) == 4
+
+    (tmp_path / "b" / parts.name / "meta.json").write_text("{not json")  # once a JSONDecodeError traceback
+    cache_ls(tmp_path / "b")
+    assert "interrupted with a damaged meta.json: rerun its extract command to start it again" in \
+        capsys.readouterr().out
+    assert store.contents_equal(resume(tmp_path / "b"), cache)
+    assert "meta.json is damaged; the interrupted extraction starts again" in capsys.readouterr().err
+
+
+def test_views_are_parsed_once_into_one_canonical_name(tree, tmp_path):
+    with pytest.raises(BottleneckError, match=r"unknown views 'crops:²'"):  # once a ValueError traceback
+        extract(LITE, str(tree), views="crops:²", out=str(tmp_path), progress=False)
+    result = run_cli("extract", "--model", LITE, "--data", str(tree), "--views", "crops:²", "--out", str(tmp_path))
+    assert result.returncode != 0 and result.stderr.startswith("error: unknown views")
+    assert "Traceback" not in result.stderr
+    kwargs = dict(layer=["pool"], image_size=32, batch_size=16, workers=0, precision="fp32", progress=False,
+                  out=str(tmp_path / "c"))
+    a = extract(LITE, str(tree), views="crops:2", **kwargs)
+    assert extract(LITE, str(tree), views="crops:02", **kwargs) == a  # one cache, not two
+    with store.FeatureStore(a) as st:
+        assert st.attrs["views"] == "crops:2"
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [a.name]

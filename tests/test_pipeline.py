@@ -289,3 +289,18 @@ def test_a_target_in_fit_and_finetune_tables_reaches_every_fit_the_probe_and_the
     assert pipeline.finetune_kwargs(exp, exp.finetunes[0])["target"] == "precision:dogs=0.8"
     message = load_error(tmp_path, 'classifiers = ["logreg"]', 'classifiers = ["logreg"]\ntarget = "f1:dogs=2"')[1]
     assert "line 12" in message and "target" in message and "is not MEASURE:CLASS=VALUE" in message
+
+
+@pytest.mark.parametrize("head, words", [
+    ('""', ["line 15", "[[finetune]] #1 init_head", "--init-head is empty"]),  # was silently no LP-FT
+    ('"runs/missing/model.joblib"', ["line 15", "init_head: 'runs/missing/model.joblib' is not a file"]),
+])
+def test_an_init_head_that_is_empty_or_no_file_is_refused_when_the_file_is_read(tmp_path, head, words):
+    new = f'classifiers = ["logreg"]\n\n[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = {head}\n'
+    path, message = load_error(tmp_path, 'classifiers = ["logreg"]\n', new)
+    for word in words:
+        assert word in message
+    from bottleneck import slurm
+
+    with pytest.raises(BottleneckError, match="init_head"):  # run --slurm --dry-run reads it the same way
+        slurm.submit(path, dry_run=True)

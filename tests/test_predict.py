@@ -87,3 +87,18 @@ def test_predict_refuses_a_weights_file_replaced_since_fitting(cache, tmp_path):
         predict(model, image)
 
 
+
+
+def test_python_arguments_of_the_wrong_type_are_one_error_naming_them(tmp_path):
+    import bottleneck
+
+    cases = [(lambda: bottleneck.evaluate(None, "c.h5"), r"evaluate\(\): model must be a string, not None"),
+             (lambda: bottleneck.evaluate("m.joblib", "c.h5", out=5), r"evaluate\(\): out must be a string, not 5"),
+             (lambda: bottleneck.predict("m.joblib", ["a.png"], top_k="3"),
+              r"predict\(\): top_k must be an integer, not '3'"),
+             (lambda: bottleneck.predict("m.joblib", "a.png"), r"predict\(\): images must be a list of strings")]
+    for call, message in cases:  # each was a raw TypeError from deep inside
+        with pytest.raises(BottleneckError, match=message):
+            call()
+    with pytest.raises(BottleneckError, match="model file .* does not exist"):  # pathlib paths are welcome
+        bottleneck.evaluate(tmp_path / "m.joblib", tmp_path / "c.h5")

@@ -51,3 +51,36 @@ def test_confusion_title_names_no_missing_tap():
     fine_tune = {"model": "resnet50", "tap": None, "clf": "finetune", "accuracy": 0.9}
     assert confusion_title(fine_tune) == "resnet50 finetune: accuracy 0.900"  # once "resnet50 None finetune"
     assert confusion_title(fine_tune | {"tap": "pool", "clf": "logreg"}) == "resnet50 pool logreg: accuracy 0.900"
+
+
+def test_many_classes_plot_the_most_confused_and_the_report_comes_last(tmp_path):
+    from PIL import Image
+
+    classes = [f"class_{i:04d}" for i in range(300)]  # 1,000 once died here; 300 take seconds less
+    y_true = np.arange(600) % 300
+    y_pred = y_true.copy()
+    y_pred[:40] = (y_true[:40] + 1) % 300  # classes 0..40 are confused, the rest right
+    rep = {"model": "m", "classes": classes, **report.metrics(y_true, y_pred, classes)}
+    path = report.write_report(tmp_path, rep)
+    saved = json.loads(path.read_text())
+    assert saved["confusion_plot"] == {"classes": report.PLOT_CLASSES, "of": 300, "chosen": "most confused"}
+    assert report.most_confused(np.array(rep["confusion_matrix"]), report.PLOT_CLASSES)[:3] == [1, 2, 3]
+    with Image.open(tmp_path / "confusion_matrix.png") as png:
+        assert max(png.size) <= 2000  # a ~50,000-px figure once ran out of memory
+
+    # A picture that cannot be written leaves no report: report.json present means the folder is finished.
+    again = tmp_path / "again"
+    (again / "confusion_matrix.png").mkdir(parents=True)
+    with pytest.raises(OSError):
+        report.write_report(again, rep)
+    assert not (again / "report.json").exists()
+
+
+def test_long_class_names_are_shortened_on_plots_and_kept_whole_in_the_report(tmp_path):
+    long = "a_very_long_class_name_from_a_folder_of_someones_dataset_" * 3
+    classes = [long + "1", long + "2"]
+    assert all(len(report.short_label(c)) <= report.LABEL_CHARS for c in classes)
+    assert report.short_label(classes[0]) != report.short_label(classes[1])  # the ends keep them apart
+    rep = {"model": "m", "classes": classes, **report.metrics([0, 1], [0, 0], classes)}
+    saved = json.loads(report.write_report(tmp_path, rep).read_text())
+    assert saved["classes"] == classes and (tmp_path / "confusion_matrix.png").is_file()
