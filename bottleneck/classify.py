@@ -284,7 +284,8 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
            "operating_point": point,
            "cost": {"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
                     "extraction": st.attrs.get("cost", {})},
-           "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]}}
+           "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]},
+           "validation": validation_score(pipe, d, chosen, len(st.classes))}
     out.mkdir(parents=True, exist_ok=True)
     # The old report goes first and the new one comes last: a report present always describes the
     # model and predictions beside it, even when the writer is killed between two files.
@@ -297,6 +298,18 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     note(f"{clf} on {tap}: test accuracy {rep['accuracy']:.3f} (95 % CI {lo:.3f}-{hi:.3f}), balanced "
          f"{rep['balanced_accuracy']:.3f} (fit {_duration(fit_seconds)})")
     return path
+
+
+def validation_score(pipe: Pipeline, d: dict, chosen: dict, n_classes: int) -> dict | None:
+    """The score by which compare chooses among contenders, never the test images': the search's on the
+    validation split (or by CV on train); without a search, the fitted model's on the validation split,
+    which it did not train on; None when there is neither."""
+    if chosen.get("cv_accuracy") is not None:
+        return {"accuracy": chosen["cv_accuracy"], "by": chosen["cv"]}
+    if "val" not in d:
+        return None
+    _, y_val, y_pred, _ = predict_images(pipe, *d["val"], n_classes)
+    return {"accuracy": float(np.mean(np.asarray(y_val) == np.asarray(y_pred))), "by": "validation split"}
 
 
 def predict_images(pipe: Pipeline, x: np.ndarray, y: np.ndarray, paths: list[str], n_classes: int):

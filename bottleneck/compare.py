@@ -104,7 +104,7 @@ def comparison(run_dirs: list[str], reference: str | None = None, *, challenger:
     groups = contenders(paired_rows, outcomes, images) if paired_rows else contenders(main, {}, [])
     ref = pick(groups, "fixed features", reference, "--reference")
     ft = pick(groups, "fine-tune", challenger, "--challenger")
-    anchor = ref["row"] or (groups[0] if groups else None)
+    anchor = ref["row"]  # none chosen: no row is measured against an arbitrary one
     for g in groups:
         g["reference"] = g is anchor
         g["challenger"] = g is ft["row"]
@@ -226,9 +226,9 @@ def decide(ref: dict, ft: dict, margin: float, n: int) -> dict:
     one-sided tests at 5 %)."""
     base = {"margin": margin, "n_test": n, "reference": _choice(ref), "challenger": _choice(ft)}
     if ref["row"] is None or ft["row"] is None or "paired" not in ft["row"]:
-        why = (ref.get("why") if ref["row"] is None else ft.get("why") if ft["row"] is None else
-               "the reference and the challenger are the same contender" if ft["row"] is ref["row"] else
-               "its predictions are missing")
+        missing = [p["why"] for p in (ft, ref) if p["row"] is None]  # no fine-tune at all: the plainer reason
+        why = (missing[0] if missing else "the reference and the challenger are the same contender"
+               if ft["row"] is ref["row"] else "its predictions are missing")
         return base | {"outcome": "no pair", "why": why}
     d = ft["row"]["paired"]
     outcome = str(outcome_of(*d["difference_ci"], *d["difference_ci90"], margin))

@@ -89,9 +89,12 @@ def test_bad_settings_are_clear_errors(small, tmp_path):
 
 
 def _cmd(data, out, *extra):
-    return [sys.executable, "-m", "bottleneck", "finetune", "--model", LITE, "--data", str(data), "--out", str(out),
-            "--epochs", "2", "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--image-size", "64",
-            "--deterministic", "--no-progress", "--optimizer", "sgd", "--lr", "0.02", *extra]
+    """The finetune command line; an option in `extra` replaces the default one (giving one twice is an error)."""
+    defaults = {"--model": LITE, "--epochs": "2", "--batch-size": "4", "--workers": "0", "--precision": "fp32",
+                "--image-size": "64", "--deterministic": None, "--no-progress": None, "--optimizer": "sgd",
+                "--lr": "0.02"}
+    words = [w for flag, value in defaults.items() if flag not in extra for w in (flag, value) if w is not None]
+    return [sys.executable, "-m", "bottleneck", "finetune", "--data", str(data), "--out", str(out), *words, *extra]
 
 
 @pytest.fixture(scope="module")

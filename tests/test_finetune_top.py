@@ -151,7 +151,7 @@ def test_a_probe_that_trained_on_the_runs_test_images_is_refused(tmp_path):
     data = make_tree(tmp_path / "data", {"all": 12}, split_folders=False)  # split by the seeds below
     common = dict(layer=["pool"], image_size=64, batch_size=8, workers=0, precision="fp32", progress=False)
     other_split = extract(LITE, str(data), split_seed=1, out=str(tmp_path / "c1"), **common)
-    probe = fit(str(other_split), layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.joblib"
+    probe = fit(str(other_split), layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.skops"
     maps = extract(LITE, str(data), maps="blocks.5", out=str(tmp_path / "c0"), **common)
     overlap = r"--init-head .*: it trained on [1-6] of this run's 6 test images"
     with pytest.raises(BottleneckError, match=overlap):
@@ -164,7 +164,7 @@ def test_a_probe_that_trained_on_the_runs_test_images_is_refused(tmp_path):
     with pytest.raises(BottleneckError, match=r"its cache .* is gone or changed"):
         finetune(LITE, str(data), from_cache=str(maps), init_head=str(probe), epochs=1, out=str(tmp_path / "b"),
                  **QUICK)
-    same_split = fit(str(maps), layer="pool", search=False, out=str(tmp_path / "fit0")).parent / "model.joblib"
+    same_split = fit(str(maps), layer="pool", search=False, out=str(tmp_path / "fit0")).parent / "model.skops"
     rep = json.loads(finetune(LITE, str(data), init_head=str(same_split), epochs=1, image_size=64,
                               out=str(tmp_path / "c"), **QUICK).read_text())
     assert rep["params"]["init_head"] == str(same_split)  # the same data and splits: accepted

@@ -129,7 +129,7 @@ def test_run_does_every_stage_then_skips_what_is_done(tmp_path):
     result = run_cli("run", str(path), "--no-progress")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("**Verdict:** best: ")  # no fine-tune in this experiment: nothing to pair
+    assert lines[0].startswith("**Verdict:** no verdict: no fine-tune result")  # none in this experiment
     table = lines[lines.index(next(x for x in lines if x.startswith("| method"))):]
     assert table[0].startswith("| method | backbone | tap | classifier | test accuracy") and len(table) == 2 + 4
     run = tmp_path / "run"

@@ -93,6 +93,7 @@ def test_dry_run_prints_scripts_and_order_and_submits_nothing(tmp_path, data):
 
 def test_run_trust_reaches_the_fine_tune_jobs_and_nothing_else_trusts(tmp_path, data):
     """`run --slurm --trust` lets a fine-tune job read a pickled init_head; without it no job may."""
+    (tmp_path / "old.joblib").write_bytes(b"")  # a dry run reads no model, but the file must be there
     path = experiment(tmp_path, data, "trust", extract=False, finetune=f'init_head = "{tmp_path / "old.joblib"}"\n')
     for trust in (True, False):
         scripts = [Path(r["script"]).read_text() for r in slurm.submit(path, dry_run=True, trust=trust)]
