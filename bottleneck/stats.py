@@ -26,11 +26,6 @@ def wilson(correct: int, n: int, z: float = Z95) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def resample_indices(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """`resamples` × n indices drawn with replacement: the same draws for every statistic."""
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-
-
 def balanced_accuracy_ci(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> list[float]:
     """Stratified percentile-bootstrap 95 % interval of balanced accuracy over the test images.
 

@@ -131,7 +131,8 @@ def test_run_does_every_stage_then_skips_what_is_done(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("**Verdict:** no verdict: no fine-tune result")  # none in this experiment
     table = lines[lines.index(next(x for x in lines if x.startswith("| method"))):]
-    assert table[0].startswith("| method | backbone | tap | classifier | runs | validation accuracy") and len(table) == 2 + 4
+    assert table[0].startswith("| method | backbone | tap | classifier | runs | validation accuracy")
+    assert len(table) == 2 + 4
     run = tmp_path / "run"
     cache = Path((run / "caches" / "efficientnet_lite0.path").read_text().strip())
     reports = sorted(run.glob("fit/efficientnet_lite0/*/report.json"))
