@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import sklearn
 from sklearn.base import clone
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 
 from bottleneck import data, locks
@@ -165,6 +165,7 @@ def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None)
     and data.fold_splits makes train, val and test of that fold; d["folds"] records which."""
     taps = taps_of(tap, st.taps)
     d = {s: (np.hstack([st.features(s, t) for t in taps]), st.labels(s), st.paths(s)) for s in st.splits}
+    groups = st.groups()
     if folds:
         d = fold_data(st, d, folds)
     elif "test" not in d:
@@ -172,7 +173,7 @@ def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None)
         x, y, paths = d.pop(source)
         split_seed = st.attrs.get("split_info", {}).get("seed", 0)  # the split's seed, never the classifier's
         images = list(dict.fromkeys(zip(paths, y.tolist())))  # one pair per image, whatever its views
-        parts = data.split_samples(images, 0.0, data.DEFAULT_TEST_FRACTION, split_seed)
+        parts = data.split_samples(images, 0.0, data.DEFAULT_TEST_FRACTION, split_seed, groups)
         rows: dict[str, list[int]] = {}
         for i, p in enumerate(paths):
             rows.setdefault(p, []).append(i)
@@ -183,6 +184,7 @@ def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None)
                         "by": "bottleneck.data.split_samples"}
         if not len(d["test"][1]):
             raise BottleneckError(f"{st.path} has no test split and too few images per class to hold one out")
+    d["groups"] = groups
     if "train" not in d:
         raise BottleneckError(f"{st.path} has no train split to fit on")
     for split in ("train", "test"):
@@ -198,7 +200,7 @@ def fold_data(st: FeatureStore, d: dict, folds: dict) -> dict:
     paths = [p for v in d.values() for p in v[2]]
     images = list(dict.fromkeys(zip(paths, y.tolist())))  # one pair per image, whatever its views
     parts, record = data.fold_splits(images, folds["k"], folds["fold"], folds["seed"], folds["val_fraction"],
-                                     st.classes)
+                                     st.classes, st.groups())
     rows: dict[str, list[int]] = {}
     for i, p in enumerate(paths):
         rows.setdefault(p, []).append(i)
@@ -349,7 +351,7 @@ def validation_probabilities(pipe: Pipeline, d: dict, seed: int, n_classes: int)
         return yv, pv_probs, "validation split, scored by the classifier refitted on train alone"
     folds = StratifiedGroupKFold(cv_folds(y, paths), shuffle=True, random_state=seed)
     probs = np.zeros((len(y), n_classes))
-    for train, held in folds.split(x, y, groups=paths):
+    for train, held in folds.split(x, y, groups=groups_of(d, paths)):
         probs[held] = class_probabilities(clone(pipe).fit(x[train], y[train]), x[held], n_classes)
     _, y_img, _, p_img = mean_over_views(paths, y, probs)
     return y_img, p_img, f"{folds.n_splits}-fold stratified CV on train, each image scored by the fold that left it out"
@@ -380,15 +382,26 @@ def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict, clas
         xv, yv, _ = d["val"]
         cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yv))])
         x, y = np.concatenate([x, xv]), np.concatenate([y, yv])  # refit on train + val
-    else:
-        cv = StratifiedKFold(cv_folds(y, paths), shuffle=True, random_state=seed)
-    pipe, points = suited(clf, pipe, grid, Sizes.of(y, *(y[train] for train, _ in cv.split(x, y))), classes)
+    else:  # an image's views, and a group's images, stay in one fold
+        folds = StratifiedGroupKFold(cv_folds(y, paths), shuffle=True, random_state=seed)
+        cv = list(folds.split(x, y, groups=groups_of(d, paths)))
+    pipe, points = suited(clf, pipe, grid, Sizes.of(y, *(y[train] for train, _ in _splits(cv, x, y))), classes)
     grid = GridSearchCV(pipe, points, cv=cv, n_jobs=-1, scoring="accuracy", refit=True)
     grid.fit(x, y)
     chosen = {k.removeprefix("clf__"): _plain(v) for k, v in grid.best_params_.items()}
-    chosen["cv"] = "validation split" if "val" in d else f"{cv.n_splits}-fold stratified on train"
+    chosen["cv"] = "validation split" if "val" in d else f"{len(cv)}-fold stratified on train"
     chosen["cv_accuracy"] = float(grid.best_score_)
     return grid.best_estimator_, chosen, x, y
+
+
+def groups_of(d: dict, paths: list[str]) -> list[str]:
+    """The group of each row: its image's group in a grouped cache, else the image itself."""
+    groups = d.get("groups") or {}
+    return [groups.get(p, p) for p in paths]
+
+
+def _splits(cv, x: np.ndarray, y: np.ndarray):
+    return cv.split(x, y) if hasattr(cv, "split") else cv
 
 
 def cv_folds(y: np.ndarray, paths: list[str]) -> int:

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import warnings
@@ -40,6 +41,7 @@ class Manifest:
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]
     split_info: dict = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)  # path → group; empty: every image its own group
 
     def count(self) -> int:
         return sum(len(v) for v in self.splits.values())
@@ -50,12 +52,14 @@ DEFAULT_TEST_FRACTION = 0.25
 
 
 def load_manifest(data: str | os.PathLike, val_fraction: float | None = None, test_fraction: float | None = None,
-                  seed: int = 0) -> Manifest:
+                  seed: int = 0, group_pattern: str | None = None) -> Manifest:
     """Read an ImageFolder tree (with or without split folders) or a CSV manifest, with its splits.
 
     Data that defines no splits is split by `split_samples` with the given fractions, or
     DEFAULT_VAL_FRACTION and DEFAULT_TEST_FRACTION where they are None. Data with its own
     splits keeps them; a fraction given for a split it lacks carves that split from train.
+    Images of one group (a manifest's `group` column, or the first capture group of
+    `group_pattern` on the file name) are never split apart.
     """
     path = Path(data)
     if not path.exists():
@@ -81,6 +85,15 @@ def load_manifest(data: str | os.PathLike, val_fraction: float | None = None, te
             samples, classes = _class_folders(path, "", hidden)
             manifest = Manifest(str(path.resolve()), classes, {"train": samples}, {"source": "class-folders"})
         _warn_hidden(data, hidden)
+    if group_pattern is not None:
+        if manifest.groups:
+            raise BottleneckError(f"{data} names its groups in a group column; drop --group-pattern")
+        manifest.groups = groups_by_pattern(manifest, group_pattern)
+        manifest.split_info["groups"] = {"by": "pattern", "pattern": group_pattern}
+    if manifest.groups:
+        manifest.split_info["groups"] = manifest.split_info.get("groups", {"by": "csv"}) | {
+            "count": len(set(manifest.groups.values())), "sha256": split_digest(list(manifest.groups.items()))}
+        _warn_straddling_groups(manifest)
     if "split" in manifest.split_info or manifest.split_info["source"] == "folders":
         given = [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f and s in manifest.splits]
         if given:
@@ -115,7 +128,7 @@ def carve_splits(m: Manifest, fractions: dict[str, float], seed: int) -> None:
     if "train" not in m.splits:
         raise BottleneckError(f"{m.root} has no train split to take {' and '.join(fractions)} images from")
     train = m.splits["train"]
-    parts = split_samples(train, fractions.get("val", 0.0), fractions.get("test", 0.0), seed)
+    parts = split_samples(train, fractions.get("val", 0.0), fractions.get("test", 0.0), seed, m.groups or None)
     _check_every_class_held_out(m, train, parts, fractions)
     del m.splits["train"]
     merged = m.splits | {s: v for s, v in parts.items() if v}
@@ -150,10 +163,15 @@ def _smallest_splittable_class(fractions: dict[str, float]) -> int:
 
 
 def split_samples(samples: list[tuple[str, int]], val_fraction: float, test_fraction: float,
-                  seed: int) -> dict[str, list[tuple[str, int]]]:
+                  seed: int, groups: dict[str, str] | None = None) -> dict[str, list[tuple[str, int]]]:
     """The one place a split is decided: per class, a seeded order puts the first images in test,
     the next in val, the rest in train. Every stage calls this, so extract's, fit's and
-    finetune's test images are the same files."""
+    finetune's test images are the same files. With `groups` ({path: group}) whole groups are
+    dealt instead (`deal_groups`)."""
+    if groups:
+        shares = {"test": test_fraction, "val": val_fraction, "train": 1.0 - test_fraction - val_fraction}
+        return {s: sorted(v) for s, v in deal_groups(samples, groups, shares, seed).items()} | \
+            {s: [] for s in ("train", "val", "test") if not shares[s]}
     rng = np.random.default_rng(seed)
     parts: dict[str, list] = {"train": [], "val": [], "test": []}
     samples = sorted(samples)
@@ -174,16 +192,26 @@ def _share(n: int, fraction: float) -> int:
     return max(1, round(n * fraction)) if fraction > 0 and n >= 3 else round(n * fraction)
 
 
-def fold_assignment(samples: list[tuple[str, int]], k: int, seed: int, classes: list[str] | None = None
-                    ) -> dict[str, int]:
+def fold_assignment(samples: list[tuple[str, int]], k: int, seed: int, classes: list[str] | None = None,
+                    groups: dict[str, str] | None = None) -> dict[str, int]:
     """The one place K folds are decided: {path: fold}. Per class, a seeded order deals the images
     to folds 0..K-1 in turn, each class starting where the one before stopped, so folds are
     stratified and within one image of each other in size. A pure function of the (path, label)
-    pairs and the seed: fit, finetune and every process of them compute the same folds."""
+    pairs and the seed: fit, finetune and every process of them compute the same folds. With
+    `groups` whole groups are dealt to the folds (`deal_groups`)."""
     if k < 2:
         raise BottleneckError(f"--folds must be at least 2, not {k}")
-    rng = np.random.default_rng(seed)
     samples = sorted(set(samples))
+    if groups:
+        dealt = deal_groups(samples, groups, {i: 1 / k for i in range(k)}, seed)
+        for label in sorted({lab for _, lab in samples}):
+            empty = [f for f, members in dealt.items() if not any(lab == label for _, lab in members)]
+            if empty:
+                name = classes[label] if classes else label
+                raise BottleneckError(f"class {name!r} is in too few groups to appear in each of the {k} folds; pass "
+                                      "a smaller --folds, or add images of other groups")
+        return {path: fold for fold, members in dealt.items() for path, _ in members}
+    rng = np.random.default_rng(seed)
     folds, dealt = {}, 0
     for label in sorted({lab for _, lab in samples}):
         members = [s for s in samples if s[1] == label]
@@ -206,19 +234,84 @@ def assignment_digest(folds: dict[str, int]) -> str:
 
 
 def fold_splits(samples: list[tuple[str, int]], k: int, fold: int, seed: int, val_fraction: float | None = None,
-                classes: list[str] | None = None) -> tuple[dict[str, list[tuple[str, int]]], dict]:
+                classes: list[str] | None = None, groups: dict[str, str] | None = None
+                ) -> tuple[dict[str, list[tuple[str, int]]], dict]:
     """(splits, record) of fold `fold` of K: its images are the test split, validation is carved
     from the rest by split_samples (at `val_fraction`, DEFAULT_VAL_FRACTION when None), the
     rest is train. The record {"k", "fold", "seed", "assignment_sha256"} goes into the report."""
     if not 0 <= fold < k:
         raise BottleneckError(f"--fold must be in 0..{k - 1} for --folds {k}, not {fold}")
-    folds = fold_assignment(samples, k, seed, classes)
+    folds = fold_assignment(samples, k, seed, classes, groups)
     test = sorted(s for s in set(samples) if folds[s[0]] == fold)
     rest = sorted(s for s in set(samples) if folds[s[0]] != fold)
-    parts = split_samples(rest, DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, 0.0, seed)
+    parts = split_samples(rest, DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, 0.0, seed, groups)
     splits = {"train": parts["train"], "val": parts["val"], "test": test}
     record = {"k": k, "fold": fold, "seed": seed, "assignment_sha256": assignment_digest(folds)}
     return {s: v for s, v in splits.items() if v}, record
+
+
+def deal_groups(samples: list[tuple[str, int]], groups: dict[str, str], shares: dict, seed: int) -> dict:
+    """{part: samples}, every group whole in one part, each class as near its `shares` as whole
+    groups allow. Groups go largest first (ties in a seeded order), each to the part whose
+    per-class shortfall it best fills: the part maximising the dot product of the group's class
+    counts with (target − count), which is the choice that most reduces the squared distance
+    of every part's class counts from their targets."""
+    missing = [p for p, _ in samples if p not in groups]
+    if missing:
+        raise BottleneckError(f"{len(missing)} image{'s have' if len(missing) > 1 else ' has'} no group (e.g. "
+                              f"{missing[0]}); give every image a group")
+    n_classes = max(lab for _, lab in samples) + 1
+    members: dict[str, list] = {}
+    for s in sorted(samples):
+        members.setdefault(groups[s[0]], []).append(s)
+    names = sorted(members)
+    shuffled = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    ordered = sorted(shuffled, key=lambda g: -len(members[g]))  # stable: the seeded order within a size
+    totals = np.bincount([lab for _, lab in samples], minlength=n_classes)
+    parts = [p for p, share in shares.items() if share > 0]
+    target = {p: shares[p] * totals for p in parts}
+    count = {p: np.zeros(n_classes) for p in parts}
+    dealt: dict = {p: [] for p in parts}
+    for g in ordered:
+        c = np.bincount([lab for _, lab in members[g]], minlength=n_classes)
+        best = max(parts, key=lambda p: float(c @ (target[p] - count[p])))  # first part wins a tie
+        count[best] += c
+        dealt[best] += members[g]
+    return dealt
+
+
+def groups_by_pattern(m: Manifest, pattern: str) -> dict[str, str]:
+    """{path: the first capture group of `pattern` searched in the file's name}."""
+    try:
+        rule = re.compile(pattern)
+    except re.error as e:
+        raise BottleneckError(f"--group-pattern {pattern!r} is not a regular expression: {e}") from None
+    if rule.groups < 1:
+        raise BottleneckError(f"--group-pattern {pattern!r} has no capture group; put the part of the file name "
+                              "that names the group in parentheses, e.g. '^(.+)_\\d+\\.png$'")
+    groups = {}
+    for rel, _ in (s for samples in m.splits.values() for s in samples):
+        found = rule.search(Path(rel).name)
+        if not found or not found.group(1):
+            raise BottleneckError(f"--group-pattern {pattern!r} finds no group in the file name {Path(rel).name} "
+                                  f"({rel}); every image needs one")
+        groups[rel] = found.group(1)
+    return groups
+
+
+def _warn_straddling_groups(m: Manifest) -> None:
+    """Splits given by folders or a manifest may put one group on two sides: say so, they are not
+    independent images."""
+    seen: dict[str, set] = {}
+    for split, samples in m.splits.items():
+        for rel, _ in samples:
+            seen.setdefault(m.groups.get(rel, rel), set()).add(split)
+    both = sorted(g for g, splits in seen.items() if len(splits) > 1)
+    if both:
+        g = both[0]
+        warn(f"{len(both)} of {len(seen)} groups have images in more than one of the given splits (e.g. {g!r} in "
+             f"{' and '.join(sorted(seen[g]))}); their images are not independent tests. Let bottleneck split the "
+             "data (no split folders or column) to keep groups whole")
 
 
 def split_digest(pairs: list[tuple[str, str]]) -> str:
@@ -302,21 +395,30 @@ def _from_csv(path: Path) -> Manifest:
             rows = [[c.strip() for c in r] for r in csv.reader(f) if r and not r[0].startswith("#")]
     except (UnicodeDecodeError, csv.Error) as e:
         raise BottleneckError(f"{path} is neither an image folder nor a UTF-8 CSV manifest ({e})") from None
-    if rows and [c.lower() for c in rows[0]] in (["path", "label"], ["path", "label", "split"]):
-        rows = rows[1:]
+    header = [c.lower() for c in rows[0]] if rows else []
+    columns = ["path", "label"]
+    if header in (["path", "label"], ["path", "label", "split"], ["path", "label", "group"],
+                  ["path", "label", "split", "group"]):
+        columns, rows = header, rows[1:]
     elif rows and not rows[0][0].lower().endswith(IMAGE_SUFFIXES) and not (path.parent / rows[0][0]).is_file():
         # "file,class" would otherwise become a missing image of a phantom class "class"
         raise BottleneckError(f"manifest {path}: the first row {','.join(rows[0])!r} looks like a header; name the "
-                              "columns path,label[,split] or remove the row")
+                              "columns path,label[,split][,group] or remove the row")
+    elif rows and len(rows[0]) == 3:
+        columns = ["path", "label", "split"]  # a manifest without a header: its third column is the split
     if not rows:
-        raise BottleneckError(f"manifest {path} lists no images; expected lines 'path,label[,split]'")
-    bad = next((i for i, r in enumerate(rows) if len(r) not in (2, 3)), None)
+        raise BottleneckError(f"manifest {path} lists no images; expected lines 'path,label[,split][,group]'")
+    if {len(r) for r in rows} == {2, 3}:
+        raise BottleneckError(f"manifest {path} mixes rows with and without a split column")
+    bad = next((i for i, r in enumerate(rows) if len(r) != len(columns)), None)
     if bad is not None:
-        raise BottleneckError(f"manifest {path} row {bad + 1} has {len(rows[bad])} columns, expected 2 or 3")
+        raise BottleneckError(f"manifest {path} row {bad + 1} has {len(rows[bad])} columns, expected "
+                              f"{len(columns)} ({','.join(columns)})")
     if any(not r[0] or not r[1] for r in rows):
         raise BottleneckError(f"manifest {path} has a row with an empty path or label")
-    if len({len(r) for r in rows}) > 1:
-        raise BottleneckError(f"manifest {path} mixes rows with and without a split column")
+    col = {name: i for i, name in enumerate(columns)}
+    if "group" in col and any(not r[col["group"]] for r in rows):
+        raise BottleneckError(f"manifest {path} has a row with an empty group")
     seen = {}
     for r in rows:
         given, r[0] = r[0], _manifest_path(path.parent, r[0])
@@ -324,10 +426,10 @@ def _from_csv(path: Path) -> Manifest:
             raise BottleneckError(f"manifest {path} lists {r[0]} twice ({seen[r[0]]!r} and {given!r})")
         seen[r[0]] = given
     classes = sorted({r[1] for r in rows})
-    has_split = len(rows[0]) == 3
+    has_split = "split" in col
     splits: dict[str, list] = {}
     for r in rows:
-        split = r[2] if has_split else "train"
+        split = r[col["split"]] if has_split else "train"
         if split not in SPLITS:
             raise BottleneckError(f"manifest {path}: unknown split '{split}', use one of {', '.join(SPLITS)}")
         splits.setdefault(split, []).append((r[0], classes.index(r[1])))
@@ -338,7 +440,8 @@ def _from_csv(path: Path) -> Manifest:
         if has_split and missing:
             raise BottleneckError(f"manifest {path}: split '{split}' has no images of "
                                   f"{', '.join(classes[i] for i in sorted(missing))}; every split needs every class")
-    return Manifest(str(path.parent.resolve()), classes, ordered, info)
+    groups = {r[0]: r[col["group"]] for r in rows} if "group" in col else {}
+    return Manifest(str(path.parent.resolve()), classes, ordered, info, groups)
 
 
 def _manifest_path(root: Path, given: str) -> str:

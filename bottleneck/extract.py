@@ -41,7 +41,7 @@ def extract(s: ExtractSettings) -> Path:
     dev = resolve_device(s.device)
     prec = resolve_precision(s.precision, dev)
     shard_i, shard_n = parse_shard(s.shard)
-    manifest = data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed)
+    manifest = data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed, s.group_pattern)
     ref = backbones.resolve_weights(model, s.weights)
     every = sorted(p for samples in manifest.splits.values() for p, _ in samples)
     prep, why = preprocess.choose(model, manifest.root, every, s.image_size, s.crop, s.interpolation)
@@ -86,7 +86,7 @@ def extract(s: ExtractSettings) -> Path:
         blocks = {s: parts.iter_blocks(s, ks) for s, ks in plan.items()}
         rows = {split: n_views(views) * sum(len(block_samples(manifest, split, k, block_rows)) for k in ks)
                 for split, ks in plan.items()}
-        store.write_cache(path, attrs, blocks, dtype, rows)
+        store.write_cache(path, attrs, blocks, dtype, rows, manifest.groups or None)
         parts.remove()
         with store.FeatureStore(path) as st:
             skipped = sum(s["skipped"] for s in st.info()["splits"].values())

@@ -64,6 +64,9 @@ CROP_HELP = ("Resize the short side and centre-crop (the model's own pipeline), 
 INTERPOLATION_HELP = "Resampling [default: the model's own]."
 VAL_FRACTION_HELP = "Validation fraction carved from train [default: 0.1 for data without splits, else none]."
 TEST_FRACTION_HELP = "Test fraction carved from train [default: 0.25 for data without splits, else none]."
+GROUP_PATTERN_HELP = ("Keep images of one group (a module, patient, object) on one side of every split and fold: a "
+                      "regular expression whose first capture group, searched in each file name, names its group, "
+                      "e.g. '^(.+)_cell' (a CSV manifest may give a group column instead).")
 SPLIT_SEED_HELP = "Seed of the stratified split (the same for extract and finetune gives the same test images)."
 FOLDS_HELP = ("Cross-validate: K stratified folds of all images (every split pooled), each in turn the test split, "
               "validation carved from the rest; the same K and --split-seed give fit and finetune the same folds.")
@@ -161,6 +164,7 @@ class ExtractSettings(Settings):
     test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
                                           toml="[data] test_fraction")
     split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, flags=("--split-seed", "--seed"), toml="[data] seed")
+    group_pattern: str | None = setting(None, GROUP_PATTERN_HELP, toml="[data] group_pattern")
     progress: bool = setting(True, "Show a progress bar.", toml=False)
 
     def check(self) -> None:
@@ -253,6 +257,7 @@ class FinetuneSettings(Settings):
     test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
                                           toml="[data] test_fraction")
     split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] seed")
+    group_pattern: str | None = setting(None, GROUP_PATTERN_HELP, toml="[data] group_pattern")
     folds: int | None = setting(None, FOLDS_HELP, low=2, toml="[data] folds")
     fold: int | None = setting(None, FOLD_HELP, low=0, toml=False)
     workers: int | None = setting(None, "Decoding worker processes.", low=0, high=256)

@@ -225,10 +225,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # --------------------------------------------------------------------------- writing
 
 def write_cache(path: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype: str = "float32",
-                rows: dict[str, int] | None = None) -> Path:
+                rows: dict[str, int] | None = None, groups: dict[str, str] | None = None) -> Path:
     """Stream blocks into `<path>.tmp`, mark it complete, then rename it to `path`.
 
-    `rows` (an upper bound of each split's rows) keeps the HDF5 chunks of small splits small.
+    `rows` (an upper bound of each split's rows) keeps the HDF5 chunks of small splits small;
+    `groups` ({path: group}, from a grouped split) is kept so fit's folds keep groups whole too.
     """
     tmp = Path(f"{path}.tmp")
     tmp.unlink(missing_ok=True)
@@ -237,7 +238,7 @@ def write_cache(path: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtyp
     previous_hook, failure = sys.unraisablehook, None
     sys.unraisablehook = lambda _: None
     try:
-        _write_file(tmp, attrs, splits, dtype, rows or {})
+        _write_file(tmp, attrs, splits, dtype, rows or {}, groups)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         failure = write_error(e, tmp)
@@ -252,8 +253,14 @@ def write_cache(path: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtyp
     return path
 
 
-def _write_file(tmp: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype: str, rows: dict) -> None:
+def _write_file(tmp: Path, attrs: dict, splits: dict[str, Iterable[dict]], dtype: str, rows: dict,
+                groups: dict[str, str] | None = None) -> None:
     with h5py.File(tmp, "w") as f:
+        if groups:
+            text = h5py.string_dtype()
+            pairs = np.array(sorted(groups.items()), dtype=[("path", text), ("group", text)])
+            ds = f.create_dataset("groups", data=pairs, dtype=pairs.dtype)
+            ds.attrs["sha256"] = hashlib.sha256(_group_bytes(pairs)).hexdigest()
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
         f.attrs["format"] = FORMAT
@@ -308,6 +315,14 @@ def _block_values(block: dict, key: str) -> np.ndarray:
     """A block's rows of a feature tap ("blocks.5") or of a tap's maps ("maps/blocks.5")."""
     group, _, tap = key.rpartition("/")
     return block[group or "features"][tap]
+
+
+def _group_bytes(pairs: np.ndarray) -> bytes:
+    return "".join(f"{_text(p)}\0{_text(g)}\n" for p, g in pairs).encode()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _row_bytes(rows: np.ndarray) -> bytes:
@@ -426,8 +441,8 @@ class FeatureStore:
 
     @property
     def splits(self) -> list[str]:
-        return [s for s in ("train", "val", "test") if s in self.file] + \
-               sorted(s for s in self.file if s not in ("train", "val", "test"))
+        others = (s for s in self.file if s not in ("train", "val", "test") and isinstance(self.file[s], h5py.Group))
+        return [s for s in ("train", "val", "test") if s in self.file] + sorted(others)
 
     @property
     def taps(self) -> list[str]:
@@ -488,6 +503,15 @@ class FeatureStore:
             raise _damaged(self.path, f"{ds.name.lstrip('/')} does not match its checksum ('bottleneck cache verify' "
                            "lists every such dataset)")
         return rows
+
+    def groups(self) -> dict[str, str] | None:
+        """{path: group} of a cache extracted with groups (a manifest's group column or --group-pattern)."""
+        if "groups" not in self.file:
+            return None
+        pairs = self.file["groups"][:]
+        if hashlib.sha256(_group_bytes(pairs)).hexdigest() != self.file["groups"].attrs.get("sha256"):
+            raise _damaged(self.path, "groups does not match its checksum")
+        return {_text(p): _text(g) for p, g in pairs}
 
     def skipped(self, split: str) -> list[tuple[str, str]]:
         rows = self._split(split)["skipped"][:]
@@ -622,6 +646,10 @@ def verify(path: str | os.PathLike) -> list[str]:
                         problems.append(f"{split}/{name} holds NaN or inf")
                 except OSError as e:
                     problems.append(f"{split}/{name} cannot be read ({e})")
+        try:
+            store.groups()
+        except (BottleneckError, OSError) as e:
+            problems.append(str(e))
     return problems
 
 
@@ -674,7 +702,8 @@ def merge(shards: list[str | os.PathLike], out: str | os.PathLike | None = None)
         splits = {s: _shard_blocks(stores, s) for s in first.splits}
         with CacheLock(out):
             rows = {s: sum(st.file[s]["labels"].shape[0] for st in stores if s in st.file) for s in first.splits}
-            return write_cache(out, attrs, splits, dtype=first.attrs.get("dtype", "float32"), rows=rows)
+            return write_cache(out, attrs, splits, dtype=first.attrs.get("dtype", "float32"), rows=rows,
+                               groups=first.groups())
     finally:
         for st in stores:
             st.close()
