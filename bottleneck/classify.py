@@ -94,9 +94,9 @@ def finished_fit(out: Path, settings: dict, st: FeatureStore, reuse: bool) -> Pa
     if not reuse or not path.is_file() or not (out / CLASSIFIER_FILE).is_file():  # a fit from before model.skops
         return None
     try:
-        rep = json.loads(path.read_text())
-        same = rep["settings"] == settings and rep["cache"]["fingerprint"] == st.attrs["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+        rep = reports.read_report(path)
+        same = rep.settings == settings and rep.extra["cache"]["fingerprint"] == st.attrs["fingerprint"]
+    except (BottleneckError, KeyError, TypeError):
         return None
     if same:
         note(f"{settings['clf']} on {settings['tap']}: done before ({path})")
@@ -228,9 +228,9 @@ def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> 
     if force or not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())
-        before = {"settings": old.get("settings"), "cache": old.get("cache", {}).get("fingerprint")}
-    except (OSError, ValueError, AttributeError):
+        old = reports.read_report(path)
+        before = {"settings": old.settings, "cache": (old.extra.get("cache") or {}).get("fingerprint")}
+    except (BottleneckError, AttributeError):
         before = {}
     now = {"settings": settings, "cache": fingerprint}
     changed = [k for k in now if before.get(k) != now[k]]
@@ -271,23 +271,19 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
         point = reports.operating_point(settings["target"], st.classes, validation, how, y_test, probs)
     pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout"),
                                                    "folds": d.get("folds")}
-    rep = {"stage": "fit", "model": st.attrs["model"], "tap": tap, "clf": clf, "settings": settings,
-           "layer_choice": choice, "taps": taps_of(tap, st.taps), "preprocessing": st.attrs.get("preprocessing"),
-           "views": st.attrs.get("views", "none"),
-           "params": estimator_params(pipe),
-           "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in tried.items()},
-                      "chosen": chosen} if search else None,
-           "classes": st.classes, "split": "test", "holdout": d.get("holdout"), "folds": d.get("folds"),
-           "trained_on": trained_on,
-           "test_set": reports.test_set("test", test_paths, y_test, st.classes),
-           "data_root": st.attrs.get("data_root"),
-           "n_train": int(len(y)) // st.n_views, "n_test": int(len(y_test)),
-           **reports.metrics(y_test, y_pred, st.classes, probs, point and point["class"]),
-           "operating_point": point,
-           "cost": {"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
-                    "extraction": st.attrs.get("cost", {})},
-           "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]},
-           "validation": validation_score(pipe, d, chosen, len(st.classes))}
+    rep = reports.Report(
+        stage="fit", model=st.attrs["model"], tap=tap, clf=clf, settings=settings, classes=st.classes,
+        preprocessing=st.attrs.get("preprocessing"), estimator_params=estimator_params(pipe),
+        folds=d.get("folds"), trained_on=trained_on, test_set=reports.test_set("test", test_paths, y_test, st.classes),
+        data_root=st.attrs.get("data_root"), n_train=int(len(y)) // st.n_views, n_test=int(len(y_test)),
+        **reports.metrics(y_test, y_pred, st.classes, probs, point and point["class"]), operating_point=point,
+        cost={"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
+              "extraction": st.attrs.get("cost", {})},
+        validation=validation_score(pipe, d, chosen, len(st.classes)),
+        extra={"layer_choice": choice, "taps": taps_of(tap, st.taps), "views": st.attrs.get("views", "none"),
+               "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in tried.items()},
+                          "chosen": chosen} if search else None,
+               "holdout": d.get("holdout"), "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]}})
     out.mkdir(parents=True, exist_ok=True)
     # The old report goes first and the new one comes last: a report present always describes the
     # model and predictions beside it, even when the writer is killed between two files.
@@ -295,10 +291,10 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     save_classifier(pipe, out / CLASSIFIER_FILE)
     (out / "model.joblib").unlink(missing_ok=True)  # a pickle of an earlier fit here no longer describes the result
     reports.write_predictions(out, test_paths, y_test, y_pred, probs, st.classes)
-    path = reports.write_report(out, rep)
-    lo, hi = rep["accuracy_ci"]
-    note(f"{clf} on {tap}: test accuracy {rep['accuracy']:.3f} (95 % CI {lo:.3f}-{hi:.3f}), balanced "
-         f"{rep['balanced_accuracy']:.3f} (fit {_duration(fit_seconds)})")
+    path = rep.write(out)
+    lo, hi = rep.accuracy_ci
+    note(f"{clf} on {tap}: test accuracy {rep.accuracy:.3f} (95 % CI {lo:.3f}-{hi:.3f}), balanced "
+         f"{rep.balanced_accuracy:.3f} (fit {_duration(fit_seconds)})")
     return path
 
 
@@ -436,11 +432,11 @@ def _plain(v):
 
 
 def layer_probe(paths: list[Path], out: Path, name: str = "layers") -> Path:
-    rows = [json.loads(p.read_text()) for p in paths]
-    table = [{"tap": r["tap"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"],
-              "macro_f1": r["macro_f1"]} for r in rows]
+    rows = [reports.read_report(p) for p in paths]
+    table = [{"tap": r.tap, "accuracy": r.accuracy, "balanced_accuracy": r.balanced_accuracy,
+              "macro_f1": r.macro_f1} for r in rows]
     reports.plot_curve([r["tap"] for r in table], [r["accuracy"] for r in table], "tap", out / f"{name}.png",
-                       title=f"{rows[0]['model']} {rows[0]['clf']}: test accuracy by layer")
+                       title=f"{rows[0].model} {rows[0].clf}: test accuracy by layer")
     return _write_table(out / f"{name}.json", table)
 
 

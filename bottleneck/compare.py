@@ -310,9 +310,9 @@ def collect(run_dirs: list[str]) -> list[dict]:
             if path.resolve() in seen:
                 continue
             seen.add(path.resolve())
-            rep = _read_report(path)
-            if rep.get("stage") in ("fit", "finetune"):
-                rows.append(row(rep, path, Path(folder)))
+            rep = reports.read_report(path)
+            if rep.stage in ("fit", "finetune"):
+                rows.append(row(rep, Path(folder)))
     if not rows:
         raise BottleneckError(f"no fit or finetune report.json under {', '.join(run_dirs)}; run "
                               "'bottleneck fit', 'bottleneck finetune' or 'bottleneck run' first")
@@ -360,107 +360,45 @@ def _pooled_row(members: list[dict], pooled: dict) -> dict:
         "folds": pooled["folds"] | {"reports": [m["report"] for m in members]}, "predictions": preds}
 
 
-def _read_report(path: Path) -> dict:
-    try:
-        rep = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BottleneckError(f"{path} is not a readable report ({e}); delete it or rerun its stage") from None
-    if not isinstance(rep, dict):
-        raise BottleneckError(f"{path} is not a report (a JSON object); delete it or rerun its stage")
-    return rep
-
-
-def row(rep: dict, path: Path, run_dir: Path | None = None) -> dict:
-    """The comparison's view of one report: its scores, intervals and total cost in seconds."""
-    try:
-        return _row(rep, path, run_dir)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise BottleneckError(f"{path} lacks what a report holds ({type(e).__name__}: {e}); "
-                              "delete it or rerun its stage") from None
-
-
-def _row(rep: dict, path: Path, run_dir: Path | None) -> dict:
-    cost = rep.get("cost") or {}
-    shared = 0.0  # the extraction a fit or a top on cached maps read: one pass serves every fold
-    if rep["stage"] == "finetune":
-        method, seconds, device = "fine-tune", _number(cost.get("wall_seconds", 0.0)), cost.get("device", "")
-        seconds += _number(rep.get("probe_cost_seconds") or 0.0)  # LP-FT: the probe it started from counts too
-        shared = _number(rep.get("cache_cost_seconds") or 0.0)
-        seconds += shared  # a top trained on cached maps: their extraction
-    else:
-        extraction = cost.get("extraction") or {}
-        method = "fixed features"
-        shared = _number(extraction.get("wall_seconds", 0.0))
-        seconds = _number(cost.get("fit_seconds", 0.0)) + shared
-        device = extraction.get("device", "")
-    accuracy, n_test = _number(rep["accuracy"]), int(rep.get("n_test") or 0)
-    n_train = int(rep.get("n_train") or 0)
-    folder = path.parent
+def row(rep: reports.Report, run_dir: Path | None = None) -> dict:
+    """The comparison's view of one report (read by report.read_report): its scores, intervals and total
+    cost in seconds, named by its folder relative to `run_dir`."""
+    folder = rep.path.parent
     ident = str(folder.relative_to(run_dir)) if run_dir and folder.is_relative_to(run_dir) else str(folder)
-    return {"id": ident, "method": method, "backbone": str(rep["model"]), "tap": rep.get("tap") or "",
-            "classifier": rep["clf"] if rep["stage"] == "fit" else _finetuned(rep, folder.name),
-            "accuracy": accuracy,
-            "accuracy_ci": _interval(rep.get("accuracy_ci")) or stats.wilson(round(accuracy * n_test), n_test),
+    seconds, n_train = rep.cost_seconds, int(rep.n_train or 0)
+    return {"id": ident, "method": rep.method, "backbone": str(rep.model), "tap": rep.tap or "",
+            "classifier": rep.clf if rep.stage == "fit" else _finetuned(rep, folder.name),
+            "accuracy": rep.accuracy, "accuracy_ci": rep.accuracy_ci,
             "difference": None, "difference_ci": None, "p_value": None,
-            "balanced_accuracy": _number(rep["balanced_accuracy"]),
-            "balanced_accuracy_ci": _interval(rep.get("balanced_accuracy_ci")),
-            "macro_f1": _number(rep.get("macro_f1", 0.0)),
+            "balanced_accuracy": rep.balanced_accuracy, "balanced_accuracy_ci": rep.balanced_accuracy_ci,
+            "macro_f1": rep.macro_f1 or 0.0,
             "cost_seconds": round(seconds, 3),
             # per training image: what each labelled example cost to learn from
             "ms_per_image": round(1000 * seconds / n_train, 3) if n_train else None,
-            "n_train": n_train, "n_test": n_test, "device": device,
-            "test_set": str(rep["test_set"]["sha256"]) if rep.get("test_set") else None, "report": str(path),
-            "classes": rep.get("classes"), "data_root": rep.get("data_root"), "validation": validation(rep),
-            "shared_seconds": shared}
+            "n_train": n_train, "n_test": rep.n_test, "device": rep.device,
+            "test_set": str(rep.test_set["sha256"]) if rep.test_set else None, "report": str(rep.path),
+            "classes": rep.classes, "data_root": rep.data_root, "validation": rep.validation,
+            "shared_seconds": rep.shared_seconds}
 
 
-def validation(rep: dict) -> dict | None:
-    """The score a report's run got on data other than its test images, by which contenders are chosen:
-    a fit's search score (validation split, or cross-validation on train), a fine-tune's best epoch on
-    its validation split. None when the run recorded none (a fit with --no-search)."""
-    if isinstance(rep.get("validation"), dict):
-        return {"accuracy": _number(rep["validation"]["accuracy"]), "by": str(rep["validation"].get("by", ""))}
-    chosen = (rep.get("search") or {}).get("chosen") or {}
-    if rep["stage"] == "fit" and chosen.get("cv_accuracy") is not None:
-        return {"accuracy": _number(chosen["cv_accuracy"]), "by": str(chosen.get("cv", "validation"))}
-    best, history = rep.get("best_epoch"), rep.get("history") or []
-    if rep["stage"] == "finetune" and isinstance(best, int) and 0 < best <= len(history):
-        return {"accuracy": _number(history[best - 1]["val_accuracy"]), "by": f"validation split, epoch {best}"}
-    return None
-
-
-def _finetuned(rep: dict, name: str) -> str:
+def _finetuned(rep: reports.Report, name: str) -> str:
     """What a fine-tune trained; several LP-FT or top runs are told apart by their run's name (without
     -seedN: a contender's seeds share it) and length."""
-    params = rep.get("params") or {}
+    settings = rep.settings
     name = re.sub(r"-seed\d+$", "", name)
-    lpft = "head from a logreg probe" if params.get("init_head") else ""
-    if params.get("from_cache"):
-        views = (rep.get("from_cache") or {}).get("views", "none")
-        return (f"layers after {rep.get('tap')} on cached maps{'' if views == 'none' else ' of ' + views + ' views'}"
-                f"{', ' + lpft if lpft else ''} ({name}, {params.get('epochs')} epochs)")
+    lpft = "head from a logreg probe" if settings.get("init_head") else ""
+    if settings.get("from_cache"):
+        views = (rep.extra.get("from_cache") or {}).get("views", "none")
+        return (f"layers after {rep.tap} on cached maps{'' if views == 'none' else ' of ' + views + ' views'}"
+                f"{', ' + lpft if lpft else ''} ({name}, {settings.get('epochs')} epochs)")
     if lpft:
-        return f"{lpft} (LP-FT {name}, {params.get('epochs')} epochs)"
-    unfreeze = str(params.get("unfreeze", "all"))
+        return f"{lpft} (LP-FT {name}, {settings.get('epochs')} epochs)"
+    unfreeze = str(settings.get("unfreeze", "all"))
     if unfreeze == "all":
         return "whole network, new head"
     if unfreeze.startswith("from:"):
         return f"layers from {unfreeze.removeprefix('from:')} on, new head"
     return f"last {unfreeze} blocks, new head"
-
-
-def _interval(value) -> list[float] | None:
-    """A report's [low, high], or None when it has none (older reports) or it is malformed."""
-    if value is None:
-        return None
-    low, high = (_number(v) for v in value)
-    return [low, high]
-
-
-def _number(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{value!r} is not a finite number")
-    return float(value)
 
 
 def split_by_test_set(rows: list[dict]) -> tuple[list[dict], list[dict]]:

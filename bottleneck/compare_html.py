@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from bottleneck import data, scores
 from bottleneck.compare import HEADERS, cells, label, predictions
+from bottleneck.errors import BottleneckError
+from bottleneck.report import Report, read_report
 
 GALLERY_SIZE = 24  # disputed images shown; the count of all of them is given
 THUMBNAIL_PX = 112
@@ -215,15 +216,17 @@ def _probability_section(rows: list[dict]) -> list[str]:
         y = np.array([classes.index(v["true"]) for v in preds.values()])
         probs = np.array([[v["probabilities"][c] for c in classes] for v in preds.values()])
         stored = _stored_report(r)
-        point, c = stored.get("operating_point"), _positive(classes, y, stored)
+        point = stored and stored.operating_point
+        c = _positive(classes, y, stored and stored.positive_class)
         cal = scores.calibration(y, probs)
         figures = [_reliability_svg(cal)]
         ranking = {}
         if c is not None and 0 < (y == c).sum() < len(y):
             positive, p = y == c, probs[:, c]
             # the report's own intervals when it has them: 2,000 resamples of 100,000 images take a while
-            ranking = ({k: stored[k] for k in ("roc_auc", "roc_auc_ci", "average_precision", "average_precision_ci")}
-                       if stored.get("positive_class") == classes[c] and stored.get("roc_auc_ci")
+            ranking = ({k: getattr(stored, k) for k in ("roc_auc", "roc_auc_ci", "average_precision",
+                                                          "average_precision_ci")}
+                       if stored and stored.positive_class == classes[c] and stored.roc_auc_ci
                        else scores.ranking_scores(positive, p))
             figures = [_roc_svg(positive, p, classes[c], point), _pr_svg(positive, p, classes[c], point)] + figures
         lines.append(_score_cells(r, classes[c] if ranking else None, ranking, scores.log_loss(y, probs),
@@ -247,25 +250,24 @@ def _probability_section(rows: list[dict]) -> list[str]:
             *drawn]
 
 
-def _stored_report(r: dict) -> dict:
-    """A row's report.json ({} if unreadable): its operating point and intervals, when it has them.
+def _stored_report(r: dict) -> Report | None:
+    """A row's report (None if unreadable): its operating point and intervals, when it has them.
     A cross-validated row pools its folds' predictions: no one fold's report speaks for it."""
     if r.get("folds"):
-        return {}
+        return None
     try:
-        rep = json.loads(Path(r["report"]).read_text())
-    except (OSError, ValueError):
-        return {}
-    return rep if isinstance(rep, dict) else {}
+        return read_report(r["report"])
+    except BottleneckError:
+        return None
 
 
-def _positive(classes: list[str], y: np.ndarray, stored: dict) -> int | None:
-    """Two classes: the report's positive class (the target's, or the rarer one), else the rarer on
-    these images, as report.probability_scores chooses it; None for more classes."""
+def _positive(classes: list[str], y: np.ndarray, stored: str | None) -> int | None:
+    """Two classes: the report's positive class `stored` (the target's, or the rarer one), else the rarer
+    on these images, as report.probability_scores chooses it; None for more classes."""
     if len(classes) != 2:
         return None
-    if stored.get("positive_class") in classes:
-        return classes.index(stored["positive_class"])
+    if stored in classes:
+        return classes.index(stored)
     counts = np.bincount(y, minlength=2)
     return int(counts[1] <= counts[0])
 

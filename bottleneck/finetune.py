@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import resource
@@ -177,9 +176,9 @@ def changed_settings(out: Path, args: dict) -> list[str]:
     """The settings in which the finished run in `out` differs from `args`; [] when the same."""
     path = out / "report.json"
     try:
-        rep = json.loads(path.read_text())
-        before = rep["params"] | {"model": rep["model"], "data_dir": rep["data"]}
-    except (OSError, ValueError, KeyError, TypeError):
+        rep = reports.read_report(path)
+        before = rep.settings | {"model": rep.model, "data_dir": rep.extra["data"]}
+    except (BottleneckError, KeyError, TypeError):
         raise BottleneckError(f"{path} is not a readable fine-tuning report; delete {out} to train again") from None
     if DATA_KEY not in before:  # a run from before fingerprints were recorded: only its data's path can be compared
         note(f"{out} was trained before runs recorded their data's fingerprint: a change of the files under "
@@ -312,10 +311,10 @@ def probe_cost(path: str, counted_cache: str | None = None) -> float | None:
     """Fit and extraction seconds of the probe an LP-FT run started from, from the report beside it;
     not the extraction of `counted_cache` (a fingerprint), which the run counts itself."""
     try:
-        rep = json.loads((Path(path).parent / "report.json").read_text())
-        cost, own = rep["cost"], rep["cache"]["fingerprint"] == counted_cache
-        return float(cost["fit_seconds"]) + (0.0 if own else float(cost["extraction"].get("wall_seconds") or 0.0))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        rep = reports.read_report(Path(path).parent / "report.json")
+        own = rep.extra["cache"]["fingerprint"] == counted_cache
+        return rep.cost_seconds - (rep.shared_seconds if own else 0.0)
+    except (BottleneckError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -584,8 +583,11 @@ class Run:
                                             (np.array(val["y_true"]), val["probs"].numpy()),
                                             "validation split, scored by the final model",
                                             np.array(final["y_true"]), final["probs"].numpy())
-        rep = build_report(self, classes, split_info, final, wall, point) | {"data_root": root} | extra
-        rep["test_set"] = reports.test_set("test", test_paths, final["y_true"], classes)
+        rep = build_report(self, classes, split_info, final, wall, point)
+        rep.data_root, rep.preprocessing, rep.folds = root, extra.pop("preprocessing"), extra.pop("folds")
+        rep.tap = extra.pop("tap", None)  # a top on cached maps: the tap they were cut at
+        rep.extra |= extra
+        rep.test_set = reports.test_set("test", test_paths, final["y_true"], classes)
         reports.write_predictions(self.out, test_paths, final["y_true"], final["y_pred"], final["probs"].numpy(),
                                   classes)
         save_atomic({"format": NETWORK_FORMAT, "model": self.whole_network(), "arch": self.args["model"],
@@ -594,7 +596,7 @@ class Run:
                      "trained_on": ["train", "val"],  # val chose the epoch: its score is optimistic too
                      "versions": versions()}, self.out / "model.pt")
         reports.plot_history(self.state.history, self.out / "learning_curve.png", title=f"{self.args['model']}")
-        path = reports.write_report(self.out, rep)
+        path = rep.write(self.out)
         self.checkpoint_path().unlink(missing_ok=True)
         return path
 
@@ -668,26 +670,24 @@ def lr_factor(schedule: str, steps: int, phase: str):
 
 
 def build_report(run: Run, classes: list[str], split_info: dict, final: dict, wall: float,
-                 point: dict | None = None) -> dict:
+                 point: dict | None = None) -> reports.Report:
     s, a = run.state, run.args
     head_only = s.head_only
     peak = (torch.cuda.max_memory_allocated(run.dev) if run.dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     speed = round(s.train_images / s.train_seconds, 2) if s.train_seconds else None
-    return {"stage": "finetune", "model": a["model"], "tap": None, "clf": "finetune",
-            "params": {k: v for k, v in a.items() if k not in ("model", "data_dir")}, "classes": classes,
-            "split": "test", "split_info": split_info, "trained_on": ["train", "val"],
-            "n_train": len(run.images["train"][1]),
-            "n_val": len(run.images["val"][1]), "n_test": len(final["y_true"]),
-            **reports.metrics(np.array(final["y_true"]), np.array(final["y_pred"]), classes, final["probs"].numpy(),
-                              point and point["class"]),
-            "operating_point": point,
-            "head_only": None if head_only is None else
-            reports.metrics(np.array(head_only["y_true"]), np.array(head_only["y_pred"]), classes),
-            "best_epoch": s.best_epoch, "history": s.history,
-            "cost": {"wall_seconds": round(wall, 1), "device": device_name(run.dev),
-                     "device_seconds": round(s.train_seconds, 1),
-                     "images_per_second": speed,
-                     "epochs_run": len(s.history), "peak_memory_mb": round(peak / 2**20),
-                     "precision": run.precision, "processes": run.world},
-            "data": a["data_dir"]}
+    return reports.Report(
+        stage="finetune", model=a["model"], tap=None, clf="finetune", classes=classes,
+        settings={k: v for k, v in a.items() if k not in ("model", "data_dir")}, trained_on=["train", "val"],
+        n_train=len(run.images["train"][1]), n_test=len(final["y_true"]),
+        **reports.metrics(np.array(final["y_true"]), np.array(final["y_pred"]), classes, final["probs"].numpy(),
+                          point and point["class"]),
+        operating_point=point, validation=reports.best_epoch_score(s.best_epoch, s.history),
+        cost={"wall_seconds": round(wall, 1), "device": device_name(run.dev),
+              "device_seconds": round(s.train_seconds, 1), "images_per_second": speed,
+              "epochs_run": len(s.history), "peak_memory_mb": round(peak / 2**20),
+              "precision": run.precision, "processes": run.world},
+        extra={"split_info": split_info, "n_val": len(run.images["val"][1]),
+               "head_only": None if head_only is None else
+               reports.metrics(np.array(head_only["y_true"]), np.array(head_only["y_pred"]), classes),
+               "best_epoch": s.best_epoch, "history": s.history, "data": a["data_dir"]})

@@ -8,13 +8,12 @@ of all images, so a comparison pairs two paths image by image across all folds.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from bottleneck import data
 from bottleneck.errors import BottleneckError
-from bottleneck.report import read_predictions
+from bottleneck.report import Report, read_predictions, read_report
 
 FOLD_SUFFIX = re.compile(r"-fold(\d+)$")
 
@@ -35,8 +34,8 @@ def pool(reports: list[str | Path]) -> dict:
         raise BottleneckError("no fold reports to pool; give the K report.json files of one path")
     records, pooled, fold_of = {}, {}, {}
     for path in map(Path, reports):
-        rep = _read(path)
-        rec = rep.get("folds")
+        rep = read_report(path)
+        rec = rep.folds
         if not rec:
             raise BottleneckError(f"{path} is not a fold of a cross-validated run (it has no 'folds' record); pool "
                                   "only reports of fit or finetune --folds K")
@@ -90,21 +89,14 @@ def groups(reports: list[str | Path]) -> dict[str, list[Path]]:
     return found
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BottleneckError(f"{path} is not a readable report ({e}); run its fold again") from None
-
-
-def _fold_predictions(path: Path, rep: dict) -> dict[str, dict]:
+def _fold_predictions(path: Path, rep: Report) -> dict[str, dict]:
     """A fold's predictions.csv, checked against the test set its report names."""
     csv = path.parent / "predictions.csv"
     if not csv.is_file():
-        raise BottleneckError(f"{path} has no predictions.csv beside it; run fold {rep['folds']['fold']} again")
+        raise BottleneckError(f"{path} has no predictions.csv beside it; run fold {rep.folds['fold']} again")
     rows = read_predictions(csv)
     digest = data.split_digest([(p, r["true"]) for p, r in rows.items()])
-    if digest != rep.get("test_set", {}).get("sha256"):
+    if digest != (rep.test_set or {}).get("sha256"):
         raise BottleneckError(f"{csv} does not hold the test images {path} names; run fold "
-                              f"{rep['folds']['fold']} again")
+                              f"{rep.folds['fold']} again")
     return rows

@@ -33,16 +33,18 @@ def evaluate(model: str, features: str, *, split: str = "test", out: str | None 
     model, features, split, out = checked(evaluate, model=model, features=features, split=split, out=out).values()
     t = trained.load(model, trust)
     scored = evaluate_finetuned if t.kind == "network" else evaluate_classifier
-    rep, paths, y_true, y_pred, probs = scored(t, features, split)
-    rep |= {**reports.metrics(y_true, y_pred, rep["classes"], np.asarray(probs)),
-            "test_set": reports.test_set(split, paths, y_true, rep["classes"])}
-    if split in rep["trained_on"]:
-        rep["caveat"] = (f"the model was trained or tuned on the {split} split: this score measures how well it "
-                         "remembers those images, not how it does on new ones")
+    about, paths, y_true, y_pred, probs = scored(t, features, split)
+    classes = about["classes"]
+    rep = reports.Report(stage="evaluate", split=split, n_test=int(len(y_true)), **about,
+                         **reports.metrics(y_true, y_pred, classes, np.asarray(probs)),
+                         test_set=reports.test_set(split, paths, y_true, classes), extra={"features": str(features)})
+    if split in rep.trained_on:
+        rep.caveat = (f"the model was trained or tuned on the {split} split: this score measures how well it "
+                      "remembers those images, not how it does on new ones")
     if out:
-        reports.write_predictions(Path(out), paths, y_true, y_pred, probs, rep["classes"])
-        reports.write_report(Path(out), rep)
-    return rep
+        reports.write_predictions(Path(out), paths, y_true, y_pred, probs, classes)
+        rep.write(Path(out))
+    return rep.to_dict()
 
 
 def checked(func, **args) -> dict:
@@ -64,7 +66,8 @@ def checked(func, **args) -> dict:
 
 def evaluate_classifier(t: trained.Trained, features: str, split: str) -> tuple[dict, list[str], np.ndarray,
                                                                                 np.ndarray, np.ndarray]:
-    """A classifier's description, and its test paths, labels, predictions and probabilities on `split`."""
+    """What names a classifier in a report (model, tap, clf, classes, trained_on), and its test paths,
+    labels, predictions and probabilities on `split`."""
     model, pipe, prov = t.path, t.pipe, t.meta
     with FeatureStore(features) as st:
         for key in COMPATIBLE_KEYS:
@@ -86,10 +89,9 @@ def evaluate_classifier(t: trained.Trained, features: str, split: str) -> tuple[
     # Older classifiers do not record their training splits: assume the usual train (+ val).
     trained_on = prov.get("trained_on", ["train", "val"]) if same_cache else []
     paths, y, y_pred, probs = predict_images(pipe, x, y, paths, len(prov["classes"]))  # a cache's views averaged
-    rep = {"stage": "evaluate", "model": prov["model"], "tap": prov["tap"], "clf": prov["clf"],
-           "classes": prov["classes"], "split": split, "n_test": int(len(y)), "features": str(features),
-           "trained_on": trained_on}
-    return rep, paths, y, y_pred, probs
+    about = {"model": prov["model"], "tap": prov["tap"], "clf": prov["clf"], "classes": prov["classes"],
+             "trained_on": trained_on}
+    return about, paths, y, y_pred, probs
 
 
 def evaluate_finetuned(t: trained.Trained, features: str, split: str, device: str = "auto"
@@ -113,10 +115,9 @@ def evaluate_finetuned(t: trained.Trained, features: str, split: str, device: st
     images = torch.cat(batches)
     probs = backbones.predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"],
                                     dev, meta["precision"], meta["tta"]).numpy()
-    rep = {"stage": "evaluate", "model": meta["arch"], "tap": None, "clf": "finetune", "classes": meta["classes"],
-           "split": split, "n_test": int(len(y)), "features": str(features),
-           "trained_on": meta.get("trained_on", ["train"])}
-    return rep, paths, y, probs.argmax(1), probs
+    about = {"model": meta["arch"], "tap": None, "clf": "finetune", "classes": meta["classes"],
+             "trained_on": meta.get("trained_on", ["train"])}
+    return about, paths, y, probs.argmax(1), probs
 
 
 def one_row_per_image(paths: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:

@@ -1,14 +1,18 @@
-"""Reports shared by fit and finetune: metrics on a split, written as report.json and a PNG.
+"""Reports of fit, finetune and evaluate: metrics on a split, one `Report` written as report.json and a PNG.
 
-The schema is documented in docs/reports.md.
+The schema is documented in docs/reports.md. report.json stays a flat JSON object that older
+bottleneck versions and users' scripts read; `read_report` reads it back, and the reports older
+versions wrote, into the one `Report` shape.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import textwrap
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,187 @@ from sklearn.metrics import (
 
 from bottleneck import scores, stats
 from bottleneck.data import split_digest
+from bottleneck.errors import BottleneckError
+
+
+@dataclass
+class Report:
+    """What fit, finetune and evaluate report, one shape for all three (docs/reports.md has each key).
+
+    `extra` holds what only one stage has (fit's search and layer choice, a fine-tune's history and
+    head-only scores, ...) under the keys report.json gives them; `path` is where it was read from.
+    """
+
+    stage: str  # fit, finetune or evaluate
+    model: str
+    accuracy: float
+    balanced_accuracy: float
+    tap: str | None = None  # None for a fine-tune of the whole network
+    clf: str = ""  # the classifier; "finetune" for a fine-tuned network
+    classes: list[str] | None = None
+    split: str = "test"
+    n_train: int | None = None
+    n_test: int = 0
+    trained_on: list[str] = field(default_factory=list)
+    test_set: dict | None = None
+    accuracy_ci: list[float] | None = None
+    balanced_accuracy_ci: list[float] | None = None
+    macro_f1: float | None = None
+    per_class: dict | None = None
+    confusion_matrix: list | None = None
+    validation: dict | None = None  # {"accuracy", "by"}: the score compare chooses contenders by
+    log_loss: float | None = None
+    brier: float | None = None
+    calibration: dict | None = None
+    positive_class: str | None = None
+    roc_auc: float | None = None
+    roc_auc_ci: list[float] | None = None
+    average_precision: float | None = None
+    average_precision_ci: list[float] | None = None
+    operating_point: dict | None = None
+    cost: dict = field(default_factory=dict)  # the stage's own breakdown: fit_seconds and extraction, or wall_seconds
+    folds: dict | None = None
+    data_root: str | None = None
+    preprocessing: dict | None = None
+    caveat: str | None = None  # evaluate on a split the model was trained on
+    settings: dict = field(default_factory=dict)  # what the run was made with
+    estimator_params: dict | None = None  # fit: the estimator's parameters as fitted
+    extra: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def seed(self) -> int | None:
+        """The training (estimator) seed."""
+        return self.settings.get("seed")
+
+    @property
+    def predictions_path(self) -> Path | None:
+        return None if self.path is None else self.path.with_name("predictions.csv")
+
+    @property
+    def method(self) -> str:
+        return "fine-tune" if self.stage == "finetune" else "fixed features"
+
+    @property
+    def shared_seconds(self) -> float:
+        """The extraction a fit or a top on cached maps read: one pass serves every fold and classifier."""
+        if self.stage == "finetune":
+            return _number(self.extra.get("cache_cost_seconds") or 0.0)
+        return _number((self.cost.get("extraction") or {}).get("wall_seconds") or 0.0)
+
+    @property
+    def cost_seconds(self) -> float:
+        """End to end: extraction and fit, or fine-tuning with the probe it started from and the maps it read."""
+        if self.stage == "finetune":
+            own = _number(self.cost.get("wall_seconds") or 0.0) + _number(self.extra.get("probe_cost_seconds") or 0.0)
+        else:
+            own = _number(self.cost.get("fit_seconds") or 0.0)
+        return own + self.shared_seconds
+
+    @property
+    def device(self) -> str:
+        return str(self.cost.get("device") if self.stage == "finetune"
+                   else (self.cost.get("extraction") or {}).get("device", "") or "")
+
+    def to_dict(self) -> dict:
+        """The flat report.json: the keys it has always had, a field left out when None unless it always
+        was written (as null); a fine-tune's settings also under "params", where older versions read them."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in NOT_KEYS and (value is not None or f.name in NULLABLE):
+                out[f.name] = value
+        params = self.settings if self.stage == "finetune" else self.estimator_params
+        return out | {"settings": self.settings} | ({} if params is None else {"params": params}) | self.extra
+
+    def write(self, out: Path) -> Path:
+        """confusion_matrix.png, then report.json (crash-safe, last) into `out`; returns report.json's path."""
+        self.path = write_report(out, self.to_dict())
+        return self.path
+
+    @classmethod
+    def from_dict(cls, d: dict, path: Path | None = None) -> Report:
+        """A report from report.json's object, as this version or an older one wrote it; raises
+        KeyError, TypeError or ValueError when it lacks what a report holds."""
+        if not isinstance(d, dict):
+            raise TypeError("not a JSON object")
+        d = dict(d)
+        settings, params = d.pop("settings", None), d.pop("params", None)
+        if d.get("stage") == "finetune":  # older fine-tunes kept their settings under "params" alone
+            settings, params = settings or params, None
+        names = {f.name for f in fields(cls)} - set(NOT_KEYS)
+        known = {k: d.pop(k) for k in list(d) if k in names}
+        rep = cls(**known, settings=settings or {}, estimator_params=params, extra=d, path=path)
+        rep._check()
+        return rep
+
+    def _check(self) -> None:
+        """Numbers that are numbers, intervals that are pairs; what older reports lack, filled in."""
+        if not isinstance(self.stage, str) or not isinstance(self.cost, dict) or not isinstance(self.settings, dict):
+            raise TypeError("its stage, cost or settings has the wrong type")
+        self.accuracy, self.balanced_accuracy = _number(self.accuracy), _number(self.balanced_accuracy)
+        self.n_test = int(self.n_test or 0)
+        self.accuracy_ci = _interval(self.accuracy_ci) or stats.wilson(round(self.accuracy * self.n_test), self.n_test)
+        self.balanced_accuracy_ci = _interval(self.balanced_accuracy_ci)
+        if self.macro_f1 is not None:
+            self.macro_f1 = _number(self.macro_f1)
+        val = self.validation
+        self.validation = _old_validation(self) if val is None else {"accuracy": _number(val["accuracy"]),
+                                                                     "by": str(val.get("by", ""))}
+        self.cost_seconds  # noqa: B018 (a cost that is not numbers is refused here, not in compare)
+
+
+NOT_KEYS = ("settings", "estimator_params", "extra", "path")  # not report.json keys of their own name
+NULLABLE = ("tap", "test_set", "validation", "operating_point", "folds")  # written as null when None
+
+
+def read_report(path: str | Path) -> Report:
+    """report.json at `path`, as any version of fit, finetune or evaluate wrote it; a BottleneckError
+    naming the file when it is unreadable or lacks what a report holds."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BottleneckError(f"{path} is not a readable report ({e}); delete it or rerun its stage") from None
+    if not isinstance(d, dict):
+        raise BottleneckError(f"{path} is not a report (a JSON object); delete it or rerun its stage")
+    try:
+        return Report.from_dict(d, path)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise BottleneckError(f"{path} lacks what a report holds ({type(e).__name__}: {e}); "
+                              "delete it or rerun its stage") from None
+
+
+def best_epoch_score(best: int | None, history: list[dict]) -> dict | None:
+    """A fine-tune's validation score: its best epoch's accuracy on the validation split."""
+    if isinstance(best, int) and 0 < best <= len(history):
+        return {"accuracy": _number(history[best - 1]["val_accuracy"]), "by": f"validation split, epoch {best}"}
+    return None
+
+
+def _old_validation(rep: Report) -> dict | None:
+    """The validation score of a report written before reports recorded it: a fit's search score,
+    a fine-tune's best epoch."""
+    chosen = (rep.extra.get("search") or {}).get("chosen") or {}
+    if rep.stage == "fit" and chosen.get("cv_accuracy") is not None:
+        return {"accuracy": _number(chosen["cv_accuracy"]), "by": str(chosen.get("cv", "validation"))}
+    if rep.stage == "finetune":
+        return best_epoch_score(rep.extra.get("best_epoch"), rep.extra.get("history") or [])
+    return None
+
+
+def _interval(value) -> list[float] | None:
+    """[low, high], or None when there is none (older reports)."""
+    if value is None:
+        return None
+    low, high = (_number(v) for v in value)
+    return [low, high]
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], probs: np.ndarray | None = None,
@@ -118,10 +303,10 @@ def write_report(out: Path, report: dict) -> Path:
     plot_confusion(cm[np.ix_(shown, shown)], [report["classes"][i] for i in shown], out / "confusion_matrix.png",
                    title=confusion_title(report)
                          + (f" ({len(shown)} most confused of {len(cm)} classes)" if len(shown) < len(cm) else ""))
+    from bottleneck.store import atomic_write
+
     path = out / "report.json"
-    tmp = path.with_name(f"report.json.tmp{os.getpid()}")  # two writers never share a temporary file
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(report, indent=1).encode())
     return path
 
 

@@ -79,7 +79,7 @@ class Parts:
             raise BottleneckError(f"{self.dir} is not a folder of blocks bottleneck wrote (a link, a file, or a "
                                   "folder holding other files); move it away, then rerun")
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(meta_file, json.dumps(meta).encode())
+        atomic_write(meta_file, json.dumps(meta).encode())
         return meta
 
     def meta(self) -> dict | None:
@@ -212,7 +212,8 @@ def _unflatten_block(flat: dict) -> dict:
     return block
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` under a temporary name, then rename: a crash never leaves half a file."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_bytes(data)

@@ -334,9 +334,14 @@ def test_repeats_over_seeds_show_their_spread(runs):
         in text.replace("\\", "")
 
 
-def test_lp_ft_rows_say_which_run_and_how_long_they_trained(tmp_path):
+def row(rep: dict, path):
+    """compare's row of the report `rep` as read from `path`."""
     from bottleneck.compare import row
 
+    return row(reports.Report.from_dict(rep, path))
+
+
+def test_lp_ft_rows_say_which_run_and_how_long_they_trained(tmp_path):
     base = {"stage": "finetune", "model": "m", "clf": "finetune", "accuracy": 0.8, "balanced_accuracy": 0.8,
             "n_test": 10, "n_train": 20, "cost": {"wall_seconds": 5.0}, "probe_cost_seconds": 2.0}
     rows = [row(base | {"params": {"init_head": "p.joblib", "epochs": e}}, tmp_path / f"r{e}" / "report.json")
@@ -351,8 +356,6 @@ def test_lp_ft_rows_say_which_run_and_how_long_they_trained(tmp_path):
 
 
 def test_a_top_trained_on_cached_maps_says_so_and_counts_their_extraction(tmp_path):
-    from bottleneck.compare import row
-
     base = {"stage": "finetune", "model": "m", "clf": "finetune", "accuracy": 0.8, "balanced_accuracy": 0.8,
             "n_test": 10, "n_train": 20, "cost": {"wall_seconds": 5.0}, "cache_cost_seconds": 30.0,
             "tap": "blocks.5", "from_cache": {"views": "flips"}}
