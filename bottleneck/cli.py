@@ -388,6 +388,9 @@ def compare(
                                                    "fine-tune on validation].")] = None,
     margin: Annotated[float, typer.Option(help="Accuracy points a user would not act on: within it, the two "
                                           "paths are called equivalent (90 % interval inside ±margin).")] = 1.0,
+    without_twins: Annotated[Path | None, typer.Option(help="An audit.json of 'bottleneck audit': score every row "
+                                                       "again without the test images it found to be copies "
+                                                       "of training images.")] = None,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -398,7 +401,7 @@ def compare(
     from bottleneck.compare import compare as run
 
     path = run([str(d) for d in run_dirs], out=str(out_dir) if out_dir else None, reference=reference,
-               challenger=challenger, margin=margin)
+               challenger=challenger, margin=margin, without_twins=str(without_twins) if without_twins else None)
     suffix = ".json" if as_json else ".csv" if as_csv else ".md"
     out.print(path.with_suffix(suffix).read_text(), end="" if suffix != ".json" else "\n")
 
@@ -417,6 +420,51 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run folder written by '
     for r in rows:
         table.add_row(r["stage"], r["job_id"], r["state"], r["output"], r["log"])
     out.print(table)
+
+
+@app.command()
+def audit(
+    features: Annotated[Path, typer.Argument(help="Feature cache (.h5) from 'bottleneck extract'.")],
+    tap: Annotated[str | None, typer.Option(help="Tap whose features are compared [default: pool, the "
+                                            "penultimate vector, else the cache's last tap].")] = None,
+    threshold: Annotated[float, typer.Option(help="Cosine similarity (of features centred on the training "
+                                             "mean) from which a val or test image is a near-twin of a "
+                                             "training image; measured in docs/audit.md.")] = 0.8,
+    folds: Annotated[int, typer.Option(help="Folds of the out-of-fold probe that looks for label errors.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the probe's folds.")] = 0,
+    top: Annotated[int, typer.Option(help="Suspect labels listed here (audit.json holds them all).")] = 20,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for audit.json and audit.png "
+                                                 "[default: runs/audit/<cache name>].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Look for test and val images that are copies of training images, and for likely label errors, in a
+    cache's features; draws a map of the data. Lists only: nothing is moved or relabelled."""
+    from bottleneck.audit import audit as run
+
+    path = run(str(features), tap=tap, threshold=threshold, folds=folds, seed=seed,
+               out=str(out_dir) if out_dir else None)
+    rep = json.loads(path.read_text())
+    if as_json:
+        out.print(json.dumps(rep, indent=1))
+        return
+    shares = ", ".join(f"{s} {v:.1%}" for s, v in rep["twin_share"].items()) or "no training split to compare with"
+    out.print(f"{len(rep['twins'])} near-twins of training images (features ≥ {rep['threshold']} or thumbnails ≥ "
+              f"0.995): {shares}")
+    if rep["twin_share"].get("test", 0) > 0.3:
+        err.print("note: most test images have a near-twin. On data whose images all look alike (cells, slides, "
+                  "parts on one background) the features cannot tell a copy from a neighbour: look at the pairs, "
+                  "and see docs/audit.md", markup=False, soft_wrap=True)
+    for t in rep["twins"][:top]:
+        pixels = "" if t["pixels"] is None else f", thumbnails {t['pixels']:.3f}"
+        out.print(f"  {t['split']} {t['path']} ~ train {t['train_path']}  features {t['similarity']:.3f}{pixels}"
+                  f"{'  same bytes' if t['exact'] else ''}{'' if t['same_label'] else '  other label'}")
+    p = rep["probe"]
+    out.print(f"{p['flagged']} of {p['images']} labels the out-of-fold probe (accuracy {p['accuracy']:.3f}) "
+              "does not believe, least believed first:")
+    for s in rep["suspects"][:top]:
+        out.print(f"  {s['split']} {s['path']}: given {s['given']} ({s['p_given']:.2f}), likelier "
+                  f"{s['suggested']} ({s['p_suggested']:.2f})")
+    out.print(str(path))
 
 
 def main() -> None:

@@ -45,17 +45,22 @@ INTERVALS = ("95 % over the test images (which images landed in the test split);
 
 
 def compare(run_dirs: list[str] | str, *, out: str | None = None, reference: str | None = None,
-            challenger: str | None = None, margin: float = 1.0) -> Path:
+            challenger: str | None = None, margin: float = 1.0, without_twins: str | None = None) -> Path:
     """Collect the reports under `run_dirs` into OUT/comparison.{md,csv,json,png} and OUT/report.html;
     returns the .md's path. `out` defaults to the first folder; `reference` names the fixed-feature
     contender (its id, the report's folder under the run folder, without -seedN) every other is
     measured against, `challenger` the fine-tune the verdict names (default for both: the best on
     validation); `margin` is the difference, in accuracy points, that a user would not act on.
+    `without_twins`: an audit.json of `bottleneck audit`; every row is scored again without the test
+    images it found to be copies of training images, to show how much the leak flatters each path.
     """
     run_dirs = _folders(run_dirs)
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise BottleneckError(f"out must be a folder path, not {out!r}")
-    result = comparison(run_dirs, reference, challenger=challenger, margin=margin)
+    result = comparison(run_dirs, reference, challenger=challenger, margin=margin,
+                        exclude=twin_images(without_twins) if without_twins else None)
+    if without_twins:
+        result["audit"] = audit_summary(without_twins)
     out_dir = Path(out or run_dirs[0])
     from bottleneck.compare_html import html_report
 
@@ -95,12 +100,16 @@ def _plain(value):
 
 
 def comparison(run_dirs: list[str], reference: str | None = None, *, challenger: str | None = None,
-               margin: float = 1.0) -> dict:
-    """The comparison as plain data: decision and verdict, contenders with paired statistics, rows kept apart."""
+               margin: float = 1.0, exclude: set[str] | None = None) -> dict:
+    """The comparison as plain data: decision and verdict, contenders with paired statistics, rows kept apart.
+    `exclude`: test images left out of every row, whose measures are then recomputed without them."""
     margin = _margin(margin)
     rows = pool_folds(collect(_folders(run_dirs)))
     main, apart = split_by_test_set(rows)
     outcomes, images, paired_rows, left_out = pairable(main)
+    excluded = sorted(set(images) & (exclude or set()))
+    if exclude is not None:
+        outcomes, images, paired_rows = without(outcomes, images, paired_rows, set(excluded))
     groups = contenders(paired_rows, outcomes, images) if paired_rows else contenders(main, {}, [])
     ref = pick(groups, "fixed features", reference, "--reference")
     ft = pick(groups, "fine-tune", challenger, "--challenger")
@@ -121,7 +130,47 @@ def comparison(run_dirs: list[str], reference: str | None = None, *, challenger:
             "reference": anchor["id"] if anchor else None, "challenger": ft["row"]["id"] if ft["row"] else None,
             "contenders": counts, "margin": margin, "test_set": main[0]["test_set"], "rows": groups,
             "apart": apart, "left_out": left_out, "repeats": [g["across_seeds"] for g in groups if g["n_seeds"] > 1],
-            "intervals": INTERVALS}
+            "intervals": INTERVALS, "excluded": excluded if exclude is not None else None}
+
+
+def twin_images(audit_json: str | os.PathLike) -> set[str]:
+    """The test images an audit found to be near-twins or copies of training images."""
+    try:
+        found = json.loads(Path(audit_json).read_text())
+        return {t["path"] for t in found["twins"] if t["split"] == "test"}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BottleneckError(f"{audit_json} is not an audit.json written by 'bottleneck audit' ({e})") from None
+
+
+AUDIT_SHOWN = 12  # twin pairs and suspect labels shown in report.html
+
+
+def audit_summary(audit_json: str | os.PathLike) -> dict:
+    """What report.html shows of an audit: the first twin pairs and suspect labels, and its map."""
+    found = json.loads(Path(audit_json).read_text())
+    return {"file": str(audit_json), "data_root": found.get("data_root"), "threshold": found.get("threshold"),
+            "twin_share": found.get("twin_share", {}), "probe": found.get("probe", {}),
+            "twins": [t for t in found["twins"] if t["split"] == "test"][:AUDIT_SHOWN],
+            "suspects": found.get("suspects", [])[:AUDIT_SHOWN],
+            "map": str(Path(audit_json).with_name("audit.png"))}
+
+
+def without(outcomes: dict, images: list[str], rows: list[dict], excluded: set[str]):
+    """Outcomes, images and rows with `excluded` test images left out; each row's accuracy, its interval
+    and balanced accuracy recomputed on the rest (its other measures stay those of the whole test set)."""
+    outcomes = {k: {p: v for p, v in o.items() if p not in excluded} if o is not None else None
+                for k, o in outcomes.items()}
+    kept = [p for p in images if p not in excluded]
+    if not kept:
+        raise BottleneckError("every test image is a twin of a training image; nothing is left to score")
+    rescored = []
+    for r in rows:
+        right = np.array([outcomes[r["id"]][p][0] for p in kept])
+        truth = np.array([outcomes[r["id"]][p][1] for p in kept])
+        recall = [right[truth == c].mean() for c in np.unique(truth)]
+        rescored.append(r | {"accuracy": float(right.mean()), "accuracy_ci": stats.wilson(int(right.sum()), len(right)),
+                             "balanced_accuracy": float(np.mean(recall)), "n_test": len(kept)})
+    return outcomes, kept, rescored
 
 
 def pairable(rows: list[dict]) -> tuple[dict, list[str], list[dict], list[dict]]:
@@ -470,6 +519,10 @@ def markdown(result: dict) -> str:
              f"validation among {c['fixed features']} fixed-feature and {c['fine-tune']} fine-tune contender(s), "
              f"never on the test images. Margin: ±{100 * result['margin']:g} points.", "",
              f"Intervals: {result['intervals']}.", "", *_table(result["rows"])]
+    if result.get("excluded") is not None:
+        lines[1:1] = ["", f"Scored without the {len(result['excluded'])} test images the audit found to be copies "
+                          "of training images (accuracy, its interval and balanced accuracy; the other measures "
+                          "are those of the whole test set)."]
     if result.get("repeats"):
         lines += ["", "Seeds of each contender (a rerun's noise; the contender's row is their mean):", "",
                   "| contender | runs | mean accuracy ± sd | each run |", "|---|---|---|---|"]

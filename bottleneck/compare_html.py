@@ -70,6 +70,7 @@ def html_report(result: dict, comparison_png: bytes) -> str:
                   '<p class="note">These results were scored on other images than the table above, so they '
                   "are not compared with it.</p>", _table(result["apart"], "apart")]
     parts += _gallery(result)
+    parts += _audit_section(result.get("audit"))
     parts += _probability_section(rows)
     parts += ["<h2>Each result</h2>", *_details(rows + result["apart"])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>bottleneck comparison</title>"
@@ -163,6 +164,40 @@ def _gallery(result: dict) -> list[str]:
     cards = [_card(p, a[p], b[p], ref.get("data_root") or ft.get("data_root"), name_a, name_b)
              for p in disputed[:GALLERY_SIZE]]
     return head + [f'<div class="gallery" id="gallery">{"".join(cards)}</div>']
+
+
+def _audit_section(audit: dict | None) -> list[str]:
+    """The audit beside the comparison: twin pairs and suspect labels as thumbnails, and its map."""
+    if not audit:
+        return []
+    root = audit["data_root"]
+    share = ", ".join(f"{s} {v:.1%}" for s, v in audit["twin_share"].items())
+    pairs = [f'<div class="card">{_thumbnail(root, t["path"])}{_thumbnail(root, t["train_path"])}'
+             f'<div title="{_e(t["path"])}">test {_e(Path(t["path"]).name)} ~ train '
+             f'{_e(Path(t["train_path"]).name)}</div>features {t["similarity"]:.3f}'
+             + ("" if t.get("pixels") is None else f', thumbnails {t["pixels"]:.3f}')
+             + (" (same bytes)" if t["exact"] else "") + ("" if t["same_label"] else " <b>other label</b>")
+             + "</div>" for t in audit["twins"]]
+    suspects = [f'<div class="card">{_thumbnail(root, s["path"])}<div title="{_e(s["path"])}">{_e(s["split"])} '
+                f'{_e(Path(s["path"]).name)}</div>given <b>{_e(s["given"])}</b> ({s["p_given"]:.2f}), likelier '
+                f'{_e(s["suggested"])} ({s["p_suggested"]:.2f})</div>' for s in audit["suspects"]]
+    probe = audit["probe"]
+    parts = ["<h2>Audit of the data</h2>",
+             f'<p class="note">From <code>{_e(audit["file"])}</code>: the table above is scored without the test '
+             f"images it found to be near-twins of training images (features ≥ {audit['threshold']} or thumbnails "
+             f"≥ 0.995; share of "
+             f"each split: {_e(share)}). A pair is one to look at, not proof of a leak; suspect labels are the "
+             f"ones an out-of-fold probe (accuracy {probe.get('accuracy', 0):.3f}) does not believe "
+             f"({probe.get('flagged', 0)} of {probe.get('images', 0)}); nothing was relabelled "
+             "(docs/audit.md).</p>"]
+    if pairs:
+        parts.append(f'<h3>Near-twins, most similar first</h3><div class="gallery" id="twins">{"".join(pairs)}</div>')
+    if suspects:
+        parts.append(f'<h3>Least believed labels</h3><div class="gallery" id="suspects">{"".join(suspects)}</div>')
+    if Path(audit["map"]).is_file():
+        parts.append('<div class="figures">' + _figure(Path(audit["map"]), "The data's first two principal "
+                     "components: twins ringed red, suspect labels black") + "</div>")
+    return parts
 
 
 def _interleaved(paths: list[str], a: dict, b: dict) -> list[str]:
