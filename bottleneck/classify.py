@@ -271,10 +271,12 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
         point = reports.operating_point(settings["target"], st.classes, validation, how, y_test, probs)
     pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout"),
                                                    "folds": d.get("folds")}
+    grouped = st.attrs.get("split_info", {}).get("groups")
     rep = reports.Report(
         stage="fit", model=st.attrs["model"], tap=tap, clf=clf, settings=settings, classes=st.classes,
         preprocessing=st.attrs.get("preprocessing"), estimator_params=estimator_params(pipe),
-        folds=d.get("folds"), trained_on=trained_on, test_set=reports.test_set("test", test_paths, y_test, st.classes),
+        folds=d.get("folds"), trained_on=trained_on,
+        test_set=reports.test_set("test", test_paths, y_test, st.classes, grouped),
         data_root=st.attrs.get("data_root"), n_train=int(len(y)) // st.n_views, n_test=int(len(y_test)),
         **reports.metrics(y_test, y_pred, st.classes, probs, point and point["class"]), operating_point=point,
         cost={"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
