@@ -95,9 +95,10 @@ def hold_lock(path: Path) -> subprocess.Popen:
     return holder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    """A small Lite0 cache with two taps, and its image tree (for classifiers and their use)."""
+    """A small Lite0 cache with two taps, and its image tree (for classifiers and their use); made once a
+    session, so tests only read it."""
     from bottleneck.extract import extract
 
     root = tmp_path_factory.mktemp("clf")
