@@ -289,6 +289,7 @@ def test_extract_fit_and_finetune_score_the_same_test_images(tmp_path, source):
 
 # --------------------------------------------------------------------------- what a user sees
 
+@pytest.mark.slow
 def test_report_html_renders_in_chromium(runs, tmp_path):
     """The page in a real browser: the verdict, the table, every plot and the disputed images' thumbnails."""
     browser = pytest.importorskip("browser")
