@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import traceback
+import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +52,38 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `bottleneck ARGS` in this process, shaped like run_cli's result: the same error handling
+    (cli.main), exit code, stdout and stderr, without a new interpreter importing torch again."""
+    from click.testing import CliRunner
+
+    from bottleneck.cli import main
+
+    argv, main_module = sys.argv, sys.modules["__main__"]
+    with CliRunner().isolation(env=env) as (stdout, stderr, _), warnings.catch_warnings():
+        # A fresh interpreter prints warnings to stderr, where tests look for them; pytest records them instead.
+        warnings.resetwarnings()
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = lambda *w, **_: sys.stderr.write(warnings.formatwarning(*w[:4]))
+        # click names the program after __main__; pytest's would make it "python -m pytest.bottleneck"
+        sys.argv, sys.modules["__main__"] = ["bottleneck", *map(str, args)], types.ModuleType("__main__")
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:  # what a fresh process would die of: a traceback and exit status 1
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.argv, sys.modules["__main__"] = argv, main_module
+            sys.stdout.flush()
+            sys.stderr.flush()
+        return subprocess.CompletedProcess(["bottleneck", *args], code, stdout.getvalue().decode(),
+                                           stderr.getvalue().decode())
+
+
 def hold_lock(path: Path) -> subprocess.Popen:
     """Another process holding the write lock at `path` until killed."""
     holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path\n"
@@ -60,9 +95,10 @@ def hold_lock(path: Path) -> subprocess.Popen:
     return holder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    """A small Lite0 cache with two taps, and its image tree (for classifiers and their use)."""
+    """A small Lite0 cache with two taps, and its image tree (for classifiers and their use); made once a
+    session, so tests only read it."""
     from bottleneck.extract import extract
 
     root = tmp_path_factory.mktemp("clf")

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import hold_lock, make_tree, run_cli
+from conftest import cli, hold_lock, make_tree
 
 from bottleneck import trained
 from bottleneck.classifiers import CLASSIFIERS
@@ -42,11 +42,11 @@ def test_layer_probe_and_learning_curve(cache, tmp_path):
 
 def test_bad_classifier_inputs_are_clear_errors(cache, tmp_path):
     (tmp_path / "model.joblib").write_bytes(b"\x80\x04garbage")
-    result = run_cli("evaluate", str(tmp_path / "model.joblib"), "--features", str(cache[0]), "--trust")
+    result = cli("evaluate", str(tmp_path / "model.joblib"), "--features", str(cache[0]), "--trust")
     assert result.returncode != 0 and "not a readable classifier" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("fit", "--features", str(cache[0]), "--clf", "forest")
+    result = cli("fit", "--features", str(cache[0]), "--clf", "forest")
     assert result.returncode != 0 and "unknown classifier 'forest'" in result.stderr
-    result = run_cli("fit", "--features", str(cache[0]), "--layer", "fc9")
+    result = cli("fit", "--features", str(cache[0]), "--layer", "fc9")
     assert result.returncode != 0 and "no tap 'fc9'" in result.stderr
     for sizes in ("0", "-25", "10,0"):  # 0 once meant "all" and -25 was accepted
         with pytest.raises(BottleneckError, match="--train-sizes must be positive numbers"):
@@ -81,7 +81,7 @@ def test_results_of_other_settings_get_their_own_folder_or_are_refused(cache, tm
                     workers=0, progress=False, dtype="float16")
     with pytest.raises(BottleneckError, match="already holds a fit with other cache; pass --force"):
         fit(str(other), clf="logreg", layer="pool", search=False, out=str(tmp_path))
-    result = run_cli("fit", "--features", str(other), "--out", str(tmp_path), "--layer", "pool", "--no-search",
+    result = cli("fit", "--features", str(other), "--out", str(tmp_path), "--layer", "pool", "--no-search",
                      "--force")
     assert result.returncode == 0
     assert json.loads((tmp_path / "pool-logreg" / "report.json").read_text())["cache"]["path"] == str(other)
@@ -204,13 +204,13 @@ def test_one_writer_per_result_folder_and_a_report_always_matches_its_model(cach
     args = ("fit", "--features", str(cache[0]), "--out", str(tmp_path), "--layer", "pool", "--no-search")
     holder = hold_lock(tmp_path / "pool-logreg.lock")
     try:
-        busy = run_cli(*args)
+        busy = cli(*args)
         assert busy.returncode == 4 and f"being written by another process (pid {holder.pid})" in busy.stderr
         assert not (tmp_path / "pool-logreg").exists()
     finally:
         holder.kill()
         holder.wait()
-    assert run_cli(*args).returncode == 0
+    assert cli(*args).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pool-logreg"]  # no lock file left behind
     report_before = (tmp_path / "pool-logreg" / "report.json").read_text()
 
@@ -231,7 +231,7 @@ def test_reuse_keeps_a_finished_fit_of_this_cache_and_replaces_one_of_another(ca
     stamp = first.stat().st_mtime_ns
     assert fit(str(cache[0]), layer="pool", search=False, out=str(tmp_path), reuse=True) == first
     assert first.stat().st_mtime_ns == stamp
-    again = run_cli("fit", "--features", str(cache[0]), "--layer", "pool", "--no-search", "--out", str(tmp_path),
+    again = cli("fit", "--features", str(cache[0]), "--layer", "pool", "--no-search", "--out", str(tmp_path),
                     "--reuse")
     assert again.returncode == 0 and "done before" in again.stderr and first.stat().st_mtime_ns == stamp
     other = extract("efficientnet_lite0", str(cache[1]), layer=["pool"], out=str(tmp_path / "c2"), batch_size=16,
@@ -274,13 +274,13 @@ def test_without_a_val_split_the_target_is_met_on_cross_validated_probabilities(
     tree = make_tree(tmp_path / "data", {"train": 10, "test": 3})
     cache = extract("efficientnet_lite0", str(tree), layer=["pool"], out=str(tmp_path / "c"), batch_size=32,
                     workers=0, progress=False)
-    result = run_cli("fit", "--features", str(cache), "--no-search", "--target", "precision:cats=0.8",
+    result = cli("fit", "--features", str(cache), "--no-search", "--target", "precision:cats=0.8",
                      "--out", str(tmp_path / "fit"))
     assert result.returncode == 0, result.stderr
     point = json.loads(open(result.stdout.strip().splitlines()[-1]).read())["operating_point"]
     assert point["chosen_on"].startswith("5-fold stratified CV on train") and point["n_validation"] == 20
     assert point["class"] == "cats" and sum(map(sum, point["test"]["confusion_matrix"])) == 6
-    bad = run_cli("fit", "--features", str(cache), "--target", "recall:birds=0.9", "--out", str(tmp_path / "x"))
+    bad = cli("fit", "--features", str(cache), "--target", "recall:birds=0.9", "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "names class 'birds', which is not one of cats, dogs" in bad.stderr
     assert not (tmp_path / "x").exists()  # refused before any training
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_image, make_tree, run_cli
+from conftest import cli, make_image, make_tree
 from PIL import Image
 
 from bottleneck import report as reports
@@ -213,12 +213,12 @@ def test_reference_option_and_bad_reference(runs):
 
 
 def test_cli_prints_each_format(runs):
-    md = run_cli("compare", str(runs / "a"), str(runs / "b"))
+    md = cli("compare", str(runs / "a"), str(runs / "b"))
     assert md.returncode == 0 and md.stdout.startswith("**Verdict:**")
     assert (runs / "a" / "comparison.png").is_file() and (runs / "a" / "report.html").is_file()
-    result = json.loads(run_cli("compare", str(runs / "a"), "--json").stdout)
+    result = json.loads(cli("compare", str(runs / "a"), "--json").stdout)
     assert [r["classifier"] for r in result["rows"]] == ["svm", "logreg"]
-    table = list(csv.DictReader(io.StringIO(run_cli("compare", str(runs / "b"), "--csv").stdout)))
+    table = list(csv.DictReader(io.StringIO(cli("compare", str(runs / "b"), "--csv").stdout)))
     assert table[0]["method"] == "fine-tune" and float(table[0]["accuracy"]) == 0.975
 
 
@@ -229,7 +229,7 @@ def test_nothing_to_compare_is_a_clear_error(tmp_path):
     (tmp_path / "x" / "report.json").write_text("{truncated")
     with pytest.raises(BottleneckError, match="not a readable report"):
         collect([str(tmp_path)])
-    result = run_cli("compare", str(tmp_path / "missing"))
+    result = cli("compare", str(tmp_path / "missing"))
     assert result.returncode != 0 and "run folder" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -242,7 +242,7 @@ def test_nothing_to_compare_is_a_clear_error(tmp_path):
 def test_a_report_of_the_wrong_shape_is_one_error_and_writes_nothing(runs, tmp_path, text, message):
     (runs / "odd").mkdir()
     (runs / "odd" / "report.json").write_text(text)
-    result = run_cli("compare", str(runs), "--out", str(tmp_path / "cmp"))
+    result = cli("compare", str(runs), "--out", str(tmp_path / "cmp"))
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cmp").exists() or not any((tmp_path / "cmp").iterdir())
 
@@ -289,6 +289,7 @@ def test_extract_fit_and_finetune_score_the_same_test_images(tmp_path, source):
 
 # --------------------------------------------------------------------------- what a user sees
 
+@pytest.mark.slow
 def test_report_html_renders_in_chromium(runs, tmp_path):
     """The page in a real browser: the verdict, the table, every plot and the disputed images' thumbnails."""
     browser = pytest.importorskip("browser")

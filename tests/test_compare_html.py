@@ -63,6 +63,7 @@ def test_each_row_gets_roc_pr_and_reliability_figures_and_its_scores(page):
     assert "http" not in text  # fetches nothing
 
 
+@pytest.mark.slow
 def test_the_figures_render_in_chromium(page, tmp_path):
     browser = pytest.importorskip("browser")
     try:
@@ -81,6 +82,7 @@ def test_the_figures_render_in_chromium(page, tmp_path):
 LONG = "a_class_named_after_a_folder_of_somebodys_dataset_without_any_spaces_at_all_" * 2
 
 
+@pytest.mark.slow
 def test_long_class_names_stay_inside_their_gallery_cards(tmp_path):
     browser = pytest.importorskip("browser")
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image, make_tree, run_cli
+from conftest import cli, make_image, make_tree
 from PIL import Image
 
 from bottleneck import data, data_tree
@@ -295,7 +295,7 @@ def test_data_refuses_an_out_folder_it_did_not_write_and_changes_nothing(cifar_f
     for args in (["cifar10", "--package", str(cifar_folder), "--per-class", "1,1,1"],  # once deleted them
                  ["cifar10", "--package", str(cifar_folder), "--limit", "5"],  # once made 12 classes of them
                  ["elpv"]):  # once removed train/ and val/
-        result = run_cli("data", *args, "--out", str(users))
+        result = cli("data", *args, "--out", str(users))
         assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
         assert "that 'bottleneck data" in result.stderr and "did not write" in result.stderr, result.stderr
         assert snapshot(users) == before
@@ -345,8 +345,8 @@ def test_an_elpv_tree_written_before_the_marker_is_still_replaced_by_a_rerun(tmp
                                   ["cifar10", "--seed", "-1"], ["elpv", "--seed", "-1"]])
 def test_data_options_out_of_bounds_are_one_error_line(tmp_path, args):
     # --limit 0 once wrote every image, --limit -5 ended in "data path ... does not exist", --seed -1 in a traceback
-    result = run_cli("data", *args, "--package", str(tmp_path / "none.tgz"), "--out", str(tmp_path / "out")
-                     ) if args[0] == "cifar10" else run_cli("data", *args, "--out", str(tmp_path / "out"))
+    result = cli("data", *args, "--package", str(tmp_path / "none.tgz"), "--out", str(tmp_path / "out")
+                     ) if args[0] == "cifar10" else cli("data", *args, "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert re.match(rf"error: {args[1]} must be a whole number of at least [01]", result.stderr), result.stderr
     assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tree, run_cli
+from conftest import cli, make_tree
 from test_data import bad_files
 
 from bottleneck import backbones, data, store
@@ -118,10 +118,17 @@ def _extract_cmd(data_dir, out):
             "--out", str(out), "--batch-size", "2", "--workers", "1", "--no-progress"]
 
 
+def _extract_here(cmd: list[str]) -> str:
+    """Run an _extract_cmd in this process (the kills need processes; the runs before and after do not)."""
+    result = cli(*cmd[3:])
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
 def test_killed_anywhere_it_resumes_to_the_same_cache(tmp_path):
     tree = make_tree(tmp_path / "data", {"train": 10, "test": 4})
-    reference = subprocess.run(_extract_cmd(tree, tmp_path / "ref"), capture_output=True, text=True, check=True)
-    ref_path = reference.stdout.strip().splitlines()[-1]
+    ref_path = _extract_here(_extract_cmd(tree, tmp_path / "ref"))
     out = tmp_path / "killed"
     for kill_after_blocks in (1, 4, 9):
         proc = subprocess.Popen(_extract_cmd(tree, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -138,8 +145,7 @@ def test_killed_anywhere_it_resumes_to_the_same_cache(tmp_path):
     unfinished = str(next(out.glob("*.parts"))).removesuffix(".parts")
     with pytest.raises(BottleneckError, match="is not finished"):  # what fit sees meanwhile
         store.FeatureStore(unfinished)
-    resumed = subprocess.run(_extract_cmd(tree, out), capture_output=True, text=True, check=True)
-    path = resumed.stdout.strip().splitlines()[-1]
+    path = _extract_here(_extract_cmd(tree, out))
     assert store.contents_equal(ref_path, path)
     assert not list(out.glob("*.parts"))
 
@@ -165,6 +171,7 @@ def test_readers_refuse_incomplete_and_damaged_caches(tree, tmp_path):
     assert any("checksum" in p for p in store.verify(path))
 
 
+@pytest.mark.slow
 def test_twenty_random_kills_still_end_with_the_same_cache(tmp_path):
     """SIGKILL at 20 seeded random moments across the whole run (start-up, blocks, assembly)."""
     import random
@@ -187,12 +194,12 @@ def test_twenty_random_kills_still_end_with_the_same_cache(tmp_path):
     assert store.verify(final.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.slow
 def test_a_multi_view_cache_resumes_after_a_kill_to_an_identical_file(tmp_path):
     tree = make_tree(tmp_path / "data", {"train": 6, "test": 2})
     cmd = lambda out: _extract_cmd(tree, out) + ["--views", "dihedral", "--layer", "pool",  # noqa: E731
                                                  "--maps", "blocks.5"]
-    reference = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, check=True)
-    ref_path = reference.stdout.strip().splitlines()[-1]
+    ref_path = _extract_here(cmd(tmp_path / "ref"))
     with store.FeatureStore(ref_path) as st:
         assert st.n_views == 8 and len(st.labels("train")) == 8 * 12 and st.attrs["views"] == "dihedral"
         assert st.taps == ["blocks.5", "pool"] and st.maps("train").shape == (8 * 12, 192, 7, 7)
@@ -205,9 +212,9 @@ def test_a_multi_view_cache_resumes_after_a_kill_to_an_identical_file(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list(out.glob("*.h5")) and list(out.glob("*.parts/*.npz")), "not killed mid-way"
-    resumed = subprocess.run(cmd(out), capture_output=True, text=True, check=True)
-    assert store.contents_equal(ref_path, resumed.stdout.strip().splitlines()[-1])
-    assert store.verify(resumed.stdout.strip().splitlines()[-1]) == []
+    resumed = _extract_here(cmd(out))
+    assert store.contents_equal(ref_path, resumed)
+    assert store.verify(resumed) == []
 
 
 def test_crop_views_are_the_image_and_the_same_seeded_crops_of_every_image(tree, tmp_path):
@@ -285,7 +292,7 @@ def test_damaged_blocks_and_meta_are_redone_and_cache_ls_says_so(tmp_path, capsy
 def test_views_are_parsed_once_into_one_canonical_name(tree, tmp_path):
     with pytest.raises(BottleneckError, match=r"unknown views 'crops:²'"):  # once a ValueError traceback
         extract(LITE, str(tree), views="crops:²", out=str(tmp_path), progress=False)
-    result = run_cli("extract", "--model", LITE, "--data", str(tree), "--views", "crops:²", "--out", str(tmp_path))
+    result = cli("extract", "--model", LITE, "--data", str(tree), "--views", "crops:²", "--out", str(tmp_path))
     assert result.returncode != 0 and result.stderr.startswith("error: unknown views")
     assert "Traceback" not in result.stderr
     kwargs = dict(layer=["pool"], image_size=32, batch_size=16, workers=0, precision="fp32", progress=False,

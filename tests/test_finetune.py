@@ -141,6 +141,7 @@ def _start_and_wait(cmd, until):
     return proc
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(small, reference, tmp_path):
     out = tmp_path / "killed"
     proc = _start_and_wait(_cmd(small, out), lambda: (out / "checkpoint.pt").exists())
@@ -151,6 +152,7 @@ def test_killed_run_resumes_to_the_same_result(small, reference, tmp_path):
     _assert_same_run(reference, out)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_75(small, reference, tmp_path):
     out = tmp_path / "term"
     log = tmp_path / "log"
@@ -169,6 +171,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_75(small, reference, tmp
     _assert_same_run(reference, out)
 
 
+@pytest.mark.slow
 def test_two_processes_with_ddp_agree_with_one(small, tmp_path):
     # resnet18 has no dropout before its head, so both runs see exactly the same batches;
     # with the backbone frozen (BatchNorm in eval mode) the averaged gradients must agree.
@@ -188,6 +191,7 @@ def test_two_processes_with_ddp_agree_with_one(small, tmp_path):
     assert json.loads((ddp / "report.json").read_text())["cost"]["processes"] == 2
 
 
+@pytest.mark.slow
 def test_five_random_kills_resume_and_finish(small, timed_reference, tmp_path):
     import random
 

@@ -120,7 +120,7 @@ def test_edited_maps_or_features_are_refused_before_training(maps_cache, tmp_pat
     import shutil
 
     import h5py
-    from conftest import run_cli
+    from conftest import cli
 
     from bottleneck.classify import fit
 
@@ -131,7 +131,7 @@ def test_edited_maps_or_features_are_refused_before_training(maps_cache, tmp_pat
     with h5py.File(edited["features"], "r+") as f:
         f["val/features/pool"][1, :5] = 0
     out = tmp_path / "top"
-    result = run_cli("finetune", "--model", LITE, "--data", str(tree), "--from-cache", str(edited["maps"]),
+    result = cli("finetune", "--model", LITE, "--data", str(tree), "--from-cache", str(edited["maps"]),
                      "--epochs", "1", "--out", str(out), "--workers", "0", "--no-progress")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and "train/maps/blocks.5 does not match its checksum" in result.stderr

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tree, run_cli
+from conftest import cli, make_tree
 
 from bottleneck import data, folds, pipeline, report
 from bottleneck.classify import fit
@@ -137,7 +137,7 @@ def test_fold_settings_are_checked_before_any_work(maps_cache, tmp_path):
         fit(str(cache), layer="pool", folds=20, out=str(tmp_path))
     with pytest.raises(BottleneckError, match="drop --test-fraction"):
         finetune(LITE, str(tree), folds=5, test_fraction=0.2, out=str(tmp_path))
-    result = run_cli("fit", "--features", str(cache), "--fold", "2")
+    result = cli("fit", "--features", str(cache), "--fold", "2")
     assert result.returncode != 0 and "give --folds K too" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -1,7 +1,7 @@
 import os
 
 import pytest
-from conftest import hold_lock, make_tree, run_cli
+from conftest import cli, hold_lock, make_tree
 
 from bottleneck.errors import BottleneckError, Busy
 from bottleneck.extract import extract
@@ -83,7 +83,7 @@ def test_fit_refuses_a_result_folder_whose_lock_is_a_link_and_leaves_its_target(
     precious.write_text("a user's notes\n")
     (tmp_path / "fit").mkdir()
     (tmp_path / "fit" / "fire9-logreg-search.lock").symlink_to(precious)  # beside the result folder
-    result = run_cli("fit", "--features", str(cache), "--layer", "fire9", "--out", str(tmp_path / "fit"))
+    result = cli("fit", "--features", str(cache), "--layer", "fire9", "--out", str(tmp_path / "fit"))
     assert result.returncode == 1 and result.stderr.startswith("error: lock file ") and "Traceback" not in result.stderr
     assert "is a symbolic link" in result.stderr, result.stderr
     assert precious.read_text() == "a user's notes\n" and not (tmp_path / "fit" / "fire9-logreg-search").exists()

@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tree, run_cli
+from conftest import cli, make_tree
 
 from bottleneck import pipeline
 from bottleneck.errors import BottleneckError
@@ -126,7 +126,7 @@ def test_a_file_name_that_is_no_plain_folder_name_needs_a_name_key(tmp_path):
 def test_run_does_every_stage_then_skips_what_is_done(tmp_path):
     data = make_tree(tmp_path / "data", {"train": 6, "val": 2, "test": 3})
     path = experiment(tmp_path, data)
-    result = run_cli("run", str(path), "--no-progress")
+    result = cli("run", str(path), "--no-progress")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("**Verdict:** no verdict: no fine-tune result")  # none in this experiment
@@ -142,12 +142,12 @@ def test_run_does_every_stage_then_skips_what_is_done(tmp_path):
                                               "comparison.json", "comparison.png"}
     stamps = [p.stat().st_mtime_ns for p in [cache, *reports]]
 
-    again = run_cli("run", str(path), "--no-progress")
+    again = cli("run", str(path), "--no-progress")
     assert again.returncode == 0 and again.stdout == result.stdout
     assert "reusing complete cache" in again.stderr and again.stderr.count("done before") == 4
     assert [p.stat().st_mtime_ns for p in [cache, *reports]] == stamps
 
-    status = run_cli("status", str(run), "--json")
+    status = cli("status", str(run), "--json")
     rows = {r["stage"]: r for r in json.loads(status.stdout)}
     assert list(rows) == ["extract-efficientnet_lite0", "fit-efficientnet_lite0", "compare"]
     assert all(r["state"] == "done" for r in rows.values()) and rows["fit-efficientnet_lite0"]["output"] == \
@@ -201,7 +201,7 @@ workers = 0
 
 
 def test_run_refuses_slurm_options_without_slurm(tmp_path):
-    result = run_cli("run", str(ROOT / "pipelines" / "elpv.toml"), "--partition", "gpu")
+    result = cli("run", str(ROOT / "pipelines" / "elpv.toml"), "--partition", "gpu")
     assert result.returncode != 0 and "--partition only apply with --slurm" in result.stderr
 
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli
 
 from bottleneck import trained
 from bottleneck.classify import fit
@@ -50,7 +50,7 @@ def test_predict_labels_images_and_reports_unreadable_ones(cache, tmp_path):
     rows = predict(model, images)
     assert rows[0]["label"] == "dogs" and rows[0]["error"] is None and len(rows[0]["top"]) == 2
     assert rows[1]["label"] is None and "cannot identify" in rows[1]["error"]
-    result = run_cli("predict", model, *images, "--format", "csv", "--top-k", "2")
+    result = cli("predict", model, *images, "--format", "csv", "--top-k", "2")
     assert result.returncode == 0 and result.stdout.splitlines()[1].split(",")[1] == "dogs"
     assert result.stdout.splitlines()[1].split(",")[4].startswith("dogs 0.")  # the top k, not only the label
     assert "; cats 0." in result.stdout.splitlines()[1]
@@ -64,7 +64,7 @@ def test_evaluate_on_a_split_it_was_trained_on_says_so(cache, tmp_path):
     assert "trained or tuned on the val split" in rep["caveat"]
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["caveat"] == rep["caveat"]
     assert (tmp_path / "ev" / "predictions.csv").is_file() and rep["test_set"]["split"] == "val"
-    result = run_cli("evaluate", model, "--features", str(cache[0]), "--split", "val")
+    result = cli("evaluate", model, "--features", str(cache[0]), "--split", "val")
     assert result.returncode == 0 and "trained or tuned on the val split" in result.stderr
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from badfiles import write_broken, write_odd
-from conftest import make_tree, run_cli
+from conftest import cli, make_tree
 
 ELPV_PER_SPLIT = {"train": 10, "test": 5}  # per class
 
@@ -39,13 +39,14 @@ def elpv_subset(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_fifty_broken_files_in_a_real_dataset_are_skipped_with_reasons(tmp_path):
     data = elpv_subset(tmp_path / "elpv")
     broken = write_broken(data / "train" / "defective")
     odd = write_odd(data / "test" / "functional")
     assert len(broken) >= 50
-    result = run_cli("extract", "--model", "efficientnet_lite0", "--data", str(data), "--out",
-                     str(tmp_path / "cache"), "--batch-size", "16", "--no-progress", timeout=600)
+    result = cli("extract", "--model", "efficientnet_lite0", "--data", str(data), "--out",
+                     str(tmp_path / "cache"), "--batch-size", "16", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "UserWarning" not in result.stderr
     assert f"skipped {len(broken)}" in result.stderr
@@ -63,10 +64,10 @@ def test_fifty_broken_files_in_a_real_dataset_are_skipped_with_reasons(tmp_path)
     for name, word in broken.items():
         assert skipped[name] and word in skipped[name], (name, skipped[name])
 
-    fitted = run_cli("fit", "--features", result.stdout.strip().splitlines()[-1], "--out", str(tmp_path / "fit"))
+    fitted = cli("fit", "--features", result.stdout.strip().splitlines()[-1], "--out", str(tmp_path / "fit"))
     assert fitted.returncode == 0, fitted.stderr
     model = next((tmp_path / "fit").rglob("model.skops"))
-    predicted = run_cli("predict", str(model), str(data), "--format", "json", timeout=600)
+    predicted = cli("predict", str(model), str(data), "--format", "json")
     assert predicted.returncode == 0, predicted.stderr
     rows = {Path(r["path"]).name: r for r in json.loads(predicted.stdout)}
     for name, word in broken.items():
@@ -119,10 +120,10 @@ def world(tmp_path_factory):
                        ("other", ["--model", "squeezenet1_1", "--weights", "none"]),
                        ("shard0", ["--model", "efficientnet_lite0", "--shard", "0/2", "--batch-size", "4"]),
                        ("shard1", ["--model", "efficientnet_lite0", "--shard", "1/2", "--batch-size", "4"])]:
-        result = run_cli("extract", *args, "--data", str(tree), "--out", str(root / "caches"), "--no-progress")
+        result = cli("extract", *args, "--data", str(tree), "--out", str(root / "caches"), "--no-progress")
         assert result.returncode == 0, result.stderr
         made[name] = Path(result.stdout.strip().splitlines()[-1])
-    assert run_cli("fit", "--features", str(made["cache"]), "--out", str(root / "fit")).returncode == 0
+    assert cli("fit", "--features", str(made["cache"]), "--out", str(root / "fit")).returncode == 0
     broken = root / "broken"
     broken.mkdir()
     whole = made["cache"].read_bytes()
@@ -242,8 +243,11 @@ def test_bad_command_is_one_sentence_and_damages_nothing(world, case):
         words, limit = ["File too large", *[w for w in words if "{full}" in w]], file_size_limit(8192)
     args, words = [a.format(**world) for a in args], [w.format(**world) for w in words]
     before = sha256_of_files(world["root"])
-    result = subprocess.run([sys.executable, "-m", "bottleneck", *args], capture_output=True, text=True,
-                            timeout=300, preexec_fn=limit)
+    if limit is None:
+        result = cli(*args)
+    else:  # the file size limit must bind a child process, not the one running the tests
+        result = subprocess.run([sys.executable, "-m", "bottleneck", *args], capture_output=True, text=True,
+                                timeout=300, preexec_fn=limit)
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -257,6 +261,7 @@ def test_bad_command_is_one_sentence_and_damages_nothing(world, case):
 
 # --------------------------------------------------------------------------- concurrency
 
+@pytest.mark.slow
 def test_fit_during_extraction_is_told_to_wait_and_two_extracts_do_not_mix(tmp_path):
     import signal
     import time
@@ -271,19 +276,19 @@ def test_fit_during_extraction_is_told_to_wait_and_two_extracts_do_not_mix(tmp_p
     first.send_signal(signal.SIGSTOP)  # a writer mid-run, held there while the others try
     try:
         cache = Path(str(next((tmp_path / "c").glob("*.h5.parts"))).removesuffix(".parts"))
-        second = run_cli(*cmd[3:])
+        second = cli(*cmd[3:])
         assert second.returncode == 4 and f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
-        reader = run_cli("fit", "--features", str(cache), "--out", str(tmp_path / "fit"))
+        reader = cli("fit", "--features", str(cache), "--out", str(tmp_path / "fit"))
         assert reader.returncode == 1 and "is still being extracted; wait" in reader.stderr
         assert not (tmp_path / "fit").exists()
     finally:
         first.send_signal(signal.SIGCONT)
     while first.poll() is None:  # readers racing the running writer: refused until the cache is complete
-        reader = run_cli("fit", "--features", str(cache), "--out", str(tmp_path / "fit"))
+        reader = cli("fit", "--features", str(cache), "--out", str(tmp_path / "fit"))
         assert reader.returncode == 0 or "is still being extracted; wait" in reader.stderr, reader.stderr
     assert first.wait() == 0, first.stderr.read()
-    assert run_cli("cache", "verify", str(cache)).stdout.strip().endswith(": ok")
-    final = run_cli("fit", "--features", str(cache), "--out", str(tmp_path / "fit"))
+    assert cli("cache", "verify", str(cache)).stdout.strip().endswith(": ok")
+    final = cli("fit", "--features", str(cache), "--out", str(tmp_path / "fit"))
     assert final.returncode == 0, final.stderr
 
 
@@ -318,7 +323,7 @@ def test_pickles_with_code_are_refused_and_never_run(tree, tmp_path):
              (["finetune", "--model", "efficientnet_lite0", "--data", str(tree), "--out", str(tmp_path / "ft"),
                "--no-progress"], "cannot be read")]
     for args, words in cases:
-        result = run_cli(*args)
+        result = cli(*args)
         assert result.returncode == 1 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not marker.exists()
 
@@ -333,12 +338,12 @@ def test_a_model_whose_weights_do_not_match_its_metadata_is_refused(tree, tmp_pa
     meta = {"format": MODEL_FORMAT, "arch": "efficientnet_lite0", "classes": ["cats", "dogs"], "precision": "fp32",
             "preprocessing": preprocessing("efficientnet_lite0"), "tta": "none"}
     torch.save(meta | {"model": state}, tmp_path / "model.pt")
-    result = run_cli("predict", str(tmp_path / "model.pt"), str(tree))
+    result = cli("predict", str(tmp_path / "model.pt"), str(tree))
     assert result.returncode == 1 and "do not match its metadata" in result.stderr
     assert "Traceback" not in result.stderr
     del meta["preprocessing"]  # once a traceback, or a silently wrong resize
     torch.save(meta | {"model": state}, tmp_path / "model.pt")
-    result = run_cli("predict", str(tmp_path / "model.pt"), str(tree))
+    result = cli("predict", str(tmp_path / "model.pt"), str(tree))
     assert result.returncode == 1 and "metadata lacks preprocessing" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -366,7 +371,7 @@ def test_a_provenance_copied_onto_another_estimator_is_refused(tree, tmp_path):
         skops.io.dump(est, tmp_path / f"{name}.skops")
         for args in (["evaluate", str(tmp_path / f"{name}.skops"), "--features", str(cache)],
                      ["predict", str(tmp_path / f"{name}.skops"), str(tree / "test")]):
-            result = run_cli(*args)
+            result = cli(*args)
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
             assert "not the logreg pipeline that 'bottleneck fit' builds" in result.stderr or \
                 "was not written by 'bottleneck fit'" in result.stderr, result.stderr
@@ -379,7 +384,7 @@ def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tree, tmp_path):
     ckpt = tmp_path / "ft" / "checkpoint.pt"
     torch.save({"format": "bottleneck-checkpoint/1", "args": {"model": "efficientnet_lite0", "lr": 0.5}}, ckpt)
     before = ckpt.read_bytes()
-    result = run_cli("finetune", "--model", "efficientnet_lite0", "--data", str(tree), "--out", str(tmp_path / "ft"),
+    result = cli("finetune", "--model", "efficientnet_lite0", "--data", str(tree), "--out", str(tmp_path / "ft"),
                      "--no-progress")
     assert result.returncode == 1 and "holds a run with other settings" in result.stderr and "lr" in result.stderr
     assert "Traceback" not in result.stderr and ckpt.read_bytes() == before
@@ -399,6 +404,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_extract_is_one_error_and_a_smaller_batch_takes_over(tmp_path):
     data = make_tree(tmp_path / "data", {"train": 40, "test": 4})  # 80 training images: one block of 80
     args = ["2300", "extract", "--model", "vgg16", "--weights", "none", "--data", str(data), "--out",

@@ -120,10 +120,10 @@ def test_every_float_setting_refuses_nan_and_infinity(stage, name, value):
 
 
 def test_nan_settings_are_refused_on_the_command_line_and_in_an_experiment(tmp_path):
-    from conftest import run_cli
+    from conftest import cli
 
     for option in (["--lr", "nan"], ["--backbone-lr-mult", "inf"]):
-        result = run_cli("finetune", "--model", "resnet18", "--data", str(tmp_path), *option)
+        result = cli("finetune", "--model", "resnet18", "--data", str(tmp_path), *option)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert result.stderr.startswith("error: ") and "must be a finite number" in result.stderr, result.stderr
     path = tmp_path / "e.toml"

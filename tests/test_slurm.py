@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_tree, run_cli
+from conftest import cli, make_tree
 from slurm_cluster import SlurmCluster, Unavailable
 
 from bottleneck import pipeline, slurm, store
@@ -55,7 +55,7 @@ def experiment(folder: Path, data: Path, name: str, extract: bool = True, finetu
 
 
 def submit(cluster, path: Path, *options: str) -> list[dict]:
-    result = run_cli("run", str(path), "--slurm", "--partition", "gpu", "--gres", "gpu:1", "--time", "00:10:00",
+    result = cli("run", str(path), "--slurm", "--partition", "gpu", "--gres", "gpu:1", "--time", "00:10:00",
                      *options, env=cluster.env)
     assert result.returncode == 0, result.stderr
     assert "watch with: bottleneck status" in result.stdout
@@ -76,7 +76,7 @@ def wait_until_done(run_dir: Path, seconds: float = 240) -> dict[str, dict]:
 
 def test_dry_run_prints_scripts_and_order_and_submits_nothing(tmp_path, data):
     path = experiment(tmp_path, data, "dry", finetune="epochs = 1\n")
-    result = run_cli("run", str(path), "--slurm", "--dry-run", "--array-size", "3", "--gres", "gpu:1",
+    result = cli("run", str(path), "--slurm", "--dry-run", "--array-size", "3", "--gres", "gpu:1",
                      "--time", "1:00:00", "--setup", "module load cuda")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -135,7 +135,7 @@ def test_hostile_names_and_paths_reach_the_commands_as_text_and_never_run(tmp_pa
     submitted = fake_command(fakes, "sbatch", "sum(1 for _ in open(f.name))")  # job ids 1, 2, ...
     ran = fake_command(fakes, "bottleneck", "'/made/by/' + sys.argv[1]")
     env = {"PATH": f"{fakes}:{os.environ['PATH']}"}
-    result = run_cli("run", str(path), "--slurm", "--array-size", "2", "--setup", "echo ready", env=env)
+    result = cli("run", str(path), "--slurm", "--array-size", "2", "--setup", "echo ready", env=env)
     assert result.returncode == 0, result.stderr
 
     scripts = sorted((out / "slurm").glob("*.sbatch"))
@@ -175,6 +175,7 @@ def test_hostile_names_and_paths_reach_the_commands_as_text_and_never_run(tmp_pa
     assert status[f"extract-{bb}"]["log"] == str(out / "slurm" / "logs" / f"extract-{bb}-1_*.out")
 
 
+@pytest.mark.slow
 def test_real_sbatch_reads_the_directives_of_hostile_names_as_written(cluster, tmp_path, data):
     # sbatch reads #SBATCH lines with its own rules (quotes, escapes, '#' comments), not bash's; Slurm then
     # expands %j in --output. Run the directives as written, with a body that only reports where it ran.
@@ -221,6 +222,7 @@ def test_a_run_folder_with_a_line_break_is_refused_for_slurm(tmp_path, data):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outs.toml"]
 
 
+@pytest.mark.slow
 def test_pipeline_on_slurm_equals_a_local_run(cluster, tmp_path, data):
     finetune = "head_epochs = 0\nepochs = 1\n" if _can_finetune() else None
     path = experiment(tmp_path, data, "batch", finetune=finetune)
@@ -246,12 +248,13 @@ def test_pipeline_on_slurm_equals_a_local_run(cluster, tmp_path, data):
     table = (tmp_path / "batch" / "comparison.md").read_text()
     assert table.count("| fixed features |") == 4 and table.count("| fine-tune |") == (1 if finetune else 0)
 
-    status = run_cli("status", str(tmp_path / "batch"), env=cluster.env)
+    status = cli("status", str(tmp_path / "batch"), env=cluster.env)
     assert status.returncode == 0 and status.stdout.count("COMPLETED") == len(jobs)
     log = Path(rows["fit-efficientnet_lite0"]["log"])
     assert log.is_file() and "logreg on blocks.4: test accuracy" in log.read_text()
 
 
+@pytest.mark.slow
 def test_a_failed_job_and_its_cancelled_dependents_show_in_status(cluster, tmp_path, data):
     path = experiment(tmp_path, data, "broken")
     submit(cluster, path, "--array-size", "2", "--setup", "echo 'no such module' >&2; exit 3")
@@ -263,6 +266,7 @@ def test_a_failed_job_and_its_cancelled_dependents_show_in_status(cluster, tmp_p
     assert "no such module" in log.read_text()
 
 
+@pytest.mark.slow
 def test_requeued_finetune_job_resumes_from_its_checkpoint(cluster, tmp_path):
     data = make_tree(tmp_path / "data", {"train": 8, "val": 2, "test": 2})
     path = experiment(tmp_path, data, "requeue", extract=False, finetune="head_epochs = 0\nepochs = 12\n"

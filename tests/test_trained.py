@@ -8,7 +8,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import make_tree, run_cli
+from conftest import cli, make_tree
 
 from bottleneck import trained
 from bottleneck.classifiers import TABLE, make_classifier
@@ -80,7 +80,7 @@ def test_a_crafted_pickle_is_never_run_by_any_command_without_trust(models, tmp_
     for name, args in commands.items():
         # Every command reads through one loader: the plain pickle once is enough.
         for model in [crafted, tmp_path / "probe.pkl"] if name == "predict" else [crafted]:
-            result = run_cli(*(str(model) if a == "{m}" else a for a in args))
+            result = cli(*(str(model) if a == "{m}" else a for a in args))
             assert not marker.exists(), (name, model)  # the payload never ran
             assert result.returncode == 1 and "Traceback" not in result.stderr, (name, result.stderr)
             assert "not a model.skops written by 'bottleneck fit' but a pickle" in result.stderr, (name, result.stderr)
@@ -98,7 +98,7 @@ def test_an_experiment_file_cannot_trust_a_pickle_itself(models, tmp_path):
     exp = tmp_path / "e.toml"
     exp.write_text(f'name = "e"\n[data]\npath = "{tree}"\n[[finetune]]\nmodel = "squeezenet1_1"\n'
                    'init_head = "x.joblib"\ntrust = true\n')
-    result = run_cli("run", str(exp))
+    result = cli("run", str(exp))
     assert result.returncode == 1 and "trust: unknown key" in result.stderr, result.stderr
 
 
@@ -120,12 +120,12 @@ def test_an_old_model_joblib_works_with_trust(models, tmp_path):
     old = tmp_path / "model.joblib"
     joblib.dump(trained.load(clf).pipe, old)  # what fit wrote before model.skops
     images = [str(tree / "test")]
-    result = run_cli("predict", str(old), *images, "--format", "json")
+    result = cli("predict", str(old), *images, "--format", "json")
     assert result.returncode == 1 and "pass --trust" in result.stderr
-    result = run_cli("predict", str(old), *images, "--format", "json", "--trust")
+    result = cli("predict", str(old), *images, "--format", "json", "--trust")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == json.loads(run_cli("predict", str(clf), *images, "--format", "json").stdout)
-    result = run_cli("evaluate", str(old), "--features", str(cache), "--json", "--trust")
+    assert json.loads(result.stdout) == json.loads(cli("predict", str(clf), *images, "--format", "json").stdout)
+    result = cli("evaluate", str(old), "--features", str(cache), "--json", "--trust")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["accuracy"] == evaluate(str(clf), str(cache))["accuracy"]
 
