@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bottleneck import backbones, finetune_data, trained
-from bottleneck.finetune import init_head, read_probe
+from bottleneck.finetune_probe import init_head, read_probe
 from bottleneck.store import FeatureStore
 
 

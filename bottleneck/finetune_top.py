@@ -22,8 +22,9 @@ from torch import nn
 from bottleneck import backbones, data
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
-from bottleneck.finetune import Run, RunTest, init_head, probe_cost, read_probe, stop_before_training
 from bottleneck.finetune_data import fold_tensors
+from bottleneck.finetune_loop import Run, stop_before_training
+from bottleneck.finetune_probe import RunTest, init_head, probe_cost, read_probe
 from bottleneck.settings import FinetuneSettings
 from bottleneck.store import FeatureStore
 
@@ -123,7 +124,7 @@ def cut(net: nn.Module, model: str, tap: str, size: int) -> dict[str, nn.Module]
         hook.remove()
         removed = {name: net.get_submodule(name) for name in order[:inside[-1] + 1]}
         for name in removed:
-            _replace(net, name, nn.Identity())
+            replace_module(net, name, nn.Identity())
         try:
             got = net(found["out"])
         except Exception:  # its forward reshapes or mixes the input before the first layer
@@ -137,10 +138,10 @@ def cut(net: nn.Module, model: str, tap: str, size: int) -> dict[str, nn.Module]
 
 def restore(net: nn.Module, removed: dict[str, nn.Module]) -> None:
     for name, module in removed.items():
-        _replace(net, name, module)
+        replace_module(net, name, module)
 
 
-def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(net: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, leaf, module)
 
@@ -186,4 +187,4 @@ class TopRun(Run):
             return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         finally:
             for name in self.trunk:
-                _replace(self.net, name, nn.Identity())
+                replace_module(self.net, name, nn.Identity())

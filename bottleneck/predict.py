@@ -14,7 +14,6 @@ import torch
 
 from bottleneck import backbones, data, settings, trained
 from bottleneck import report as reports
-from bottleneck.classify import predict_images
 from bottleneck.console import progress_bar
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import resolve_device
@@ -85,7 +84,8 @@ def evaluate_classifier(t: trained.Trained, features: str, split: str) -> tuple[
             st.attrs.get("fingerprint") == prov.get("fingerprint")
     # Older classifiers do not record their training splits: assume the usual train (+ val).
     trained_on = prov.get("trained_on", ["train", "val"]) if same_cache else []
-    paths, y, y_pred, probs = predict_images(pipe, x, y, paths, len(prov["classes"]))  # a cache's views averaged
+    # a cache's views averaged
+    paths, y, y_pred, probs = trained.predict_images(pipe, x, y, paths, len(prov["classes"]))
     rep = {"stage": "evaluate", "model": prov["model"], "tap": prov["tap"], "clf": prov["clf"],
            "classes": prov["classes"], "split": split, "n_test": int(len(y)), "features": str(features),
            "trained_on": trained_on}

@@ -4,7 +4,8 @@
 provenance in `.bottleneck_`); `finetune` writes a whole network (`model.pt`, weights and plain
 metadata). `load` reads either and checks it before use: what it says it is must be what it
 holds, or it is refused with one line. `evaluate`, `predict` and `finetune --init-head` use
-nothing else, so none imports the stage that trained the model.
+nothing else, so none imports the stage that trained the model. A classifier's scores on a
+cache's rows, an image's views averaged (`predict_images`), are here too, for fit and evaluate alike.
 
 Loading a model file never runs code from it. `model.skops` is read by skops, which builds only
 the types named in TRUSTED_TYPES (and numpy arrays and plain values) and refuses a file holding
@@ -225,3 +226,35 @@ def load_network(path: str | os.PathLike) -> Trained:
                               "fine-tune it again") from None
     return Trained(str(path), "network", meta["arch"], meta["classes"], meta["preprocessing"], meta["precision"],
                    meta["tta"], meta.get("trained_on", ["train"]), meta, net=net.eval())
+
+
+# --------------------------------------------------------------------------- a classifier on cached rows
+
+def predict_images(pipe, x: np.ndarray, y: np.ndarray, paths: list[str], n_classes: int):
+    """(paths, labels, predictions, probabilities) per image. The rows of one image (its views,
+    from `extract --views`) are scored by their mean probability; an image with one row keeps
+    the classifier's own label (an SVM's decision can disagree with its calibrated probability)."""
+    probs = class_probabilities(pipe, x, n_classes)
+    if len(set(paths)) == len(paths):
+        return paths, y, pipe.predict(x), probs
+    return mean_over_views(paths, y, probs)
+
+
+def mean_over_views(paths: list[str], y: np.ndarray, probs: np.ndarray):
+    """(paths, labels, predictions, probabilities), one per image, each the mean of its rows' probabilities."""
+    n_classes = probs.shape[1]
+    first: dict[str, int] = {}
+    group = np.array([first.setdefault(p, len(first)) for p in paths])
+    mean = np.zeros((len(first), n_classes))
+    np.add.at(mean, group, probs)
+    mean /= np.bincount(group)[:, None]
+    at = np.unique(group, return_index=True)[1]  # the first row of each image
+    return list(first), y[at], mean.argmax(1), mean
+
+
+def class_probabilities(pipe, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class of the cache, in its order (predict_proba's own
+    columns are only the classes seen in training)."""
+    full = np.zeros((len(x), n_classes))
+    full[:, np.asarray(pipe.classes_, dtype=int)] = pipe.predict_proba(x)
+    return full

@@ -296,7 +296,7 @@ def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head
     from bottleneck import data
     from bottleneck.classify import fit
     from bottleneck.extract import extract
-    from bottleneck.finetune import init_head, read_probe
+    from bottleneck.finetune_probe import init_head, read_probe
     from bottleneck.store import FeatureStore
 
     cache = extract(LITE, str(small), layer=["pool"], image_size=64, out=str(tmp_path / "c"), batch_size=8, workers=0,
