@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, locks, preprocess, runtime
+from bottleneck import backbones, data, locks, networks, preprocess, runtime
 from bottleneck import report as reports
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
@@ -118,8 +118,8 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
     folds = None
     if s.folds:
         images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction, classes)
-    net = backbones.build_model(model, s.weights)
-    head = backbones.replace_head(net, model, len(classes), s.seed)
+    net = networks.build_model(model, s.weights)
+    head = networks.replace_head(net, model, len(classes), s.seed)
     if s.init_head:
         test = RunTest(args[DATA_KEY], root, paths["test"])
         init_head(net, head, read_probe(s.init_head, model, s.weights, classes, prep, test, s.trust))

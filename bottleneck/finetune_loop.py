@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bottleneck import backbones
+from bottleneck import backbones, networks
 from bottleneck.console import note, progress_bar
 from bottleneck.errors import BottleneckError, Interrupted, write_error
-from bottleneck.finetune_data import augment_batch, tta_views
+from bottleneck.finetune_data import augment_batch
+from bottleneck.views import tta_views
 
 LABEL_SMOOTHING = 0.1
 
@@ -229,8 +230,8 @@ class Run:
             x = self.train_inputs(idx, gen)
             idx = idx[self.rank::self.world]
             y = y_all[idx].to(self.dev)
-            with torch.autocast(self.dev.type, dtype=backbones.AUTOCAST.get(self.precision),
-                                enabled=self.precision in backbones.AUTOCAST):
+            with torch.autocast(self.dev.type, dtype=networks.AUTOCAST.get(self.precision),
+                                enabled=self.precision in networks.AUTOCAST):
                 loss = F.cross_entropy(self.model(x).float(), y, label_smoothing=LABEL_SMOOTHING)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -251,10 +252,10 @@ class Run:
         """This process's share of a training batch, augmented and normalised on the device. The whole
         batch is augmented first: any number of processes sees the images one process would."""
         x = augment_batch(self.images["train"][0][idx], self.args["augment"], gen)[self.rank::self.world]
-        return backbones.normalise(x, self.prep, self.dev)
+        return networks.normalise(x, self.prep, self.dev)
 
     def probabilities(self, x: torch.Tensor, views: str) -> torch.Tensor:
-        return backbones.predict_proba(self.net, x, self.prep, self.dev, self.precision, views,
+        return networks.predict_proba(self.net, x, self.prep, self.dev, self.precision, views,
                                        self.args["batch_size"] * 2)
 
     def end_epoch(self, epoch: int, phase: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, settings, trained
+from bottleneck import backbones, data, networks, settings, trained
 from bottleneck import report as reports
 from bottleneck.console import progress_bar
 from bottleneck.errors import BottleneckError
@@ -111,7 +111,7 @@ def evaluate_finetuned(t: trained.Trained, features: str, split: str, device: st
         raise BottleneckError(f"{len(failed)} of the {len(paths)} {split} images listed by {features} cannot be read "
                               f"under {root} (e.g. {failed[0][0]}: {failed[0][1]}); was the data moved?")
     images = torch.cat(batches)
-    probs = backbones.predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"],
+    probs = networks.predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"],
                                     dev, meta["precision"], meta["tta"]).numpy()
     rep = {"stage": "evaluate", "model": meta["arch"], "tap": None, "clf": "finetune", "classes": meta["classes"],
            "split": split, "n_test": int(len(y)), "features": str(features),
@@ -166,7 +166,7 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
 
         t = trained.Trained("", "network", backbone, ResNet18_Weights.IMAGENET1K_V1.meta["categories"],
                             backbones.preprocessing(backbone), "fp32", "none", [], {},
-                            net=backbones.build_model(backbone, weights))
+                            net=networks.build_model(backbone, weights))
     elif model is None:
         raise BottleneckError("give a classifier (model.skops or model.pt) or --imagenet")
     else:

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bottleneck import backbones
+from bottleneck import backbones, networks
 from bottleneck.data import describe_error
 from bottleneck.errors import BottleneckError
+from bottleneck.views import views_of
+from bottleneck.weights import WeightsRef
 
 NETWORK_FORMAT = "bottleneck-finetuned/1"
 # Every type beyond skops's own trusted ones (numpy, plain values, most of scikit-learn) that the
@@ -78,7 +80,7 @@ class Trained:
         """The network that turns images into what the model scores: the fine-tuned network itself, or
         the backbone cut at the classifier's taps (built on first use: it may need its weights)."""
         if self.net is None:
-            self.net = backbones.FeatureExtractor(backbones.build_model(self.model, same_weights(self.meta)),
+            self.net = networks.FeatureExtractor(networks.build_model(self.model, same_weights(self.meta)),
                                                   self.model, self.taps, self.meta["pool"])
         return self.net
 
@@ -86,11 +88,11 @@ class Trained:
         """(probabilities, chosen column) for a uint8 NCHW batch, views averaged as at training."""
         net = self.network()
         if self.kind == "network":
-            probs = backbones.predict_proba(net, images_u8, self.preprocessing, dev, self.precision, self.views)
+            probs = networks.predict_proba(net, images_u8, self.preprocessing, dev, self.precision, self.views)
             probs = probs.numpy()
             return probs, probs.argmax(axis=1)
-        outs = [backbones.run_batch(net, v, self.preprocessing, dev, self.precision)
-                for v in backbones.views_of(images_u8, self.views)]
+        outs = [networks.run_batch(net, v, self.preprocessing, dev, self.precision)
+                for v in views_of(images_u8, self.views)]
         feats = [torch.cat([out[t] for t in self.taps], dim=1).float().cpu().numpy() for out in outs]
         self.check_width(feats[0].shape[1], f"{self.model} at {', '.join(self.taps)}")
         if len(feats) == 1:
@@ -101,7 +103,7 @@ class Trained:
         return probs, probs.argmax(axis=1)
 
 
-def same_weights(prov: dict) -> backbones.WeightsRef:
+def same_weights(prov: dict) -> WeightsRef:
     """The backbone weights a classifier was fitted on features of, refused if they changed since
     (a weights file replaced under the same name gives other features, and silently other labels)."""
     ref = backbones.resolve_weights(prov["model"], prov.get("weights_arg", "DEFAULT"))
@@ -218,8 +220,8 @@ def load_network(path: str | os.PathLike) -> Trained:
         raise BottleneckError(f"{path}: its metadata lacks {', '.join(missing) or 'a preprocessing dict'}; "
                               "fine-tune it again")
     try:
-        net = backbones.build_model(meta["arch"], "none")
-        backbones.replace_head(net, meta["arch"], len(meta["classes"]))
+        net = networks.build_model(meta["arch"], "none")
+        networks.replace_head(net, meta["arch"], len(meta["classes"]))
         net.load_state_dict(saved["model"])
     except (KeyError, TypeError, RuntimeError, BottleneckError) as e:
         raise BottleneckError(f"{path}: its weights do not match its metadata ({describe_error(e)}); "
