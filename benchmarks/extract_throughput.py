@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones
+from bottleneck import backbones, networks
 from bottleneck.data import write_elpv
 from bottleneck.errors import BottleneckError
 from bottleneck.extract import extract
@@ -53,7 +53,7 @@ def naive(model: str, folder: Path, device: torch.device, batch_size: int = 32) 
     tf = transforms.Compose([transforms.Resize(prep["resize"]), transforms.CenterCrop(prep["size"]),
                              transforms.ToTensor(), transforms.Normalize(prep["mean"], prep["std"])])
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), tf), batch_size=batch_size)
-    net = backbones.FeatureExtractor(backbones.build_model(model, "none"), model, None).to(device)
+    net = networks.FeatureExtractor(networks.build_model(model, "none"), model, None).to(device)
     started = time.perf_counter()
     feats = []
     with torch.no_grad():
@@ -66,15 +66,15 @@ def naive(model: str, folder: Path, device: torch.device, batch_size: int = 32) 
 def ceiling(model: str, n: int, device: torch.device, batch_size: int = 64) -> float:
     prep = backbones.preprocessing(model)
     precision = resolve_precision("auto", device)
-    net = backbones.FeatureExtractor(backbones.build_model(model, "none"), model, None)
+    net = networks.FeatureExtractor(networks.build_model(model, "none"), model, None)
     net = net.to(device, memory_format=torch.channels_last)
     images = torch.randint(0, 255, (batch_size, 3, prep["size"], prep["size"]), dtype=torch.uint8, device=device)
     for shape in {batch_size, n % batch_size or batch_size}:  # warm-up: build kernels for both batch shapes
-        backbones.run_batch(net, images[:shape], prep, device, precision)
+        networks.run_batch(net, images[:shape], prep, device, precision)
     synchronize(device)
     started = time.perf_counter()
     for start in range(0, n, batch_size):
-        backbones.run_batch(net, images[: min(batch_size, n - start)], prep, device, precision)
+        networks.run_batch(net, images[: min(batch_size, n - start)], prep, device, precision)
     synchronize(device)  # GPU work is queued: the clock stops when it is done, not when it is queued
     return time.perf_counter() - started
 

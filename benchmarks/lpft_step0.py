@@ -17,8 +17,8 @@ import platform
 import numpy as np
 import torch
 
-from bottleneck import backbones, finetune_data, trained
-from bottleneck.finetune import init_head, read_probe
+from bottleneck import finetune_data, networks, trained
+from bottleneck.finetune_probe import init_head, read_probe
 from bottleneck.store import FeatureStore
 
 
@@ -39,11 +39,11 @@ def main() -> None:
           f"in its cache): test accuracy {np.mean(own == y):.4f} on {len(y)} images")
     images, labels, _ = finetune_data.load_images(root, list(zip(paths, y.tolist())), probe.preprocessing, None,
                                                   False)
-    net = backbones.build_model(model)
-    head = backbones.replace_head(net, model, len(probe.classes))
+    net = networks.build_model(model)
+    head = networks.replace_head(net, model, len(probe.classes))
     init_head(net, head, read_probe(args.probe, model, "DEFAULT", prov["classes"], probe.preprocessing))
     for views in args.views:
-        probs = backbones.predict_proba(net.eval(), images, probe.preprocessing, torch.device("cpu"),
+        probs = networks.predict_proba(net.eval(), images, probe.preprocessing, torch.device("cpu"),
                                         args.precision, views)
         chosen = probs.argmax(1).numpy()
         print(f"step 0, {args.precision}, test-time views {views}: accuracy {np.mean(chosen == labels.numpy()):.4f}, "

@@ -30,6 +30,7 @@ from bottleneck.locks import WriteLock
 from bottleneck.scores import target_class
 from bottleneck.settings import FitSettings, takes
 from bottleneck.store import FeatureStore
+from bottleneck.trained import class_probabilities, mean_over_views, predict_images
 
 
 @takes(FitSettings)
@@ -312,28 +313,6 @@ def validation_score(pipe: Pipeline, d: dict, chosen: dict, n_classes: int) -> d
     return {"accuracy": float(np.mean(np.asarray(y_val) == np.asarray(y_pred))), "by": "validation split"}
 
 
-def predict_images(pipe: Pipeline, x: np.ndarray, y: np.ndarray, paths: list[str], n_classes: int):
-    """(paths, labels, predictions, probabilities) per image. The rows of one image (its views,
-    from `extract --views`) are scored by their mean probability; an image with one row keeps
-    the classifier's own label (an SVM's decision can disagree with its calibrated probability)."""
-    probs = class_probabilities(pipe, x, n_classes)
-    if len(set(paths)) == len(paths):
-        return paths, y, pipe.predict(x), probs
-    return mean_over_views(paths, y, probs)
-
-
-def mean_over_views(paths: list[str], y: np.ndarray, probs: np.ndarray):
-    """(paths, labels, predictions, probabilities), one per image, each the mean of its rows' probabilities."""
-    n_classes = probs.shape[1]
-    first: dict[str, int] = {}
-    group = np.array([first.setdefault(p, len(first)) for p in paths])
-    mean = np.zeros((len(first), n_classes))
-    np.add.at(mean, group, probs)
-    mean /= np.bincount(group)[:, None]
-    at = np.unique(group, return_index=True)[1]  # the first row of each image
-    return list(first), y[at], mean.argmax(1), mean
-
-
 def validation_probabilities(pipe: Pipeline, d: dict, seed: int, n_classes: int):
     """(labels, probabilities, how) of images the classifier did not train on, to choose a threshold on.
 
@@ -353,14 +332,6 @@ def validation_probabilities(pipe: Pipeline, d: dict, seed: int, n_classes: int)
         probs[held] = class_probabilities(clone(pipe).fit(x[train], y[train]), x[held], n_classes)
     _, y_img, _, p_img = mean_over_views(paths, y, probs)
     return y_img, p_img, f"{folds.n_splits}-fold stratified CV on train, each image scored by the fold that left it out"
-
-
-def class_probabilities(pipe: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:
-    """predict_proba with a column for every class of the cache, in its order (predict_proba's own
-    columns are only the classes seen in training)."""
-    full = np.zeros((len(x), n_classes))
-    full[:, np.asarray(pipe.classes_, dtype=int)] = pipe.predict_proba(x)
-    return full
 
 
 def tap_dims(st: FeatureStore, tap: str) -> tuple[int, ...]:

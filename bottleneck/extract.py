@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, preprocess, runtime, store
+from bottleneck import backbones, data, networks, preprocess, runtime, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import apply_precision, resolve_device, resolve_precision
-from bottleneck.settings import ExtractSettings, n_views, parse_views, takes
+from bottleneck.settings import ExtractSettings, takes
+from bottleneck.views import n_views, parse_views, views_of
+from bottleneck.weights import WeightsRef, fetch_weights, weights_arg
 
 
 @takes(ExtractSettings)
@@ -68,10 +70,10 @@ def extract(s: ExtractSettings) -> Path:
         plan = block_plan(manifest, block_rows, shard_i, shard_n)
         todo = {s: [k for k in ks if not parts.has(s, k)] for s, ks in plan.items()}
         if any(todo.values()):
-            backbones.fetch_weights(ref)
+            fetch_weights(ref)
             note(preprocess.describe(prep, why))
-            net = backbones.build_model(model, ref)
-            extractor = backbones.FeatureExtractor(net, model, taps, pool, s.maps)
+            net = networks.build_model(model, ref)
+            extractor = networks.FeatureExtractor(net, model, taps, pool, s.maps)
             workers = runtime.workers(s.workers)
             setup = time.perf_counter() - started
             run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
@@ -117,7 +119,7 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return i, n
 
 
-def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: str, prep: dict, precision: str,
+def cache_attrs(model: str, ref: WeightsRef, taps: list[str], pool: str, prep: dict, precision: str,
                 dtype: str, manifest: data.Manifest, views: str = "none", maps: str | None = None) -> dict:
     """The metadata a later stage needs; everything but versions goes into the fingerprint."""
     multi = {"views": views, "n_views": n_views(views)} if views != "none" else {}  # older caches' fingerprints stay
@@ -126,7 +128,7 @@ def cache_attrs(model: str, ref: backbones.WeightsRef, taps: list[str], pool: st
              "preprocessing": prep, "precision": precision, "dtype": dtype,
              "classes": manifest.classes, "split_info": manifest.split_info,
              "dataset_fingerprint": data.dataset_fingerprint(manifest), "data_root": manifest.root,
-             "weights_arg": backbones.weights_arg(ref)}
+             "weights_arg": weights_arg(ref)}
     key = {k: v for k, v in attrs.items() if k not in ("data_root", "weights_arg")} | {"format": store.FORMAT}
     attrs["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     attrs["versions"] = runtime.versions()
@@ -157,7 +159,7 @@ def block_samples(manifest: data.Manifest, split: str, k: int, rows: int) -> lis
     return manifest.splits[split][k * rows:(k + 1) * rows]
 
 
-def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, todo: dict[str, list[int]],
+def run_blocks(extractor: networks.FeatureExtractor, manifest: data.Manifest, todo: dict[str, list[int]],
                rows: int, parts: store.Parts, prep: dict, device: torch.device, precision: str,
                workers: int, progress: bool, batch_size: int | None = None, views: str = "none") -> None:
     """Compute the missing blocks, saving each as soon as it is done; the network sees at most
@@ -183,7 +185,7 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
         tick = trimmed = time.perf_counter()
         for (split, k), (images, reasons) in zip(jobs, loader):
             # image-major rows: an image's views next to each other (no copy without views)
-            viewed = images if views == "none" else torch.stack(backbones.views_of(images, views), 1).flatten(0, 1)
+            viewed = images if views == "none" else torch.stack(views_of(images, views), 1).flatten(0, 1)
             feats = forward(extractor, viewed, prep, device, precision, batch_size or rows)
             block = make_block(feats, reasons, block_samples(manifest, split, k, rows), n_views(views))
             for path, reason in zip(block["skipped_paths"], block["skipped_reasons"]):
@@ -198,12 +200,12 @@ def run_blocks(extractor: backbones.FeatureExtractor, manifest: data.Manifest, t
                 trimmed = now
 
 
-def forward(extractor: backbones.FeatureExtractor, images: torch.Tensor, prep: dict, device: torch.device,
+def forward(extractor: networks.FeatureExtractor, images: torch.Tensor, prep: dict, device: torch.device,
             precision: str, batch_size: int) -> dict[str, torch.Tensor]:
     """The taps of a block's images, `batch_size` at a time; running out of memory is an error
     that says what to do, not an allocator's traceback."""
     try:
-        chunks = [backbones.run_batch(extractor, images[i:i + batch_size], prep, device, precision)
+        chunks = [networks.run_batch(extractor, images[i:i + batch_size], prep, device, precision)
                   for i in range(0, len(images), batch_size)]
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):

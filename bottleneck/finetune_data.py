@@ -1,8 +1,8 @@
-"""What fine-tuning does to images: splits, decoding into memory, augmentation, test-time views.
+"""What fine-tuning does to images: splits, decoding into memory, augmentation.
 
 Training images are decoded once and kept as one uint8 tensor per split (a small-data tool:
-elpv at 224 px is 0.4 GB), so epochs cost only the network. Augmentation and test-time views
-work on uint8 batches and are drawn from explicitly seeded generators, so a resumed run sees
+elpv at 224 px is 0.4 GB), so epochs cost only the network. Augmentation (and the test-time
+views of views.py) work on uint8 batches and are drawn from explicitly seeded generators, so a resumed run sees
 exactly the images an uninterrupted one would.
 """
 
@@ -90,10 +90,3 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
         shift = (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 40
         x = (x.float() * gain + shift).clamp_(0, 255).to(torch.uint8)
     return x
-
-
-def tta_views(tta: bool, augment: str) -> str:
-    """Test-time views: the symmetries training augmented with (all 8 of the square's for 'strong')."""
-    if not tta:
-        return "none"
-    return {"none": "hflip", "light": "flips", "strong": "dihedral"}[augment]

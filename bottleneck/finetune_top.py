@@ -19,13 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from bottleneck import backbones, data
+from bottleneck import backbones, data, networks
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
-from bottleneck.finetune import Run, RunTest, init_head, probe_cost, read_probe, stop_before_training
 from bottleneck.finetune_data import fold_tensors
+from bottleneck.finetune_loop import Run, stop_before_training
+from bottleneck.finetune_probe import RunTest, init_head, probe_cost, read_probe
 from bottleneck.settings import FinetuneSettings
 from bottleneck.store import FeatureStore
+from bottleneck.views import cached_views
 
 
 def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank: int, world: int,
@@ -41,8 +43,8 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
     if s.folds:
         images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction,
                                             attrs["classes"])
-    net = backbones.build_model(s.model, s.weights)
-    head = backbones.replace_head(net, s.model, len(attrs["classes"]), s.seed)
+    net = networks.build_model(s.model, s.weights)
+    head = networks.replace_head(net, s.model, len(attrs["classes"]), s.seed)
     if s.init_head:  # LP-FT of the top: a probe on this cache's penultimate tap sees what the head will
         test = RunTest(attrs["dataset_fingerprint"], attrs["data_root"], paths["test"])
         init_head(net, head, read_probe(s.init_head, s.model, s.weights, attrs["classes"], attrs["preprocessing"],
@@ -123,7 +125,7 @@ def cut(net: nn.Module, model: str, tap: str, size: int) -> dict[str, nn.Module]
         hook.remove()
         removed = {name: net.get_submodule(name) for name in order[:inside[-1] + 1]}
         for name in removed:
-            _replace(net, name, nn.Identity())
+            replace_module(net, name, nn.Identity())
         try:
             got = net(found["out"])
         except Exception:  # its forward reshapes or mixes the input before the first layer
@@ -137,10 +139,10 @@ def cut(net: nn.Module, model: str, tap: str, size: int) -> dict[str, nn.Module]
 
 def restore(net: nn.Module, removed: dict[str, nn.Module]) -> None:
     for name, module in removed.items():
-        _replace(net, name, module)
+        replace_module(net, name, module)
 
 
-def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(net: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, leaf, module)
 
@@ -165,12 +167,12 @@ class TopRun(Run):
     def probabilities(self, x: torch.Tensor, views: str) -> torch.Tensor:
         """Softmax probabilities averaged over the cached views (the first alone for "none")."""
         self.net.eval()
-        autocast = torch.autocast(self.dev.type, dtype=backbones.AUTOCAST.get(self.precision),
-                                  enabled=self.precision in backbones.AUTOCAST)
+        autocast = torch.autocast(self.dev.type, dtype=networks.AUTOCAST.get(self.precision),
+                                  enabled=self.precision in networks.AUTOCAST)
         out = []
         for start in range(0, len(x), self.args["batch_size"] * 2):
             maps = x[start:start + self.args["batch_size"] * 2]
-            maps = maps[:, :1] if views == "none" else maps
+            maps = cached_views(maps, views)
             with autocast:
                 logits = self.net(maps.flatten(0, 1).to(self.dev, torch.float32)).float()
             out.append(logits.softmax(1).view(len(maps), maps.shape[1], -1).mean(1).cpu())
@@ -186,4 +188,4 @@ class TopRun(Run):
             return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         finally:
             for name in self.trunk:
-                _replace(self.net, name, nn.Identity())
+                replace_module(self.net, name, nn.Identity())

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, settings, trained
+from bottleneck import backbones, data, networks, settings, trained
 from bottleneck import report as reports
-from bottleneck.classify import predict_images
 from bottleneck.console import progress_bar
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import resolve_device
@@ -88,7 +87,8 @@ def evaluate_classifier(t: trained.Trained, features: str, split: str) -> tuple[
             st.attrs.get("fingerprint") == prov.get("fingerprint")
     # Older classifiers do not record their training splits: assume the usual train (+ val).
     trained_on = prov.get("trained_on", ["train", "val"]) if same_cache else []
-    paths, y, y_pred, probs = predict_images(pipe, x, y, paths, len(prov["classes"]))  # a cache's views averaged
+    # a cache's views averaged
+    paths, y, y_pred, probs = trained.predict_images(pipe, x, y, paths, len(prov["classes"]))
     about = {"model": prov["model"], "tap": prov["tap"], "clf": prov["clf"], "classes": prov["classes"],
              "trained_on": trained_on}
     return about, paths, y, y_pred, probs
@@ -113,7 +113,7 @@ def evaluate_finetuned(t: trained.Trained, features: str, split: str, device: st
         raise BottleneckError(f"{len(failed)} of the {len(paths)} {split} images listed by {features} cannot be read "
                               f"under {root} (e.g. {failed[0][0]}: {failed[0][1]}); was the data moved?")
     images = torch.cat(batches)
-    probs = backbones.predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"],
+    probs = networks.predict_proba(net.to(dev, memory_format=torch.channels_last), images, meta["preprocessing"],
                                     dev, meta["precision"], meta["tta"]).numpy()
     about = {"model": meta["arch"], "tap": None, "clf": "finetune", "classes": meta["classes"],
              "trained_on": meta.get("trained_on", ["train"])}
@@ -167,7 +167,7 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
 
         t = trained.Trained("", "network", backbone, ResNet18_Weights.IMAGENET1K_V1.meta["categories"],
                             backbones.preprocessing(backbone), "fp32", "none", [], {},
-                            net=backbones.build_model(backbone, weights))
+                            net=networks.build_model(backbone, weights))
     elif model is None:
         raise BottleneckError("give a classifier (model.skops or model.pt) or --imagenet")
     else:

@@ -131,3 +131,17 @@ def make_deterministic() -> None:
     os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.mkldnn.deterministic = True
+
+
+# --------------------------------------------------------------------------- distributed
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); under torchrun this joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", 0)), world

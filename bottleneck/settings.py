@@ -17,7 +17,6 @@ import functools
 import inspect
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -25,39 +24,12 @@ from dataclasses import MISSING, dataclass, field, fields
 from bottleneck.classifiers import CLASSIFIERS  # the one table of classifiers
 from bottleneck.errors import BottleneckError
 from bottleneck.scores import parse_target
+from bottleneck.views import parse_views
 
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-VIEWS = {"none": 1, "hflip": 2, "flips": 4, "dihedral": 8}  # views per image, as test-time augmentation has them
-MAX_CROPS = 64
-
-
-@dataclass(frozen=True)
-class Views:
-    """A --views value parsed once: its canonical name (crops:02 is crops:2, one cache) and views per image."""
-
-    name: str
-    count: int
-
-
-def parse_views(views: str) -> Views:
-    """A VIEWS name, or crops:K (the image and K - 1 seeded crops of it) with K in ASCII digits."""
-    if views in VIEWS:
-        return Views(views, VIEWS[views])
-    k = re.fullmatch(r"crops:([0-9]+)", views)  # '²' is a digit to str.isdigit, and a traceback to int()
-    if k and 2 <= int(k.group(1)) <= MAX_CROPS:
-        return Views(f"crops:{int(k.group(1))}", int(k.group(1)))
-    raise BottleneckError(f"unknown views {_short(views)}; choose one of {', '.join(VIEWS)} or crops:K "
-                          f"(K from 2 to {MAX_CROPS})")
-
-
-def n_views(views: str) -> int:
-    """Views per image of a VIEWS name or of crops:K."""
-    return parse_views(views).count
-
-
 IMAGE_SIZE_HELP = "Network input N×N [default: the model's own]."
 CROP_HELP = ("Resize the short side and centre-crop (the model's own pipeline), or resize the whole image "
              "[default: the whole image for images smaller than the input, else crop].")
@@ -169,7 +141,7 @@ class ExtractSettings(Settings):
 
     def check(self) -> None:
         try:
-            n_views(self.views)
+            parse_views(self.views)
         except BottleneckError as e:
             raise SettingError("views", str(e)) from None
 

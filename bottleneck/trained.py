@@ -4,7 +4,8 @@
 provenance in `.bottleneck_`); `finetune` writes a whole network (`model.pt`, weights and plain
 metadata). `load` reads either and checks it before use: what it says it is must be what it
 holds, or it is refused with one line. `evaluate`, `predict` and `finetune --init-head` use
-nothing else, so none imports the stage that trained the model.
+nothing else, so none imports the stage that trained the model. A classifier's scores on a
+cache's rows, an image's views averaged (`predict_images`), are here too, for fit and evaluate alike.
 
 Loading a model file never runs code from it. `model.skops` is read by skops, which builds only
 the types named in TRUSTED_TYPES (and numpy arrays and plain values) and refuses a file holding
@@ -24,9 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bottleneck import backbones
+from bottleneck import backbones, networks
 from bottleneck.data import describe_error
 from bottleneck.errors import BottleneckError
+from bottleneck.views import views_of
+from bottleneck.weights import WeightsRef
 
 NETWORK_FORMAT = "bottleneck-finetuned/1"
 # Every type beyond skops's own trusted ones (numpy, plain values, most of scikit-learn) that the
@@ -77,7 +80,7 @@ class Trained:
         """The network that turns images into what the model scores: the fine-tuned network itself, or
         the backbone cut at the classifier's taps (built on first use: it may need its weights)."""
         if self.net is None:
-            self.net = backbones.FeatureExtractor(backbones.build_model(self.model, same_weights(self.meta)),
+            self.net = networks.FeatureExtractor(networks.build_model(self.model, same_weights(self.meta)),
                                                   self.model, self.taps, self.meta["pool"])
         return self.net
 
@@ -85,11 +88,11 @@ class Trained:
         """(probabilities, chosen column) for a uint8 NCHW batch, views averaged as at training."""
         net = self.network()
         if self.kind == "network":
-            probs = backbones.predict_proba(net, images_u8, self.preprocessing, dev, self.precision, self.views)
+            probs = networks.predict_proba(net, images_u8, self.preprocessing, dev, self.precision, self.views)
             probs = probs.numpy()
             return probs, probs.argmax(axis=1)
-        outs = [backbones.run_batch(net, v, self.preprocessing, dev, self.precision)
-                for v in backbones.views_of(images_u8, self.views)]
+        outs = [networks.run_batch(net, v, self.preprocessing, dev, self.precision)
+                for v in views_of(images_u8, self.views)]
         feats = [torch.cat([out[t] for t in self.taps], dim=1).float().cpu().numpy() for out in outs]
         self.check_width(feats[0].shape[1], f"{self.model} at {', '.join(self.taps)}")
         if len(feats) == 1:
@@ -100,7 +103,7 @@ class Trained:
         return probs, probs.argmax(axis=1)
 
 
-def same_weights(prov: dict) -> backbones.WeightsRef:
+def same_weights(prov: dict) -> WeightsRef:
     """The backbone weights a classifier was fitted on features of, refused if they changed since
     (a weights file replaced under the same name gives other features, and silently other labels)."""
     ref = backbones.resolve_weights(prov["model"], prov.get("weights_arg", "DEFAULT"))
@@ -217,11 +220,43 @@ def load_network(path: str | os.PathLike) -> Trained:
         raise BottleneckError(f"{path}: its metadata lacks {', '.join(missing) or 'a preprocessing dict'}; "
                               "fine-tune it again")
     try:
-        net = backbones.build_model(meta["arch"], "none")
-        backbones.replace_head(net, meta["arch"], len(meta["classes"]))
+        net = networks.build_model(meta["arch"], "none")
+        networks.replace_head(net, meta["arch"], len(meta["classes"]))
         net.load_state_dict(saved["model"])
     except (KeyError, TypeError, RuntimeError, BottleneckError) as e:
         raise BottleneckError(f"{path}: its weights do not match its metadata ({describe_error(e)}); "
                               "fine-tune it again") from None
     return Trained(str(path), "network", meta["arch"], meta["classes"], meta["preprocessing"], meta["precision"],
                    meta["tta"], meta.get("trained_on", ["train"]), meta, net=net.eval())
+
+
+# --------------------------------------------------------------------------- a classifier on cached rows
+
+def predict_images(pipe, x: np.ndarray, y: np.ndarray, paths: list[str], n_classes: int):
+    """(paths, labels, predictions, probabilities) per image. The rows of one image (its views,
+    from `extract --views`) are scored by their mean probability; an image with one row keeps
+    the classifier's own label (an SVM's decision can disagree with its calibrated probability)."""
+    probs = class_probabilities(pipe, x, n_classes)
+    if len(set(paths)) == len(paths):
+        return paths, y, pipe.predict(x), probs
+    return mean_over_views(paths, y, probs)
+
+
+def mean_over_views(paths: list[str], y: np.ndarray, probs: np.ndarray):
+    """(paths, labels, predictions, probabilities), one per image, each the mean of its rows' probabilities."""
+    n_classes = probs.shape[1]
+    first: dict[str, int] = {}
+    group = np.array([first.setdefault(p, len(first)) for p in paths])
+    mean = np.zeros((len(first), n_classes))
+    np.add.at(mean, group, probs)
+    mean /= np.bincount(group)[:, None]
+    at = np.unique(group, return_index=True)[1]  # the first row of each image
+    return list(first), y[at], mean.argmax(1), mean
+
+
+def class_probabilities(pipe, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class of the cache, in its order (predict_proba's own
+    columns are only the classes seen in training)."""
+    full = np.zeros((len(x), n_classes))
+    full[:, np.asarray(pipe.classes_, dtype=int)] = pipe.predict_proba(x)
+    return full

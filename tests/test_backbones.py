@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bottleneck import backbones, store
+from bottleneck import backbones, networks, store
 from bottleneck.classify import fit
 from bottleneck.data import resize_crop
 from bottleneck.errors import BottleneckError, WeightsUnavailable
 from bottleneck.extract import extract
 from bottleneck.predict import predict
+from bottleneck.weights import weights_available
 
 COURSE_MODELS = {"vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152", "inception_v3",
                  "densenet121", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "alexnet",
@@ -53,10 +54,10 @@ def test_each_model_gets_its_own_preprocessing():
 
 
 def test_real_forward_matches_described_dims_and_stops_at_the_last_tap():
-    model = backbones.build_model("resnet18", "none")
+    model = networks.build_model("resnet18", "none")
     calls = []
     model.layer4.register_forward_hook(lambda *a: calls.append("layer4"))
-    ex = backbones.FeatureExtractor(model, "resnet18", ["layer2", "layer1"], pool="max")
+    ex = networks.FeatureExtractor(model, "resnet18", ["layer2", "layer1"], pool="max")
     feats = ex(torch.rand(2, 3, 64, 64))
     assert list(feats) == ["layer1", "layer2"]  # network order, whatever the request order
     assert feats["layer1"].shape == (2, 64) and feats["layer2"].shape == (2, 128)
@@ -64,12 +65,12 @@ def test_real_forward_matches_described_dims_and_stops_at_the_last_tap():
 
 
 def test_several_taps_in_one_pass_equal_separate_passes():
-    model = backbones.build_model("resnet18", "none")
+    model = networks.build_model("resnet18", "none")
     x = torch.rand(2, 3, 64, 64)
-    both = backbones.FeatureExtractor(model, "resnet18", ["layer3", "avgpool"])(x)
-    model2 = backbones.build_model("resnet18", "none")
+    both = networks.FeatureExtractor(model, "resnet18", ["layer3", "avgpool"])(x)
+    model2 = networks.build_model("resnet18", "none")
     model2.load_state_dict(model.state_dict())
-    alone = backbones.FeatureExtractor(model2, "resnet18", ["avgpool"])(x)
+    alone = networks.FeatureExtractor(model2, "resnet18", ["avgpool"])(x)
     torch.testing.assert_close(both["avgpool"], alone["avgpool"])
 
 
@@ -84,7 +85,7 @@ def _top_classes(logits: torch.Tensor, k: int) -> list[str]:
 def test_lite_weights_see_a_cat_in_chelsea_and_coffee_in_a_cup(name):
     from skimage import data as skdata
 
-    model = backbones.build_model(name)  # the package's tensors, mapped in order, every shape checked
+    model = networks.build_model(name)  # the package's tensors, mapped in order, every shape checked
     prep = backbones.preprocessing(name)
     mean, std = torch.tensor(prep["mean"]).view(1, 3, 1, 1), torch.tensor(prep["std"]).view(1, 3, 1, 1)
 
@@ -101,24 +102,24 @@ def test_lite_weights_see_a_cat_in_chelsea_and_coffee_in_a_cup(name):
 def test_offline_missing_weights_fail_in_seconds_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     ref = backbones.resolve_weights("vgg16")
-    assert ref.path.startswith(str(tmp_path)) and not backbones.weights_available(ref)
+    assert ref.path.startswith(str(tmp_path)) and not weights_available(ref)
     started = time.monotonic()
     with pytest.raises(WeightsUnavailable) as e:
-        backbones.build_model("vgg16", ref)  # this machine has no route to download.pytorch.org
+        networks.build_model("vgg16", ref)  # this machine has no route to download.pytorch.org
     assert time.monotonic() - started < 15
     assert "bottleneck weights fetch vgg16" in str(e.value) and ref.path in str(e.value)
 
 
 def test_weights_from_a_state_dict_file(tmp_path):
-    model = backbones.build_model("resnet18", "none")
+    model = networks.build_model("resnet18", "none")
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
-    loaded = backbones.build_model("resnet18", str(tmp_path / "ckpt.pth"))
+    loaded = networks.build_model("resnet18", str(tmp_path / "ckpt.pth"))
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     ref = backbones.resolve_weights("resnet18", str(tmp_path / "ckpt.pth"))
     assert ref.id.startswith("file:ckpt.pth:sha256:")
     with pytest.raises(BottleneckError, match="not a state_dict for resnet50"):
-        backbones.build_model("resnet50", str(tmp_path / "ckpt.pth"))
+        networks.build_model("resnet50", str(tmp_path / "ckpt.pth"))
 
 
 def test_named_enum_weights_and_bad_names():
@@ -134,9 +135,9 @@ def test_named_enum_weights_and_bad_names():
 
 def test_pooling_modes():
     x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
-    assert np.allclose(backbones.pool_features(x, "avg")[0], [1.5, 5.5, 9.5])
-    assert np.allclose(backbones.pool_features(x, "max")[0], [3, 7, 11])
-    assert backbones.pool_features(x, "flatten").shape == (2, 12)
+    assert np.allclose(networks.pool_features(x, "avg")[0], [1.5, 5.5, 9.5])
+    assert np.allclose(networks.pool_features(x, "max")[0], [3, 7, 11])
+    assert networks.pool_features(x, "flatten").shape == (2, 12)
 
 
 def test_timm_names_take_taps_head_and_preprocessing_from_timm():
@@ -170,11 +171,11 @@ def test_unknown_timm_names_are_clear_errors():
 @pytest.mark.parametrize("arch, size", [("convnext_atto", 64), ("vit_tiny_patch16_224", 224)])
 def test_timm_pool_tap_is_timms_pre_logits_vector(arch, size):
     name = f"timm:{arch}"
-    model = backbones.build_model(name, "none")
+    model = networks.build_model(name, "none")
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
         want = model.forward_head(model.forward_features(x), pre_logits=True)
-    torch.testing.assert_close(backbones.FeatureExtractor(model, name, ["pool"])(x)["pool"], want)
+    torch.testing.assert_close(networks.FeatureExtractor(model, name, ["pool"])(x)["pool"], want)
 
 
 @pytest.mark.parametrize("arch, tap", [("convnext_atto", "stages.2"), ("vit_tiny_patch16_224", "blocks.5")])

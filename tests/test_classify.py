@@ -245,8 +245,9 @@ def test_target_threshold_is_chosen_on_validation_and_applied_to_the_test_images
     from sklearn.base import clone
 
     from bottleneck import report, scores
-    from bottleneck.classify import predict_images, split_data
+    from bottleneck.classify import split_data
     from bottleneck.store import FeatureStore
+    from bottleneck.trained import predict_images
 
     path = fit(str(cache[0]), layer="pool", target="recall:dogs=0.9", out=str(tmp_path))  # searched on val
     rep = json.loads(path.read_text())

@@ -11,9 +11,10 @@ import torch
 from conftest import cli, make_tree
 from test_data import bad_files
 
-from bottleneck import backbones, data, store
+from bottleneck import data, networks, store
 from bottleneck.errors import BottleneckError, CacheBusy
 from bottleneck.extract import extract
+from bottleneck.views import crop_boxes, views_of
 
 LITE = "efficientnet_lite0"
 
@@ -34,7 +35,7 @@ def test_features_equal_a_direct_forward_pass(tree, tmp_path):
     img = v2.functional.resize(data.load_image(tree / paths[4]), [224, 224],
                                interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    model = backbones.FeatureExtractor(backbones.build_model(LITE), LITE, ["pool"])
+    model = networks.FeatureExtractor(networks.build_model(LITE), LITE, ["pool"])
     with torch.no_grad():
         direct = model((x - 0.5) / 0.5)["pool"][0].numpy()
     np.testing.assert_allclose(feats[4], direct, rtol=1e-4, atol=1e-4)
@@ -219,10 +220,10 @@ def test_a_multi_view_cache_resumes_after_a_kill_to_an_identical_file(tmp_path):
 
 def test_crop_views_are_the_image_and_the_same_seeded_crops_of_every_image(tree, tmp_path):
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    views = backbones.views_of(x, "crops:3")
+    views = views_of(x, "crops:3")
     assert len(views) == 3 and torch.equal(views[0], x) and all(v.shape == x.shape for v in views)
-    assert backbones.crop_boxes(2) == backbones.crop_boxes(2)  # fixed boxes: a rerun makes the same rows
-    assert torch.equal(backbones.views_of(x[1:], "crops:3")[2], views[2][1:])  # a box does not depend on the batch
+    assert crop_boxes(2) == crop_boxes(2)  # fixed boxes: a rerun makes the same rows
+    assert torch.equal(views_of(x[1:], "crops:3")[2], views[2][1:])  # a box does not depend on the batch
     kwargs = dict(layer=["pool"], views="crops:3", image_size=32, batch_size=4, workers=0, precision="fp32",
                   progress=False)
     a = extract(LITE, str(tree), out=str(tmp_path / "a"), **kwargs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import hold_lock, make_tree
 
-from bottleneck import backbones, trained
+from bottleneck import networks, trained
 from bottleneck.errors import BottleneckError
 from bottleneck.finetune import finetune
 from bottleneck.trained import load_network
@@ -32,7 +32,7 @@ def test_head_phase_changes_only_the_head_and_reports_before_and_after(small, tm
     report = finetune(LITE, str(small), head_epochs=1, epochs=1, unfreeze="from:blocks.5", restore_best=False,
                       out=str(tmp_path), **QUICK)
     tuned, meta = _weights(tmp_path / "model.pt")
-    start = backbones.build_model(LITE).state_dict()
+    start = networks.build_model(LITE).state_dict()
     assert meta["head"] == "classifier" and tuned["classifier.weight"].shape == (2, 1280)
     frozen = [k for k in start if not k.startswith(("blocks.5", "blocks.6", "conv_head", "bn2", "classifier"))]
     assert frozen and all(torch.equal(start[k], tuned[k]) for k in frozen)  # BN running stats included
@@ -49,7 +49,7 @@ def test_head_phase_changes_only_the_head_and_reports_before_and_after(small, tm
 def test_unfreeze_zero_blocks_keeps_the_whole_backbone(small, tmp_path):
     finetune(LITE, str(small), head_epochs=0, epochs=1, unfreeze="0", out=str(tmp_path), **QUICK)
     tuned, _ = _weights(tmp_path / "model.pt")
-    start = backbones.build_model(LITE).state_dict()
+    start = networks.build_model(LITE).state_dict()
     assert all(torch.equal(start[k], tuned[k]) for k in start if not k.startswith("classifier"))
 
 
@@ -60,7 +60,7 @@ def test_a_timm_model_fine_tunes_its_last_blocks_into_a_safe_folder(small, tmp_p
                       **QUICK)
     assert report == Path("runs/finetune/timm-convnext_atto/report.json") and report.is_file()
     tuned, meta = _weights(report.with_name("model.pt"))
-    start = backbones.build_model(name, "none").state_dict()
+    start = networks.build_model(name, "none").state_dict()
     assert meta["head"] == "head.fc" and tuned["head.fc.weight"].shape == (2, 320)
     frozen = [k for k in start if k.startswith(("stem.", "stages.0.", "stages.1."))]  # --unfreeze 2: stages 2 and 3
     assert frozen and all(torch.equal(start[k], tuned[k]) for k in frozen)
@@ -72,7 +72,7 @@ def test_a_vit_fine_tunes_at_another_image_size(small, tmp_path):
     finetune(name, str(small), weights="none", head_epochs=0, epochs=1, unfreeze="2", out=str(tmp_path),
              **QUICK | {"image_size": 32})
     tuned, meta = _weights(tmp_path / "model.pt")
-    start = backbones.build_model(name, "none").state_dict()
+    start = networks.build_model(name, "none").state_dict()
     assert meta["head"] == "head" and tuned["head.weight"].shape == (2, 192)
     # the last two parameter-holding blocks: blocks.11 and the final norm
     assert torch.equal(start["blocks.10.mlp.fc1.weight"], tuned["blocks.10.mlp.fc1.weight"])
@@ -300,7 +300,7 @@ def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head
     from bottleneck import data
     from bottleneck.classify import fit
     from bottleneck.extract import extract
-    from bottleneck.finetune import init_head, read_probe
+    from bottleneck.finetune_probe import init_head, read_probe
     from bottleneck.store import FeatureStore
 
     cache = extract(LITE, str(small), layer=["pool"], image_size=64, out=str(tmp_path / "c"), batch_size=8, workers=0,
@@ -309,11 +309,11 @@ def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head
     with FeatureStore(cache) as st:
         expected = trained.load(probe).pipe.predict_proba(st.features("test", "pool"))
         paths, prep = st.paths("test"), st.attrs["preprocessing"]
-    net = backbones.build_model(LITE)
-    head = backbones.replace_head(net, LITE, 2, seed=0)
+    net = networks.build_model(LITE)
+    head = networks.replace_head(net, LITE, 2, seed=0)
     init_head(net, head, read_probe(str(probe), LITE, "DEFAULT", ["cats", "dogs"], prep))
     images = torch.stack([data.resize_crop(data.load_image(small / p), prep) for p in paths])
-    got = backbones.predict_proba(net.eval(), images, prep, torch.device("cpu"), "fp32", "none").numpy()
+    got = networks.predict_proba(net.eval(), images, prep, torch.device("cpu"), "fp32", "none").numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)  # step 0 of LP-FT is the probe
 
     rep = json.loads(finetune(LITE, str(small), init_head=str(probe), epochs=1, out=str(tmp_path / "ft"), **QUICK)

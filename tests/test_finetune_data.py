@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import make_tree
 
-from bottleneck import finetune_data
+from bottleneck import finetune_data, views
 from bottleneck.errors import BottleneckError
 
 
@@ -33,8 +33,8 @@ def test_strong_augmentation_turns_square_images_and_jitters_their_brightness():
 
 
 def test_test_time_views_follow_the_training_augmentation():
-    assert finetune_data.tta_views(False, "strong") == "none"
-    assert [finetune_data.tta_views(True, a) for a in ("none", "light", "strong")] == ["hflip", "flips", "dihedral"]
+    assert views.tta_views(False, "strong") == "none"
+    assert [views.tta_views(True, a) for a in ("none", "light", "strong")] == ["hflip", "flips", "dihedral"]
 
 
 def test_images_decode_once_and_unreadable_files_are_dropped(tmp_path):

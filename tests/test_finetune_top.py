@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_tree
 
-from bottleneck import backbones, data, report, trained
+from bottleneck import data, networks, report, trained
 from bottleneck.errors import BottleneckError
 from bottleneck.extract import extract
 from bottleneck.finetune import finetune
@@ -39,7 +39,7 @@ def test_a_top_trained_on_cached_maps_keeps_the_trunk_and_predicts_as_on_images(
     model = trained.load(str(out / "model.pt"))
     assert model.kind == "network" and model.views == "flips"
     saved = model.network().state_dict()
-    pretrained = backbones.build_model(LITE).state_dict()
+    pretrained = networks.build_model(LITE).state_dict()
     trunk = [k for k in saved if k.startswith(TRUNK)]
     assert trunk and all(torch.equal(saved[k], pretrained[k]) for k in trunk)  # running statistics too
     top = [k for k in saved if k.startswith(("blocks.6.", "conv_head."))]
@@ -72,7 +72,7 @@ def test_a_cache_without_maps_or_of_other_data_is_refused(maps_cache, tmp_path):
 
 
 def test_a_network_is_cut_only_where_its_layers_run_in_order():
-    net = backbones.build_model("resnet18", "none")
+    net = networks.build_model("resnet18", "none")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         whole = net(x)
@@ -83,7 +83,7 @@ def test_a_network_is_cut_only_where_its_layers_run_in_order():
     # Inception v3 converts its input itself before the first layer: a cut network would apply
     # that conversion to the maps, so it is refused.
     with pytest.raises(BottleneckError, match="does not run its layers in order"):
-        cut(backbones.build_model("inception_v3", "none"), "inception_v3", "Mixed_6e", 299)
+        cut(networks.build_model("inception_v3", "none"), "inception_v3", "Mixed_6e", 299)
 
 
 def test_lp_ft_of_the_top_starts_from_a_probe_on_the_same_cache(maps_cache, tmp_path):

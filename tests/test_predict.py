@@ -71,10 +71,10 @@ def test_evaluate_on_a_split_it_was_trained_on_says_so(cache, tmp_path):
 def test_predict_refuses_a_weights_file_replaced_since_fitting(cache, tmp_path):
     import torch
 
-    from bottleneck import backbones
+    from bottleneck import networks
 
     weights = tmp_path / "squeeze.pt"
-    torch.save(backbones.build_model("squeezenet1_1", "none").state_dict(), weights)
+    torch.save(networks.build_model("squeezenet1_1", "none").state_dict(), weights)
     path = extract("squeezenet1_1", str(cache[1]), weights=str(weights), out=str(tmp_path / "c"), batch_size=16,
                    workers=0, progress=False)
     model = str(fit(str(path), clf="logreg", out=str(tmp_path / "fit")).parent / "model.skops")
