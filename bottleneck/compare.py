@@ -336,14 +336,16 @@ def _verdict(dec: dict, ref: dict | None, ft: dict | None) -> str:
     if dec["outcome"] == "fixed features better":
         return (f"fixed features are better: {label(ref)} scores {-diff:.1f} points higher than {label(ft)} "
                 f"({ci}), and fine-tuning takes {cost} the compute")
-    direction = f"{abs(diff):.1f} points {'higher' if diff >= 0 else 'lower'}"
+    # "0.0 points lower than" reads as a contradiction: a difference that rounds to zero is "the same as"
+    direction = (f"{abs(diff):.1f} points {'higher' if diff >= 0 else 'lower'} than" if round(abs(diff), 1)
+                 else "the same accuracy as")
     if dec["outcome"] == "equivalent":
-        return (f"fixed features are as good, within ±{m:g} points: {label(ft)} scores {direction} than "
+        return (f"fixed features are as good, within ±{m:g} points: {label(ft)} scores {direction} "
                 f"{label(ref)} (90 % CI {low90:+.1f} to {high90:+.1f}, inside the margin), for {cost} the compute")
     need = dec["images_needed"]
     more = (f"about {need:,} would be needed to tell a {m:g}-point difference" if need is not None else
             f"the spread between seeds alone hides a {m:g}-point difference: more seeds are needed")
-    return (f"inconclusive: {label(ft)} scores {direction} than {label(ref)} ({ci}); these {n} test images "
+    return (f"inconclusive: {label(ft)} scores {direction} {label(ref)} ({ci}); these {n} test images "
             f"can only tell differences above {100 * dec['detectable']:.1f} points (80 % power), and {more}; "
             f"fine-tuning takes {cost} the compute")
 
