@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib
 import inspect
@@ -16,9 +17,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bottleneck import backbones, data, settings, store
+# Only light modules here: a stage's module (torch, scikit-learn, h5py) is imported by the command that
+# runs it, so that --help, `status` and `cache ls` start at once.
+from bottleneck import settings
 from bottleneck.console import err
-from bottleneck.errors import BottleneckError
+from bottleneck.errors import BottleneckError, WeightsUnavailable
 
 app = typer.Typer(help="Transfer learning on images: cached CNN features or fine-tuning, with their costs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -46,7 +49,7 @@ def stage_command(name: str, module: str, cls, doc: str) -> None:
                                         annotation=annotation))
 
     def command(**kwargs) -> None:
-        run = getattr(importlib.import_module(f"bottleneck.{module}"), name)  # torch loads only when needed
+        run = getattr(importlib.import_module(f"bottleneck.{module}"), name)
         out.print(str(run(**kwargs)))
 
     command.__signature__ = inspect.Signature(params)
@@ -142,8 +145,6 @@ def predict(
     if fmt == "json":
         out.print(json.dumps(rows, indent=1))
     elif fmt == "csv":
-        import csv
-
         w = csv.writer(sys.stdout)
         w.writerow(["path", "label", "probability", "error", f"top {top_k}"])
         for r in rows:
@@ -163,6 +164,8 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="Models to des
                                                               "[default: the built-in ones].")] = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the backbones: taps with dims, input size, parameters, weights on this machine."""
+    from bottleneck import backbones
+
     rows = []
     for name in names or backbones.REGISTRY:
         d = backbones.describe(name)
@@ -191,7 +194,7 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="Models to des
 def weights_fetch(names: Annotated[list[str], typer.Argument(help="Model names.")],
                   weights: Annotated[str, typer.Option(help="Which weights.")] = "DEFAULT") -> None:
     """Download pretrained weights into the torch/timm caches (TORCH_HOME is honoured)."""
-    from bottleneck.errors import WeightsUnavailable
+    from bottleneck import backbones
 
     for name in names:
         ref = backbones.resolve_weights(name, weights)
@@ -209,6 +212,8 @@ def data_elpv(out_dir: Annotated[Path, typer.Option("--out", help="Folder to wri
               seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0) -> None:
     """Write the elpv solar-cell images as train/val/test class folders (links, not copies); --out must be
     new, empty or written by this command (a rerun replaces it)."""
+    from bottleneck import data
+
     m = data.write_elpv(out_dir, seed)
     for split, samples in m.splits.items():
         counts = [sum(1 for _, lab in samples if lab == i) for i in range(len(m.classes))]
@@ -228,6 +233,8 @@ def data_cifar10(out_dir: Annotated[Path, typer.Option("--out", help="Folder to 
                  ) -> None:
     """Write CIFAR-10 (60,000 32×32 images) as train/test class folders of PNG files; --out must be new,
     empty or written by this command (a rerun replaces it)."""
+    from bottleneck import data
+
     m = data.write_cifar10(out_dir, package, limit, per_class, seed)
     err.print(", ".join(f"{split}: {len(samples)} images" for split, samples in m.splits.items()))
     out.print(str(out_dir))
@@ -236,6 +243,8 @@ def data_cifar10(out_dir: Annotated[Path, typer.Option("--out", help="Folder to 
 @cache_app.command("ls")
 def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Path("cache")) -> None:
     """List the caches in a folder, finished and in progress."""
+    from bottleneck import store
+
     if not folder.is_dir():
         raise BottleneckError(f"cache folder {folder} does not exist")
     table = Table("file", "model", "taps", "images", "MB", "state")
@@ -269,6 +278,8 @@ def cache_clean(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = 
                 ) -> None:
     """Remove what no extraction will use again: blocks beside finished caches and temporary files of
     writers that are gone."""
+    from bottleneck import store
+
     if not folder.is_dir():
         raise BottleneckError(f"cache folder {folder} does not exist")
     found = store.leftovers(folder, interrupted)
@@ -286,6 +297,8 @@ def cache_clean(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = 
 def cache_info(path: Annotated[Path, typer.Argument(help="Cache file.")],
                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Splits, counts, taps and dims, skipped files, and how the features were made."""
+    from bottleneck import store
+
     with store.FeatureStore(path) as st:
         info = st.info()
     if as_json:
@@ -312,6 +325,8 @@ def cache_info(path: Annotated[Path, typer.Argument(help="Cache file.")],
 @cache_app.command("verify")
 def cache_verify(paths: Annotated[list[Path], typer.Argument(help="Cache files.")]) -> None:
     """Check caches for truncation and damage (checksums of every dataset)."""
+    from bottleneck import store
+
     bad = 0
     for path in paths:
         problems = store.verify(path)
@@ -326,6 +341,8 @@ def cache_merge(shards: Annotated[list[Path], typer.Argument(help="Shard files o
                 out_path: Annotated[Path | None, typer.Option("--out", help="Merged file "
                                     "[default: the unsharded cache name].")] = None) -> None:
     """Join the shards written by 'extract --shard I/N' into one complete cache."""
+    from bottleneck import store
+
     out.print(str(store.merge([str(s) for s in shards], out_path)))
 
 

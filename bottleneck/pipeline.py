@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bottleneck import backbones, data, settings
+from bottleneck import backbones, settings
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
 
@@ -441,6 +441,8 @@ def cache_record(exp: Experiment, bb: dict) -> Path:
 
 def prepare_data(exp: Experiment) -> None:
     """Write a built-in dataset to its path unless it is already there."""
+    from bottleneck import data  # torch: only where a built-in dataset is written
+
     builtin, path = exp.data.get("builtin"), Path(exp.data["path"])
     if builtin == "elpv" and not (path / "train").is_dir():
         note(f"writing the elpv images to {path}")

@@ -22,10 +22,12 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
-from bottleneck.classifiers import CLASSIFIERS  # the one table of classifiers
 from bottleneck.errors import BottleneckError
 from bottleneck.scores import parse_target
 
+# The names of classifiers.TABLE, kept here so that settings (and every command's --help) load without
+# scikit-learn; tests/test_startup.py checks the two agree.
+CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
