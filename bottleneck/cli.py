@@ -209,12 +209,12 @@ def weights_fetch(names: Annotated[list[str], typer.Argument(help="Model names."
 
 @data_app.command("elpv")
 def data_elpv(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")] = Path("data/elpv"),
-              seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0) -> None:
+              split_seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0) -> None:
     """Write the elpv solar-cell images as train/val/test class folders (links, not copies); --out must be
     new, empty or written by this command (a rerun replaces it)."""
     from bottleneck import data
 
-    m = data.write_elpv(out_dir, seed)
+    m = data.write_elpv(out_dir, split_seed)
     for split, samples in m.splits.items():
         counts = [sum(1 for _, lab in samples if lab == i) for i in range(len(m.classes))]
         err.print(f"{split}: " + ", ".join(f"{c} {n}" for c, n in zip(m.classes, counts)))
@@ -229,13 +229,13 @@ def data_cifar10(out_dir: Annotated[Path, typer.Option("--out", help="Folder to 
                  per_class: Annotated[str | None, typer.Option(
                      help="TRAIN,VAL,TEST images per class, e.g. 200,50,100: a seeded stratified subset (train "
                           "and val from CIFAR-10's train set, test from its test set).")] = None,
-                 seed: Annotated[int, typer.Option(help="Seed of the --per-class subset.")] = 0,
+                 split_seed: Annotated[int, typer.Option(help="Seed of the --per-class subset.")] = 0,
                  ) -> None:
     """Write CIFAR-10 (60,000 32×32 images) as train/test class folders of PNG files; --out must be new,
     empty or written by this command (a rerun replaces it)."""
     from bottleneck import data
 
-    m = data.write_cifar10(out_dir, package, limit, per_class, seed)
+    m = data.write_cifar10(out_dir, package, limit, per_class, split_seed)
     err.print(", ".join(f"{split}: {len(samples)} images" for split, samples in m.splits.items()))
     out.print(str(out_dir))
 

@@ -142,6 +142,9 @@ def _check_maps_backbone(where: _Locator, i: int, t: dict, exp: Experiment) -> N
 def _data_table(where: _Locator, t) -> dict:
     if not isinstance(t, dict):
         raise where.error(None, 0, "data", "a [data] table with path = \"FOLDER\" is required")
+    if "seed" in t:  # its old name, which read as the training seed of [fit] and [[finetune]]
+        raise where.error("data", 0, "seed", "is now split_seed (the seed of the split; the training seed is "
+                          "[fit] or [[finetune]] seed): rename the key")
     _check_keys(where, "data", 0, t, DATA_KEYS)
     if "path" not in t:
         raise where.error("data", 0, None, "needs path = \"FOLDER\" (an image tree or CSV manifest)")
@@ -153,7 +156,7 @@ def _data_table(where: _Locator, t) -> dict:
     if "folds" in t and "test_fraction" in t:
         raise where.error("data", 0, "test_fraction", "with folds every fold is the test split in turn; drop "
                           "test_fraction")
-    return {"val_fraction": None, "test_fraction": None, "seed": 0, "folds": None} | t
+    return {"val_fraction": None, "test_fraction": None, "split_seed": 0, "folds": None} | t
 
 
 def _backbone(where: _Locator, i: int, t: dict) -> dict:
@@ -349,7 +352,7 @@ def extract_args(exp: Experiment, bb: dict) -> dict:
     own = {f.name: bb[key] for key, f in settings.toml_keys(settings.ExtractSettings).items() if key in bb}
     return own | {"model": bb["model"], "data_dir": exp.data["path"], "layer": bb["layers"], "out": str(exp.cache),
                   "val_fraction": exp.data["val_fraction"], "test_fraction": exp.data["test_fraction"],
-                  "split_seed": exp.data["seed"]}
+                  "split_seed": exp.data["split_seed"]}
 
 
 PROBE = "probe"  # [[finetune]] init_head = "probe": LP-FT from this experiment's own linear probe
@@ -376,7 +379,7 @@ def fold_args(exp: Experiment) -> list[dict]:
     k = exp.data["folds"]
     if not k:
         return [{}]
-    return [{"folds": k, "fold": i, "split_seed": exp.data["seed"], "val_fraction": exp.data["val_fraction"]}
+    return [{"folds": k, "fold": i, "split_seed": exp.data["split_seed"], "val_fraction": exp.data["val_fraction"]}
             for i in range(k)]
 
 
@@ -422,7 +425,7 @@ def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
         out = out.with_name(out.name.removesuffix(f"-fold{ft['fold']}"))
     return {k: v for k, v in ft.items() if k != "name"} | ({"trust": True} if exp.trust else {}) | {
         "data_dir": exp.data["path"], "out": str(out), "val_fraction": exp.data["val_fraction"],
-        "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["seed"], "folds": exp.data["folds"]}
+        "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["split_seed"], "folds": exp.data["folds"]}
 
 
 def maps_backbone(exp: Experiment, ft: dict) -> dict | None:
@@ -446,7 +449,7 @@ def prepare_data(exp: Experiment) -> None:
     builtin, path = exp.data.get("builtin"), Path(exp.data["path"])
     if builtin == "elpv" and not (path / "train").is_dir():
         note(f"writing the elpv images to {path}")
-        data.write_elpv(path, exp.data["seed"])
+        data.write_elpv(path, exp.data["split_seed"])
 
 
 def save_copy(exp: Experiment) -> None:

@@ -100,7 +100,7 @@ def setting(default=MISSING, help: str = "", *, choices: tuple = (), low=None, h
 
     `flags`: its command-line names, the first one shown in errors ("--a/--b" for a boolean's
     two forms); by default `--field-name`. `toml`: False keeps it out of experiment files, a
-    string is its key there ("[data] seed" for a key of the [data] table); `toml_list`: the
+    string is its key there ("[data] split_seed" for a key of the [data] table); `toml_list`: the
     file holds a list of values, one run each (`classifiers = ["logreg", "svm"]`). `what`: the
     word for the value in errors ("unknown classifier 'forest'"), by default the flag.
     """
@@ -162,7 +162,7 @@ class ExtractSettings(Settings):
     val_fraction: float | None = setting(None, VAL_FRACTION_HELP, low=0.0, toml="[data] val_fraction")
     test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
                                           toml="[data] test_fraction")
-    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, flags=("--split-seed", "--seed"), toml="[data] seed")
+    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] split_seed")
     progress: bool = setting(True, "Show a progress bar.", toml=False)
 
     def check(self) -> None:
@@ -189,7 +189,7 @@ class FitSettings(Settings):
     folds: int | None = setting(None, FOLDS_HELP, low=2, toml="[data] folds")
     fold: int | None = setting(None, FOLD_HELP, low=0, toml=False)
     split_seed: int = setting(0, "With --folds: the seed of the fold assignment (finetune's --split-seed).", low=0,
-                              toml="[data] seed")
+                              toml="[data] split_seed")
     val_fraction: float | None = setting(None, "With --folds: the validation fraction carved from the other folds "
                                          "[default: 0.1].", low=0.0, toml="[data] val_fraction")
     out: str | None = setting(None, "Output folder [default: runs/fit/<cache name>].", toml=False)
@@ -254,7 +254,7 @@ class FinetuneSettings(Settings):
     val_fraction: float | None = setting(None, VAL_FRACTION_HELP, low=0.0, toml="[data] val_fraction")
     test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
                                           toml="[data] test_fraction")
-    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] seed")
+    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] split_seed")
     folds: int | None = setting(None, FOLDS_HELP, low=2, toml="[data] folds")
     fold: int | None = setting(None, FOLD_HELP, low=0, toml=False)
     workers: int | None = setting(None, "Decoding worker processes.", low=0, high=256)

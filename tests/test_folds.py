@@ -145,7 +145,7 @@ def test_an_experiment_with_folds_runs_each_fine_tune_and_fit_per_fold(tmp_path)
     from bottleneck import slurm
 
     path = tmp_path / "x.toml"
-    path.write_text('[data]\npath = "data/x"\nfolds = 3\nseed = 4\n\n[[backbone]]\nmodel = "efficientnet_lite0"\n'
+    path.write_text('[data]\npath = "data/x"\nfolds = 3\nsplit_seed = 4\n\n[[backbone]]\nmodel = "efficientnet_lite0"\n'
                     'layers = ["pool"]\n\n[fit]\nclassifiers = ["logreg", "knn"]\n\n'
                     '[[finetune]]\nmodel = "efficientnet_lite0"\nname = "ft"\n')
     exp = pipeline.load(path)
