@@ -13,11 +13,13 @@ import importlib
 import sys
 import types
 
+from bottleneck.stages import STAGES
+
 # The functions, not their modules, answer to these names (`bottleneck.extract` is the stage;
 # its module stays importable as `import bottleneck.extract`). They load on first use, so that
 # `import bottleneck` and the command's --help do not pay for torch and scikit-learn.
-_EXPORTS = {"extract": "extract", "fit": "classify", "finetune": "finetune", "evaluate": "predict",
-            "predict": "predict", "compare": "compare", "run": "pipeline"}
+_EXPORTS = {s.command: (s.module, s.function) for s in STAGES} | {
+    "evaluate": ("predict", "evaluate"), "predict": ("predict", "predict"), "run": ("pipeline", "run")}
 
 __all__ = ["extract", "fit", "finetune", "evaluate", "predict", "compare", "run", "__version__"]
 
@@ -25,7 +27,8 @@ __all__ = ["extract", "fit", "finetune", "evaluate", "predict", "compare", "run"
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'bottleneck' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"bottleneck.{_EXPORTS[name]}"), name)
+    module, function = _EXPORTS[name]
+    return getattr(importlib.import_module(f"bottleneck.{module}"), function)
 
 
 class _Package(types.ModuleType):
@@ -33,8 +36,9 @@ class _Package(types.ModuleType):
     the stage function of the same name takes its place, as when the package imported it eagerly."""
 
     def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
-            value = getattr(value, name)
+        module, function = _EXPORTS.get(name, (None, None))
+        if isinstance(value, types.ModuleType) and module == name and hasattr(value, function):
+            value = getattr(value, function)
         super().__setattr__(name, value)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
 import inspect
 import json
 import sys
@@ -22,6 +21,7 @@ from rich.table import Table
 from bottleneck import settings
 from bottleneck.console import err
 from bottleneck.errors import BottleneckError, WeightsUnavailable
+from bottleneck.stages import BY_COMMAND, STAGES, Stage
 
 app = typer.Typer(help="Transfer learning on images: cached CNN features or fine-tuning, with their costs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -35,11 +35,11 @@ app.add_typer(data_app, name="data")
 out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
 
 
-def stage_command(name: str, module: str, cls, doc: str) -> None:
-    """Register `bottleneck NAME`: one option per field of the stage's settings, calling
-    bottleneck.MODULE.NAME with them and printing the path it returns."""
+def stage_command(stage: Stage) -> None:
+    """Register `bottleneck COMMAND`: one option per field of the stage's settings, calling its
+    function with them and printing the path it returns."""
     params = []
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(stage.settings):
         m = f.metadata
         # escape: "[default: ...]" in a help text is text, not rich markup (which would eat it)
         option = typer.Option(*(m["flags"] or ()), help=escape(m["help"] + choice_list(m["choices"])))
@@ -49,13 +49,12 @@ def stage_command(name: str, module: str, cls, doc: str) -> None:
                                         annotation=annotation))
 
     def command(**kwargs) -> None:
-        run = getattr(importlib.import_module(f"bottleneck.{module}"), name)
-        out.print(str(run(**kwargs)))
+        out.print(str(stage.entry()(**kwargs)))
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = doc
-    app.command(name, cls=OptionsOnce)(command)
+    command.__doc__ = stage.help
+    app.command(stage.command, cls=OptionsOnce)(command)
 
 
 class OptionsOnce(typer.core.TyperCommand):
@@ -85,14 +84,9 @@ def choice_list(choices: tuple) -> str:
     return f" One of: {', '.join(choices)}." if choices else ""
 
 
-stage_command("extract", "extract", settings.ExtractSettings,
-              "Extract features of a folder of labelled images into an HDF5 cache; prints its path last.")
-stage_command("fit", "classify", settings.FitSettings,
-              "Train a classifier on cached features; writes model.skops, predictions.csv and report.json.\n\n"
-              "Prints the report's path last.")
-stage_command("finetune", "finetune", settings.FinetuneSettings,
-              "Fine-tune the network on the same data and splits; prints the report's path last.\n\n"
-              "SIGTERM or SIGUSR1 save a checkpoint and exit with code 75; the same command resumes.")
+for _stage in STAGES:
+    if _stage.settings:  # compare's options are not a settings dataclass: its command is written out below
+        stage_command(_stage)
 
 
 @app.command()
@@ -393,7 +387,7 @@ def run_experiment(
     out.print(f"watch with: bottleneck status {run_dir}   (or squeue --me; tail -f LOG)")
 
 
-@app.command()
+@app.command(help=BY_COMMAND["compare"].help)
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Folders to search for report.json files.")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where comparison.{md,csv,json,png} and report.html go "
@@ -408,14 +402,8 @@ def compare(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Compare fixed-feature classifiers and fine-tuning on the same test images: accuracy with 95 % intervals,
-    paired differences, cost and a three-way verdict (better, equivalent within --margin, or inconclusive with
-    the difference the test images could detect); contenders are chosen on validation, never on the test
-    images. Writes comparison.{md,csv,json,png} and report.html."""
-    from bottleneck.compare import compare as run
-
-    path = run([str(d) for d in run_dirs], out=str(out_dir) if out_dir else None, reference=reference,
-               challenger=challenger, margin=margin)
+    path = BY_COMMAND["compare"].entry()([str(d) for d in run_dirs], out=str(out_dir) if out_dir else None,
+                                         reference=reference, challenger=challenger, margin=margin)
     suffix = ".json" if as_json else ".csv" if as_csv else ".md"
     out.print(path.with_suffix(suffix).read_text(), end="" if suffix != ".json" else "\n")
 

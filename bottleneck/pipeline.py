@@ -20,6 +20,7 @@ from pathlib import Path
 from bottleneck import backbones, settings
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
+from bottleneck.stages import BY_COMMAND, Stage
 
 try:
     import tomllib
@@ -461,37 +462,41 @@ def save_copy(exp: Experiment) -> None:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One step of an experiment: `run` calls it here, `run --slurm` makes it a job, `status` reports it."""
+class Step:
+    """One step of an experiment, a stage on one table: `run` calls it here, `run --slurm` makes it a
+    job, `status` reports it."""
 
     name: str  # extract-<backbone>, fit-<backbone>, finetune-<name>, compare
-    kind: str  # a key of RUNNERS
-    after: tuple[str, ...] = ()  # stages whose outputs it reads
+    stage: Stage
+    outputs: tuple[Path, ...]  # what it leaves on disk, read by its stage's `output` for status
+    after: tuple[str, ...] = ()  # steps whose outputs it reads
     table: dict | None = None  # its [[backbone]] or [[finetune]] table
-    gpu: bool = False
 
 
-def stages(exp: Experiment) -> list[Stage]:
-    """Every stage of an experiment, in an order that runs each after what it reads: the one list
+def steps(exp: Experiment) -> list[Step]:
+    """Every step of an experiment, in an order that runs each after what it reads: the one list
     behind local runs, Slurm plans and status."""
     found = []
     for bb in exp.backbones:
-        found.append(Stage(f"extract-{bb['name']}", "extract", (), bb, gpu=True))
+        found.append(Step(f"extract-{bb['name']}", BY_COMMAND["extract"], (cache_record(exp, bb),), (), bb))
         if fit_args(exp, bb):
-            found.append(Stage(f"fit-{bb['name']}", "fit", (f"extract-{bb['name']}",), bb))
+            reports = tuple(fit_report(a) for a in fit_args(exp, bb))
+            found.append(Step(f"fit-{bb['name']}", BY_COMMAND["fit"], reports, (f"extract-{bb['name']}",), bb))
     for ft in exp.finetunes:
         probed = probed_backbone(exp, ft["model"]) if ft.get("init_head") == PROBE else None
         cached = maps_backbone(exp, ft)
         after = (f"fit-{probed['name']}",) if probed else (f"extract-{cached['name']}",) if cached else ()
-        found.append(Stage(f"finetune-{ft['name']}", "finetune", after, ft, gpu=True))  # LP-FT: after its probe
-    ends = tuple(s.name for s in found if s.kind in ("fit", "finetune"))
-    return found + [Stage("compare", "compare", ends or tuple(s.name for s in found))]
+        found.append(Step(f"finetune-{ft['name']}", BY_COMMAND["finetune"], (finetune_dir(exp, ft) / "report.json",),
+                          after, ft))  # LP-FT: after its probe
+    ends = tuple(s.name for s in found if s.stage.command in ("fit", "finetune"))
+    return found + [Step("compare", BY_COMMAND["compare"], (exp.out / "comparison.md",),
+                         ends or tuple(s.name for s in found))]
 
 
-def run_stage(exp: Experiment, stage: Stage, progress: bool = True) -> Path:
-    """Run one stage here; each skips what it finds done (a complete cache, a fit of the same settings
+def run_step(exp: Experiment, step: Step, progress: bool = True) -> Path:
+    """Run one step here; each skips what it finds done (a complete cache, a fit of the same settings
     from the same cache, a finished fine-tune of the same settings)."""
-    return RUNNERS[stage.kind](exp, stage.table, progress)
+    return RUNNERS[step.stage.command](exp, step.table, progress)
 
 
 def run(experiment: str | Path, *, force: bool = False, progress: bool = True, trust: bool = False) -> Path:
@@ -505,8 +510,8 @@ def run(experiment: str | Path, *, force: bool = False, progress: bool = True, t
     check_finished(exp, force)
     prepare_data(exp)
     save_copy(exp)
-    for stage in stages(exp):
-        result = run_stage(exp, stage, progress)
+    for step in steps(exp):
+        result = run_step(exp, step, progress)
     return result
 
 
@@ -567,19 +572,3 @@ def run_finetune(exp: Experiment, ft: dict, progress: bool) -> Path:
 
 RUNNERS = {"extract": run_extract, "fit": run_fits, "finetune": run_finetune, "compare": run_compare}
 
-
-def stage_output(exp: Experiment, stage: Stage) -> str:
-    """What a stage has left on disk so far: "done: ..." once it is finished."""
-    if stage.kind == "extract":
-        record = cache_record(exp, stage.table)
-        made = record.read_text().strip() if record.is_file() else ""
-        return f"done: {made}" if made else "missing"
-    if stage.kind == "fit":
-        reports = [fit_report(a) for a in fit_args(exp, stage.table)]
-        n = sum(p.is_file() for p in reports)
-        return f"{'done: ' if n == len(reports) else ''}{n}/{len(reports)} reports"
-    if stage.kind == "finetune":
-        folder = finetune_dir(exp, stage.table)
-        return ("done: report.json" if (folder / "report.json").is_file() else
-                "checkpoint" if (folder / "checkpoint.pt").is_file() else "missing")
-    return "done: comparison.md" if (exp.out / "comparison.md").is_file() else "missing"

@@ -430,14 +430,14 @@ def toml_keys(cls, table: str | None = None) -> dict[str, dataclasses.Field]:
 
 
 def command_words(cls, args: dict) -> list[tuple[str, object]]:
-    """(flag, value) pairs for the arguments given, value None after a boolean's flag; the
-    caller quotes values for its shell."""
+    """(flag, value) pairs for the arguments that differ from their defaults, value None after a
+    boolean's flag, so a command line shows what was chosen; the caller quotes values for its shell."""
     by_name = {f.name: f for f in fields(cls)}
     pairs = []
     for key, value in args.items():
-        if value is None:
-            continue
         f = by_name[key]
+        if value is None or (f.default is not MISSING and value == f.default and type(value) is type(f.default)):
+            continue
         if isinstance(value, bool):
             pairs.append((flag(f) if value else negative_flag(f), None))
         else:

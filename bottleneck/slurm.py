@@ -12,7 +12,6 @@ through small files in RUN/caches/, because a cache's name depends on the comput
 from __future__ import annotations
 
 import glob
-import inspect
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from bottleneck import pipeline, settings
 from bottleneck.errors import BottleneckError
+from bottleneck.stages import BY_COMMAND
 
 # bottleneck finetune exits with this after saving a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL).
 REQUEUE_EXIT = 75
@@ -63,42 +63,42 @@ class Job:
 # --------------------------------------------------------------------------- writing the scripts
 
 def plan(exp: pipeline.Experiment, opts: Options) -> list[Job]:
-    """Every job of an experiment in submission order: one or two per stage of pipeline.stages."""
-    jobs, last = [], {}  # last: the job that finishes each stage (an array's merge job)
-    for stage in pipeline.stages(exp):
-        made = WRITERS[stage.kind](exp, stage, opts)
+    """Every job of an experiment in submission order: one per step of pipeline.steps, two for a
+    stage that shards (an array, then its merge)."""
+    jobs, last = [], {}  # last: the job that finishes each step (an array's merge job)
+    for step in pipeline.steps(exp):
+        made = WRITERS[step.stage.command](exp, step, opts)
         for job in made[:1]:
-            job.after = [last[name] for name in stage.after]
+            job.after = [last[name] for name in step.after]
         jobs += made
-        last[stage.name] = made[-1].stage
+        last[step.name] = made[-1].stage
     return jobs
 
 
-def compare_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
+def compare_job(exp: pipeline.Experiment, step: pipeline.Step, opts: Options) -> list[Job]:
     return [Job("compare", script(exp, "compare", opts, "Put every report of the run side by side.",
                                   [command("compare", {"run_dirs": [str(exp.out)], **exp.compare})]),
                 log=log_pattern(exp, "compare"), dependency="afterany")]
 
 
-def extract_jobs(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
-    from bottleneck.extract import extract
-
-    bb = stage.table
-    args = _without_defaults(extract, pipeline.extract_args(exp, bb)) | {"progress": False}
+def extract_jobs(exp: pipeline.Experiment, step: pipeline.Step, opts: Options) -> list[Job]:
+    bb = step.table
+    args = pipeline.extract_args(exp, bb) | {"progress": False}
     record = pipeline.cache_record(exp, bb)
-    n = opts.array_size
+    n = opts.array_size if step.stage.shards else 1
     what = f"{bb['model']} features ({', '.join(bb['layers'])})"
+    gpu = step.stage.needs_gpu
     if n == 1:
         lines = [f"mkdir -p {_q(record.parent)}", command("extract", args) + f" | tee {_q(record)}"]
-        return [Job(stage.name, script(exp, stage.name, opts, f"Extract {what}.", lines, gpu=stage.gpu),
-                    log=log_pattern(exp, stage.name))]
+        return [Job(step.name, script(exp, step.name, opts, f"Extract {what}.", lines, gpu=gpu),
+                    log=log_pattern(exp, step.name))]
     shard = record.with_name(f"{bb['name']}.shard-")  # + the task's number + .path
     lines = [f"mkdir -p {_q(record.parent)}",
              command("extract", args | {"shard": Shell(f'"$SLURM_ARRAY_TASK_ID/{n}"')})
              + f' | tee {_q(shard)}"$SLURM_ARRAY_TASK_ID".path']
     extract_job = Job(f"extract-{bb['name']}",
                       script(exp, f"extract-{bb['name']}", opts, f"Extract {what}: task I of this array computes "
-                             f"shard I of {n}.", lines, gpu=stage.gpu, array=n),
+                             f"shard I of {n}.", lines, gpu=gpu, array=n),
                       log=log_pattern(exp, f"extract-{bb['name']}", array=True))
     lines = [f"mapfile -t shards < <(cat {_q(shard)}{{0..{n - 1}}}.path)",
              f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(record)}"]
@@ -109,32 +109,36 @@ def extract_jobs(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options)
     return [extract_job, merge_job]
 
 
-def fit_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
-    from bottleneck.classify import fit
-
-    bb = stage.table
+def fit_job(exp: pipeline.Experiment, step: pipeline.Step, opts: Options) -> list[Job]:
+    bb = step.table
     lines = [f"CACHE=$(cat {_q(pipeline.cache_record(exp, bb))})"]
     for args in pipeline.fit_args(exp, bb):
         # --reuse, as `run` fits: a finished fit of this very cache is kept, one of another cache replaced
-        lines.append(command("fit", {"features": Shell('"$CACHE"')} | _without_defaults(fit, args) | {"reuse": True}))
+        lines.append(command("fit", {"features": Shell('"$CACHE"')} | args | {"reuse": True}))
     fits = ", ".join(dict.fromkeys(f"{a['clf']} on {a['layer']}" for a in pipeline.fit_args(exp, bb)))
-    return [Job(stage.name, script(exp, stage.name, opts, f"Fit {fits} of the {bb['model']} cache.", lines),
-                log=log_pattern(exp, stage.name))]
+    return [Job(step.name, script(exp, step.name, opts, f"Fit {fits} of the {bb['model']} cache.", lines,
+                                  gpu=step.stage.needs_gpu), log=log_pattern(exp, step.name))]
 
 
-def finetune_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
-    from bottleneck.finetune import finetune
-
-    ft = stage.table
-    kwargs = _without_defaults(finetune, pipeline.finetune_kwargs(exp, ft))
+def finetune_job(exp: pipeline.Experiment, step: pipeline.Step, opts: Options) -> list[Job]:
+    ft = step.table
+    kwargs = pipeline.finetune_kwargs(exp, ft)
     if ft.get("from_cache"):  # known once the extraction job has run
         kwargs["from_cache"] = Shell(f'"$(cat {_q(pipeline.cache_record(exp, pipeline.maps_backbone(exp, ft)))})"')
     run = command("finetune", kwargs | {"progress": False})
-    lines = [
+    lines = requeue_wrapper(run, opts, pipeline.finetune_dir(exp, ft)) if step.stage.requeues else [run]
+    return [Job(step.name, script(exp, step.name, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines,
+                                  gpu=step.stage.needs_gpu, requeue=step.stage.requeues),
+                log=log_pattern(exp, step.name))]
+
+
+def requeue_wrapper(run: str, opts: Options, folder: Path) -> list[str]:
+    """Lines running a command that exits 75 after saving a checkpoint, requeueing the job when it does."""
+    return [
         f"# Slurm sends USR1 to this script {_lead(opts.time)} s before the time limit, `scontrol requeue`",
         "# and preemption send TERM: either way bottleneck finetune saves a checkpoint and exits with",
         _comment(f"# {REQUEUE_EXIT}, the job is requeued, and the same command resumes from "
-                 f"{pipeline.finetune_dir(exp, ft)}/checkpoint.pt."),
+                 f"{folder}/checkpoint.pt."),
         f"{run} &",
         "pid=$!",
         "trap 'kill -USR1 $pid 2>/dev/null' USR1",
@@ -147,8 +151,6 @@ def finetune_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options)
         "fi",
         "exit $status",
     ]
-    return [Job(stage.name, script(exp, stage.name, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines,
-                                   gpu=stage.gpu, requeue=True), log=log_pattern(exp, stage.name))]
 
 
 WRITERS = {"extract": extract_jobs, "fit": fit_job, "finetune": finetune_job, "compare": compare_job}
@@ -175,15 +177,13 @@ def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, li
 
 
 def command(name: str, args: dict) -> str:
-    """The `bottleneck NAME --flag value ...` line for a library call's arguments; the flags come
-    from the stage's settings, as the command line's own options do."""
-    words = ["bottleneck", *name.split()]
-    if name == "compare":  # its options: the experiment's [compare] table
+    """The `bottleneck NAME --flag value ...` line for a stage's arguments, those equal to their
+    defaults left out; the flags come from the stage's settings, as the command line's own options do."""
+    words = ["bottleneck", name]
+    if BY_COMMAND[name].settings is None:  # compare: its options are the experiment's [compare] table
         options = [f"--{k} {_q(v)}" for k, v in args.items() if k != "run_dirs"]
         return " ".join(words + options + ["--"] + [_q(d) for d in args["run_dirs"]])
-    stage = {"extract": settings.ExtractSettings, "fit": settings.FitSettings,
-             "finetune": settings.FinetuneSettings}[name]
-    for flag, value in settings.command_words(stage, args):
+    for flag, value in settings.command_words(BY_COMMAND[name].settings, args):
         words += [flag] if value is None else [flag, _q(value)]
     return " ".join(words)
 
@@ -228,13 +228,6 @@ def _token(text: str) -> str:
 
 def _unprintable(text: str) -> bool:
     return not text.isprintable()  # line breaks, tabs, escapes and the like; a plain space is printable
-
-
-def _without_defaults(func, args: dict) -> dict:
-    """Leave out arguments equal to the function's defaults, so scripts show what was chosen."""
-    params = inspect.signature(func).parameters
-    return {k: v for k, v in args.items()
-            if k not in params or params[k].default is inspect.Parameter.empty or params[k].default != v}
 
 
 def _lead(time: str | None) -> int:
@@ -357,15 +350,15 @@ def status(run_dir: str | Path) -> list[dict]:
 def outputs(exp: pipeline.Experiment) -> dict[str, str]:
     """What each stage has left on disk so far (an extraction run as an array: its shards, then its merge)."""
     found = {}
-    for stage in pipeline.stages(exp):
-        found[stage.name] = pipeline.stage_output(exp, stage)
-        if stage.kind == "extract" and _jobs_file(exp.out).is_file() and \
-                f"merge-{stage.table['name']}" in _planned_stages(exp):
-            record = pipeline.cache_record(exp, stage.table)
-            shards = len(list(record.parent.glob(f"{glob.escape(stage.table['name'])}.shard-*.path")))
-            cache = found[stage.name]
-            found[stage.name] = f"{shards} shards" if cache == "missing" else f"done: {shards} shards"
-            found[f"merge-{stage.table['name']}"] = cache
+    for step in pipeline.steps(exp):
+        found[step.name] = step.stage.output(step.outputs)
+        if step.stage.shards and _jobs_file(exp.out).is_file() and \
+                f"merge-{step.table['name']}" in _planned_stages(exp):
+            record = pipeline.cache_record(exp, step.table)
+            shards = len(list(record.parent.glob(f"{glob.escape(step.table['name'])}.shard-*.path")))
+            cache = found[step.name]
+            found[step.name] = f"{shards} shards" if cache == "missing" else f"done: {shards} shards"
+            found[f"merge-{step.table['name']}"] = cache
     return found
 
 

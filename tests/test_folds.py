@@ -149,7 +149,7 @@ def test_an_experiment_with_folds_runs_each_fine_tune_and_fit_per_fold(tmp_path)
                     'layers = ["pool"]\n\n[fit]\nclassifiers = ["logreg", "knn"]\n\n'
                     '[[finetune]]\nmodel = "efficientnet_lite0"\nname = "ft"\n')
     exp = pipeline.load(path)
-    assert [s.name for s in pipeline.stages(exp)] == ["extract-efficientnet_lite0", "fit-efficientnet_lite0",
+    assert [s.name for s in pipeline.steps(exp)] == ["extract-efficientnet_lite0", "fit-efficientnet_lite0",
                                                       "finetune-ft-fold0", "finetune-ft-fold1", "finetune-ft-fold2",
                                                       "compare"]
     fits = [pipeline.fit_report(a).parent.name for a in pipeline.fit_args(exp, exp.backbones[0])]
