@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -35,11 +36,10 @@ app.add_typer(data_app, name="data")
 out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
 
 
-def stage_command(stage: Stage) -> None:
-    """Register `bottleneck COMMAND`: one option per field of the stage's settings, calling its
-    function with them and printing the path it returns."""
+def options(cls) -> list[inspect.Parameter]:
+    """One command-line option per field of a settings dataclass, as keyword parameters for typer."""
     params = []
-    for f in dataclasses.fields(stage.settings):
+    for f in dataclasses.fields(cls):
         m = f.metadata
         # escape: "[default: ...]" in a help text is text, not rich markup (which would eat it)
         option = typer.Option(*(m["flags"] or ()), help=escape(m["help"] + choice_list(m["choices"])))
@@ -47,14 +47,26 @@ def stage_command(stage: Stage) -> None:
         default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=annotation))
+    return params
+
+
+def with_signature(func, params: list[inspect.Parameter]):
+    """`func(**kwargs)` as typer sees a function of these parameters."""
+    func.__signature__ = inspect.Signature(params)
+    func.__annotations__ = {p.name: p.annotation for p in params}
+    return func
+
+
+def stage_command(stage: Stage) -> None:
+    """Register `bottleneck COMMAND`: one option per field of the stage's settings, calling its
+    function with them and printing the path it returns."""
+    params = options(stage.settings)
 
     def command(**kwargs) -> None:
         out.print(str(stage.entry()(**kwargs)))
 
-    command.__signature__ = inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = stage.help
-    app.command(stage.command, cls=OptionsOnce)(command)
+    app.command(stage.command, cls=OptionsOnce)(with_signature(command, params))
 
 
 class OptionsOnce(typer.core.TyperCommand):
@@ -340,18 +352,9 @@ def cache_merge(shards: Annotated[list[Path], typer.Argument(help="Shard files o
     out.print(str(store.merge([str(s) for s in shards], out_path)))
 
 
-@app.command("run")
 def run_experiment(
     experiment: Annotated[Path, typer.Argument(help="Experiment file, e.g. pipelines/elpv.toml.")],
     slurm: Annotated[bool, typer.Option(help="Submit the stages as Slurm batch jobs instead.")] = False,
-    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
-    account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
-    gres: Annotated[str | None, typer.Option(help="GPUs for extraction and fine-tuning, e.g. gpu:1.")] = None,
-    time: Annotated[str | None, typer.Option(help="Time limit per job, e.g. 02:00:00.")] = None,
-    mem: Annotated[str | None, typer.Option(help="Memory per job, e.g. 32G.")] = None,
-    array_size: Annotated[int, typer.Option(help="Extraction shards (tasks of the job array).")] = 4,
-    setup: Annotated[str | None, typer.Option(help="Shell lines run first in every job [default: "
-                                              "activate this venv].")] = None,
     dry_run: Annotated[bool, typer.Option(help="With --slurm: write and print the scripts, submit nothing.")] = False,
     force: Annotated[bool, typer.Option(help="Redo fine-tunes whose finished run has other settings than the "
                                         "file's (they are refused otherwise).")] = False,
@@ -359,19 +362,20 @@ def run_experiment(
     trust: Annotated[bool, typer.Option(help="Let [[finetune]] init_head read a classifier that is a pickle; "
                                         "loading one runs any code it holds, so only for files you trust "
                                         "(the experiment file cannot say so itself).")] = False,
+    **sbatch,
 ) -> None:
     """Run an experiment: extract, fit, fine-tune, compare; finished stages are skipped."""
     from bottleneck import pipeline
     from bottleneck import slurm as batch
 
     if not slurm:
-        given = [f for f, v in (("--partition", partition), ("--account", account), ("--gres", gres),
-                                ("--time", time), ("--mem", mem), ("--setup", setup)) if v is not None]
-        if given or dry_run or array_size != 4:
-            raise BottleneckError(f"{', '.join(given) or '--dry-run/--array-size'} only apply with --slurm")
+        given = [settings.flag(f) for f in dataclasses.fields(settings.SlurmOptions)
+                 if sbatch[f.name] != f.default] + (["--dry-run"] if dry_run else [])
+        if given:
+            raise BottleneckError(f"{', '.join(given)} only apply with --slurm")
         out.print(pipeline.run(experiment, force=force, progress=progress, trust=trust).read_text(), end="")
         return
-    rows = batch.submit(experiment, partition, account, gres, time, mem, array_size, setup, dry_run, trust)
+    rows = batch.submit(experiment, dry_run=dry_run, trust=trust, **sbatch)
     run_dir = Path(rows[0]["script"]).parent.parent
     if dry_run:
         for r in rows:
@@ -385,6 +389,14 @@ def run_experiment(
         table.add_row(r["stage"], r["job_id"], r["log"])
     out.print(table)
     out.print(f"watch with: bottleneck status {run_dir}   (or squeue --me; tail -f LOG)")
+
+
+# run's own options, then the sbatch options from their one declaration
+_hints = typing.get_type_hints(run_experiment, include_extras=True)  # the Annotated types, not their text
+app.command("run")(with_signature(run_experiment, [p.replace(annotation=_hints[p.name]) for p in
+                                                   inspect.signature(run_experiment).parameters.values()
+                                                   if p.kind is not inspect.Parameter.VAR_KEYWORD]
+                                  + options(settings.SlurmOptions)))
 
 
 @app.command(help=BY_COMMAND["compare"].help)

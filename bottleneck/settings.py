@@ -301,6 +301,22 @@ class FinetuneSettings(Settings):
                                    "--unfreeze does not apply")
 
 
+# --------------------------------------------------------------------------- Slurm
+
+@dataclass(frozen=True)
+class SlurmOptions(Settings):
+    """sbatch settings of `run --slurm`, shared by every job; gres goes only to the jobs that use a GPU."""
+
+    partition: str | None = setting(None, "Slurm partition.", toml=False)
+    account: str | None = setting(None, "Slurm account.", toml=False)
+    gres: str | None = setting(None, "GPUs for extraction and fine-tuning, e.g. gpu:1.", toml=False)
+    time: str | None = setting(None, "Time limit per job, e.g. 02:00:00.", toml=False)
+    mem: str | None = setting(None, "Memory per job, e.g. 32G.", toml=False)
+    array_size: int = setting(4, "Extraction shards (tasks of the job array).", low=1, toml=False)
+    setup: str | None = setting(None, "Shell lines run first in every job [default: activate this venv].",
+                                toml=False)
+
+
 def check_folds(s) -> None:
     """--fold picks one of --folds K."""
     if s.fold is not None and s.folds is None:

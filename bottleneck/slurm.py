@@ -19,12 +19,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bottleneck import pipeline, settings
 from bottleneck.errors import BottleneckError
+from bottleneck.settings import SlurmOptions
 from bottleneck.stages import BY_COMMAND
 
 # bottleneck finetune exits with this after saving a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL).
@@ -32,19 +33,6 @@ REQUEUE_EXIT = 75
 SIGNAL_LEAD_SECONDS = 300
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
-
-
-@dataclass
-class Options:
-    """sbatch settings shared by every job; gres goes only to the jobs that use a GPU."""
-
-    partition: str | None = None
-    account: str | None = None
-    gres: str | None = None
-    time: str | None = None
-    mem: str | None = None
-    array_size: int = 4
-    setup: str | None = None
 
 
 class Shell(str):
@@ -62,12 +50,12 @@ class Job:
 
 # --------------------------------------------------------------------------- writing the scripts
 
-def plan(exp: pipeline.Experiment, opts: Options) -> list[Job]:
+def plan(exp: pipeline.Experiment, opts: SlurmOptions) -> list[Job]:
     """Every job of an experiment in submission order: one per step of pipeline.steps, two for a
     stage that shards (an array, then its merge)."""
     jobs, last = [], {}  # last: the job that finishes each step (an array's merge job)
     for step in pipeline.steps(exp):
-        made = WRITERS[step.stage.command](exp, step, opts)
+        made = step_jobs(exp, step, opts)
         for job in made[:1]:
             job.after = [last[name] for name in step.after]
         jobs += made
@@ -75,68 +63,46 @@ def plan(exp: pipeline.Experiment, opts: Options) -> list[Job]:
     return jobs
 
 
-def compare_job(exp: pipeline.Experiment, step: pipeline.Step, opts: Options) -> list[Job]:
-    return [Job("compare", script(exp, "compare", opts, "Put every report of the run side by side.",
-                                  [command("compare", {"run_dirs": [str(exp.out)], **exp.compare})]),
-                log=log_pattern(exp, "compare"), dependency="afterany")]
+def step_jobs(exp: pipeline.Experiment, step: pipeline.Step, opts: SlurmOptions) -> list[Job]:
+    """A step's job: `bottleneck COMMAND` for each of its calls, the paths earlier jobs wrote read from
+    their records; an array and a merge for a stage that shards, a requeue wrapper for one that requeues."""
+    stage = step.stage
+    known = {name: Shell(f'"$(cat {_q(record)})"') for name, record in step.reads}  # written by earlier jobs
+    runs = [command(stage.command, pipeline.arguments(call, progress=False) | known) for call in step.calls]
+    if stage.shards and opts.array_size > 1:
+        return sharded_jobs(exp, step, opts, runs)
+    lines = requeue_wrapper(runs[0], stage.command, opts, step.outputs[0].parent) if stage.requeues else runs
+    if step.record:
+        lines = [f"mkdir -p {_q(step.record.parent)}", *lines[:-1], f"{lines[-1]} | tee {_q(step.record)}"]
+    job = Job(step.name, script(exp, step.name, opts, f"{step.purpose}.", lines, gpu=stage.needs_gpu,
+                                requeue=stage.requeues), log=log_pattern(exp, step.name))
+    if stage.after_failures:
+        job.dependency = "afterany"
+    return [job]
 
 
-def extract_jobs(exp: pipeline.Experiment, step: pipeline.Step, opts: Options) -> list[Job]:
-    bb = step.table
-    args = pipeline.extract_args(exp, bb) | {"progress": False}
-    record = pipeline.cache_record(exp, bb)
-    n = opts.array_size if step.stage.shards else 1
-    what = f"{bb['model']} features ({', '.join(bb['layers'])})"
-    gpu = step.stage.needs_gpu
-    if n == 1:
-        lines = [f"mkdir -p {_q(record.parent)}", command("extract", args) + f" | tee {_q(record)}"]
-        return [Job(step.name, script(exp, step.name, opts, f"Extract {what}.", lines, gpu=gpu),
-                    log=log_pattern(exp, step.name))]
-    shard = record.with_name(f"{bb['name']}.shard-")  # + the task's number + .path
-    lines = [f"mkdir -p {_q(record.parent)}",
-             command("extract", args | {"shard": Shell(f'"$SLURM_ARRAY_TASK_ID/{n}"')})
-             + f' | tee {_q(shard)}"$SLURM_ARRAY_TASK_ID".path']
-    extract_job = Job(f"extract-{bb['name']}",
-                      script(exp, f"extract-{bb['name']}", opts, f"Extract {what}: task I of this array computes "
-                             f"shard I of {n}.", lines, gpu=gpu, array=n),
-                      log=log_pattern(exp, f"extract-{bb['name']}", array=True))
+def sharded_jobs(exp: pipeline.Experiment, step: pipeline.Step, opts: SlurmOptions, runs: list[str]) -> list[Job]:
+    """A job array whose task I computes shard I of N, then a job merging the shards into the step's output."""
+    n, name = opts.array_size, step.table["name"]
+    shard = step.record.with_name(f"{name}.shard-")  # + the task's number + .path
+    lines = [f"mkdir -p {_q(step.record.parent)}"]
+    lines += [f'{run} --shard "$SLURM_ARRAY_TASK_ID/{n}" | tee {_q(shard)}"$SLURM_ARRAY_TASK_ID".path' for run in runs]
+    array = Job(step.name, script(exp, step.name, opts, f"{step.purpose}: task I of this array computes shard I of "
+                                  f"{n}.", lines, gpu=step.stage.needs_gpu, array=n),
+                log=log_pattern(exp, step.name, array=True))
     lines = [f"mapfile -t shards < <(cat {_q(shard)}{{0..{n - 1}}}.path)",
-             f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(record)}"]
-    merge_job = Job(f"merge-{bb['name']}", script(exp, f"merge-{bb['name']}", opts,
-                                                  f"Join the {n} shards of the {bb['model']} cache into one file.",
-                                                  lines),
-                    log=log_pattern(exp, f"merge-{bb['name']}"), after=[extract_job.stage])
-    return [extract_job, merge_job]
+             f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(step.record)}"]
+    merge = Job(f"merge-{name}", script(exp, f"merge-{name}", opts, f"Join the {n} shards of the "
+                                        f"{step.table['model']} cache into one file.", lines),
+                log=log_pattern(exp, f"merge-{name}"), after=[array.stage])
+    return [array, merge]
 
 
-def fit_job(exp: pipeline.Experiment, step: pipeline.Step, opts: Options) -> list[Job]:
-    bb = step.table
-    lines = [f"CACHE=$(cat {_q(pipeline.cache_record(exp, bb))})"]
-    for args in pipeline.fit_args(exp, bb):
-        # --reuse, as `run` fits: a finished fit of this very cache is kept, one of another cache replaced
-        lines.append(command("fit", {"features": Shell('"$CACHE"')} | args | {"reuse": True}))
-    fits = ", ".join(dict.fromkeys(f"{a['clf']} on {a['layer']}" for a in pipeline.fit_args(exp, bb)))
-    return [Job(step.name, script(exp, step.name, opts, f"Fit {fits} of the {bb['model']} cache.", lines,
-                                  gpu=step.stage.needs_gpu), log=log_pattern(exp, step.name))]
-
-
-def finetune_job(exp: pipeline.Experiment, step: pipeline.Step, opts: Options) -> list[Job]:
-    ft = step.table
-    kwargs = pipeline.finetune_kwargs(exp, ft)
-    if ft.get("from_cache"):  # known once the extraction job has run
-        kwargs["from_cache"] = Shell(f'"$(cat {_q(pipeline.cache_record(exp, pipeline.maps_backbone(exp, ft)))})"')
-    run = command("finetune", kwargs | {"progress": False})
-    lines = requeue_wrapper(run, opts, pipeline.finetune_dir(exp, ft)) if step.stage.requeues else [run]
-    return [Job(step.name, script(exp, step.name, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines,
-                                  gpu=step.stage.needs_gpu, requeue=step.stage.requeues),
-                log=log_pattern(exp, step.name))]
-
-
-def requeue_wrapper(run: str, opts: Options, folder: Path) -> list[str]:
+def requeue_wrapper(run: str, name: str, opts: SlurmOptions, folder: Path) -> list[str]:
     """Lines running a command that exits 75 after saving a checkpoint, requeueing the job when it does."""
     return [
         f"# Slurm sends USR1 to this script {_lead(opts.time)} s before the time limit, `scontrol requeue`",
-        "# and preemption send TERM: either way bottleneck finetune saves a checkpoint and exits with",
+        f"# and preemption send TERM: either way bottleneck {name} saves a checkpoint and exits with",
         _comment(f"# {REQUEUE_EXIT}, the job is requeued, and the same command resumes from "
                  f"{folder}/checkpoint.pt."),
         f"{run} &",
@@ -153,10 +119,7 @@ def requeue_wrapper(run: str, opts: Options, folder: Path) -> list[str]:
     ]
 
 
-WRITERS = {"extract": extract_jobs, "fit": fit_job, "finetune": finetune_job, "compare": compare_job}
-
-
-def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, lines: list[str], gpu: bool = False,
+def script(exp: pipeline.Experiment, stage: str, opts: SlurmOptions, purpose: str, lines: list[str], gpu: bool = False,
            array: int | None = None, requeue: bool = False) -> str:
     sbatch = {"job-name": _token(f"{exp.name}-{stage}"),
               "output": log_pattern(exp, stage, array=array is not None),
@@ -251,26 +214,25 @@ def _seconds(time: str) -> int | None:
 
 # --------------------------------------------------------------------------- submitting
 
-def submit(experiment: str | Path, partition: str | None = None, account: str | None = None,
-           gres: str | None = None, time: str | None = None, mem: str | None = None, array_size: int = 4,
-           setup: str | None = None, dry_run: bool = False, trust: bool = False) -> list[dict]:
-    """Write the experiment's sbatch scripts into RUN/slurm/ and submit them; returns stage, job id, script, log."""
-    if array_size < 1:
-        raise BottleneckError(f"--array-size must be at least 1, not {array_size}")
-    for flag, value in (("--partition", partition), ("--account", account), ("--gres", gres), ("--time", time),
-                        ("--mem", mem)):
-        if value is not None and _unprintable(value):
-            raise BottleneckError(f"{flag} {value!r} holds a control character; sbatch reads each directive from "
-                                  "one line, so give the value on its own without it")
-    if time and _seconds(time) is None:
-        raise BottleneckError(f"--time {time} is not a Slurm time; use e.g. 02:00:00 or 1-00:00:00")
-    if setup is None and sys.prefix != sys.base_prefix:  # run from a venv: use it on the compute nodes too
-        setup = f"source {shlex.quote(sys.prefix)}/bin/activate"
+def submit(experiment: str | Path, *, dry_run: bool = False, trust: bool = False, **options) -> list[dict]:
+    """Write the experiment's sbatch scripts into RUN/slurm/ and submit them; returns stage, job id, script, log.
+
+    `options`: the fields of `SlurmOptions` (partition, account, gres, time, mem, array_size, setup)."""
+    opts = SlurmOptions(**options).validate()
+    for f in fields(opts):
+        value = getattr(opts, f.name)
+        if f.name != "setup" and isinstance(value, str) and _unprintable(value):
+            raise BottleneckError(f"{settings.flag(f)} {value!r} holds a control character; sbatch reads each "
+                                  "directive from one line, so give the value on its own without it")
+    if opts.time and _seconds(opts.time) is None:
+        raise BottleneckError(f"--time {opts.time} is not a Slurm time; use e.g. 02:00:00 or 1-00:00:00")
+    if opts.setup is None and sys.prefix != sys.base_prefix:  # run from a venv: use it on the compute nodes too
+        opts = replace(opts, setup=f"source {shlex.quote(sys.prefix)}/bin/activate")
     exp = replace(pipeline.load(experiment), trust=trust)  # --trust goes on to the fine-tune jobs
     if _unprintable(str(exp.out)):
         raise BottleneckError(f"{exp.file}: out {str(exp.out)!r} holds a control character; the run folder goes "
                               "into sbatch's one-line --output directive, so choose a folder name without it")
-    jobs = plan(exp, Options(partition, account, gres, time, mem, array_size, setup))
+    jobs = plan(exp, opts)
     if not dry_run:
         if not shutil.which("sbatch"):
             raise BottleneckError("sbatch is not on PATH; run this on a Slurm login node, or add --dry-run to "

@@ -52,6 +52,7 @@ class Stage:
     needs_gpu: bool = False  # its Slurm jobs ask for --gres
     requeues: bool = False  # exits 75 after saving a checkpoint: its Slurm job requeues itself and resumes
     shards: bool = False  # --shard I/N: a Slurm job array, then a job merging the shards
+    after_failures: bool = False  # its Slurm job runs when jobs before it failed too (it shows what finished)
 
     def entry(self) -> Callable:
         """The stage's function (this imports its module)."""
@@ -73,6 +74,7 @@ STAGES = (
           "Compare fixed-feature classifiers and fine-tuning on the same test images: accuracy with 95 % intervals, "
           "paired differences, cost and a three-way verdict (better, equivalent within --margin, or inconclusive "
           "with the difference the test images could detect); contenders are chosen on validation, never on the "
-          "test images. Writes comparison.{md,csv,json,png} and report.html.", comparison_made),
+          "test images. Writes comparison.{md,csv,json,png} and report.html.", comparison_made,
+          after_failures=True),
 )
 BY_COMMAND = {s.command: s for s in STAGES}
