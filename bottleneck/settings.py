@@ -9,7 +9,10 @@ allowed values and bounds live in its `setting(...)`, and from that one definiti
 - the command lines of Slurm jobs (`command_words`);
 - the checks (`validate`), and the settings recorded in reports and checkpoints.
 
-Adding an option to a stage is adding a field here and reading it in the stage.
+Adding an option to a stage is adding a field here and reading it in the stage. The sbatch
+options of `run --slurm` are one more such dataclass (`SlurmOptions`).
+
+This module loads no torch or scikit-learn: every command's --help reads it.
 """
 
 import dataclasses
