@@ -26,7 +26,6 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 
 from bottleneck.errors import BottleneckError
-from bottleneck.scores import parse_target
 
 # The names of classifiers.TABLE, kept here so that settings (and every command's --help) load without
 # scikit-learn; tests/test_startup.py checks the two agree.
@@ -76,6 +75,23 @@ FOLD_HELP = "With --folds: run only fold I (0-based) [default: every fold, one r
 TARGET_HELP = ("Two classes: an operating point, e.g. recall:defective=0.9 or precision:defective=0.95; the "
                "threshold on that class's probability meeting it on validation images is applied to the test "
                "images, and the report gives each class's recall and precision there.")
+
+
+TARGET_MEASURES = ("recall", "precision")
+
+
+def parse_target(text: str) -> tuple[str, str, float]:
+    """'recall:defective=0.9' → ("recall", "defective", 0.9)."""
+    measure, _, rest = text.partition(":")
+    cls, _, value = rest.rpartition("=")
+    try:
+        goal = float(value)
+    except ValueError:
+        goal = math.nan
+    if measure not in TARGET_MEASURES or not cls or not 0 < goal <= 1:
+        raise BottleneckError(f"--target {text!r} is not MEASURE:CLASS=VALUE; write e.g. recall:defective=0.9 "
+                              f"(MEASURE is {' or '.join(TARGET_MEASURES)}, VALUE above 0 and at most 1)")
+    return measure, cls, goal
 
 
 def check_target(target: str | None) -> None:
