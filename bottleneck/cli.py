@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import importlib
 import inspect
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -16,9 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bottleneck import backbones, data, settings, store
+# Only light modules here: a stage's module (torch, scikit-learn, h5py) is imported by the command that
+# runs it, so that --help, `status` and `cache ls` start at once.
+from bottleneck import settings
 from bottleneck.console import err
-from bottleneck.errors import BottleneckError
+from bottleneck.errors import BottleneckError, WeightsUnavailable
+from bottleneck.stages import BY_COMMAND, STAGES, Stage
 
 app = typer.Typer(help="Transfer learning on images: cached CNN features or fine-tuning, with their costs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -32,9 +36,8 @@ app.add_typer(data_app, name="data")
 out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 200)
 
 
-def stage_command(name: str, module: str, cls, doc: str) -> None:
-    """Register `bottleneck NAME`: one option per field of the stage's settings, calling
-    bottleneck.MODULE.NAME with them and printing the path it returns."""
+def options(cls) -> list[inspect.Parameter]:
+    """One command-line option per field of a settings dataclass, as keyword parameters for typer."""
     params = []
     for f in dataclasses.fields(cls):
         m = f.metadata
@@ -44,15 +47,26 @@ def stage_command(name: str, module: str, cls, doc: str) -> None:
         default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=annotation))
+    return params
+
+
+def with_signature(func, params: list[inspect.Parameter]):
+    """`func(**kwargs)` as typer sees a function of these parameters."""
+    func.__signature__ = inspect.Signature(params)
+    func.__annotations__ = {p.name: p.annotation for p in params}
+    return func
+
+
+def stage_command(stage: Stage) -> None:
+    """Register `bottleneck COMMAND`: one option per field of the stage's settings, calling its
+    function with them and printing the path it returns."""
+    params = options(stage.settings)
 
     def command(**kwargs) -> None:
-        run = getattr(importlib.import_module(f"bottleneck.{module}"), name)  # torch loads only when needed
-        out.print(str(run(**kwargs)))
+        out.print(str(stage.entry()(**kwargs)))
 
-    command.__signature__ = inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = doc
-    app.command(name, cls=OptionsOnce)(command)
+    command.__doc__ = stage.help
+    app.command(stage.command, cls=OptionsOnce)(with_signature(command, params))
 
 
 class OptionsOnce(typer.core.TyperCommand):
@@ -82,14 +96,9 @@ def choice_list(choices: tuple) -> str:
     return f" One of: {', '.join(choices)}." if choices else ""
 
 
-stage_command("extract", "extract", settings.ExtractSettings,
-              "Extract features of a folder of labelled images into an HDF5 cache; prints its path last.")
-stage_command("fit", "classify", settings.FitSettings,
-              "Train a classifier on cached features; writes model.skops, predictions.csv and report.json.\n\n"
-              "Prints the report's path last.")
-stage_command("finetune", "finetune", settings.FinetuneSettings,
-              "Fine-tune the network on the same data and splits; prints the report's path last.\n\n"
-              "SIGTERM or SIGUSR1 save a checkpoint and exit with code 75; the same command resumes.")
+for _stage in STAGES:
+    if _stage.settings:  # compare's options are not a settings dataclass: its command is written out below
+        stage_command(_stage)
 
 
 @app.command()
@@ -142,8 +151,6 @@ def predict(
     if fmt == "json":
         out.print(json.dumps(rows, indent=1))
     elif fmt == "csv":
-        import csv
-
         w = csv.writer(sys.stdout)
         w.writerow(["path", "label", "probability", "error", f"top {top_k}"])
         for r in rows:
@@ -163,6 +170,8 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="Models to des
                                                               "[default: the built-in ones].")] = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the backbones: taps with dims, input size, parameters, weights on this machine."""
+    from bottleneck import backbones
+
     rows = []
     for name in names or backbones.REGISTRY:
         d = backbones.describe(name)
@@ -191,7 +200,7 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="Models to des
 def weights_fetch(names: Annotated[list[str], typer.Argument(help="Model names.")],
                   weights: Annotated[str, typer.Option(help="Which weights.")] = "DEFAULT") -> None:
     """Download pretrained weights into the torch/timm caches (TORCH_HOME is honoured)."""
-    from bottleneck.errors import WeightsUnavailable
+    from bottleneck import backbones
 
     for name in names:
         ref = backbones.resolve_weights(name, weights)
@@ -206,10 +215,12 @@ def weights_fetch(names: Annotated[list[str], typer.Argument(help="Model names."
 
 @data_app.command("elpv")
 def data_elpv(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")] = Path("data/elpv"),
-              seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0) -> None:
+              split_seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0) -> None:
     """Write the elpv solar-cell images as train/val/test class folders (links, not copies); --out must be
     new, empty or written by this command (a rerun replaces it)."""
-    m = data.write_elpv(out_dir, seed)
+    from bottleneck import data
+
+    m = data.write_elpv(out_dir, split_seed)
     for split, samples in m.splits.items():
         counts = [sum(1 for _, lab in samples if lab == i) for i in range(len(m.classes))]
         err.print(f"{split}: " + ", ".join(f"{c} {n}" for c, n in zip(m.classes, counts)))
@@ -224,11 +235,13 @@ def data_cifar10(out_dir: Annotated[Path, typer.Option("--out", help="Folder to 
                  per_class: Annotated[str | None, typer.Option(
                      help="TRAIN,VAL,TEST images per class, e.g. 200,50,100: a seeded stratified subset (train "
                           "and val from CIFAR-10's train set, test from its test set).")] = None,
-                 seed: Annotated[int, typer.Option(help="Seed of the --per-class subset.")] = 0,
+                 split_seed: Annotated[int, typer.Option(help="Seed of the --per-class subset.")] = 0,
                  ) -> None:
     """Write CIFAR-10 (60,000 32×32 images) as train/test class folders of PNG files; --out must be new,
     empty or written by this command (a rerun replaces it)."""
-    m = data.write_cifar10(out_dir, package, limit, per_class, seed)
+    from bottleneck import data
+
+    m = data.write_cifar10(out_dir, package, limit, per_class, split_seed)
     err.print(", ".join(f"{split}: {len(samples)} images" for split, samples in m.splits.items()))
     out.print(str(out_dir))
 
@@ -236,6 +249,8 @@ def data_cifar10(out_dir: Annotated[Path, typer.Option("--out", help="Folder to 
 @cache_app.command("ls")
 def cache_ls(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = Path("cache")) -> None:
     """List the caches in a folder, finished and in progress."""
+    from bottleneck import store
+
     if not folder.is_dir():
         raise BottleneckError(f"cache folder {folder} does not exist")
     table = Table("file", "model", "taps", "images", "MB", "state")
@@ -269,6 +284,8 @@ def cache_clean(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = 
                 ) -> None:
     """Remove what no extraction will use again: blocks beside finished caches and temporary files of
     writers that are gone."""
+    from bottleneck import store
+
     if not folder.is_dir():
         raise BottleneckError(f"cache folder {folder} does not exist")
     found = store.leftovers(folder, interrupted)
@@ -286,6 +303,8 @@ def cache_clean(folder: Annotated[Path, typer.Argument(help="Cache folder.")] = 
 def cache_info(path: Annotated[Path, typer.Argument(help="Cache file.")],
                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Splits, counts, taps and dims, skipped files, and how the features were made."""
+    from bottleneck import store
+
     with store.FeatureStore(path) as st:
         info = st.info()
     if as_json:
@@ -312,6 +331,8 @@ def cache_info(path: Annotated[Path, typer.Argument(help="Cache file.")],
 @cache_app.command("verify")
 def cache_verify(paths: Annotated[list[Path], typer.Argument(help="Cache files.")]) -> None:
     """Check caches for truncation and damage (checksums of every dataset)."""
+    from bottleneck import store
+
     bad = 0
     for path in paths:
         problems = store.verify(path)
@@ -326,21 +347,14 @@ def cache_merge(shards: Annotated[list[Path], typer.Argument(help="Shard files o
                 out_path: Annotated[Path | None, typer.Option("--out", help="Merged file "
                                     "[default: the unsharded cache name].")] = None) -> None:
     """Join the shards written by 'extract --shard I/N' into one complete cache."""
+    from bottleneck import store
+
     out.print(str(store.merge([str(s) for s in shards], out_path)))
 
 
-@app.command("run")
 def run_experiment(
     experiment: Annotated[Path, typer.Argument(help="Experiment file, e.g. pipelines/elpv.toml.")],
     slurm: Annotated[bool, typer.Option(help="Submit the stages as Slurm batch jobs instead.")] = False,
-    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
-    account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
-    gres: Annotated[str | None, typer.Option(help="GPUs for extraction and fine-tuning, e.g. gpu:1.")] = None,
-    time: Annotated[str | None, typer.Option(help="Time limit per job, e.g. 02:00:00.")] = None,
-    mem: Annotated[str | None, typer.Option(help="Memory per job, e.g. 32G.")] = None,
-    array_size: Annotated[int, typer.Option(help="Extraction shards (tasks of the job array).")] = 4,
-    setup: Annotated[str | None, typer.Option(help="Shell lines run first in every job [default: "
-                                              "activate this venv].")] = None,
     dry_run: Annotated[bool, typer.Option(help="With --slurm: write and print the scripts, submit nothing.")] = False,
     force: Annotated[bool, typer.Option(help="Redo fine-tunes whose finished run has other settings than the "
                                         "file's (they are refused otherwise).")] = False,
@@ -348,19 +362,20 @@ def run_experiment(
     trust: Annotated[bool, typer.Option(help="Let [[finetune]] init_head read a classifier that is a pickle; "
                                         "loading one runs any code it holds, so only for files you trust "
                                         "(the experiment file cannot say so itself).")] = False,
+    **sbatch,
 ) -> None:
     """Run an experiment: extract, fit, fine-tune, compare; finished stages are skipped."""
     from bottleneck import pipeline
     from bottleneck import slurm as batch
 
     if not slurm:
-        given = [f for f, v in (("--partition", partition), ("--account", account), ("--gres", gres),
-                                ("--time", time), ("--mem", mem), ("--setup", setup)) if v is not None]
-        if given or dry_run or array_size != 4:
-            raise BottleneckError(f"{', '.join(given) or '--dry-run/--array-size'} only apply with --slurm")
+        given = [settings.flag(f) for f in dataclasses.fields(settings.SlurmOptions)
+                 if sbatch[f.name] != f.default] + (["--dry-run"] if dry_run else [])
+        if given:
+            raise BottleneckError(f"{', '.join(given)} only apply with --slurm")
         out.print(pipeline.run(experiment, force=force, progress=progress, trust=trust).read_text(), end="")
         return
-    rows = batch.submit(experiment, partition, account, gres, time, mem, array_size, setup, dry_run, trust)
+    rows = batch.submit(experiment, dry_run=dry_run, trust=trust, **sbatch)
     run_dir = Path(rows[0]["script"]).parent.parent
     if dry_run:
         for r in rows:
@@ -376,7 +391,15 @@ def run_experiment(
     out.print(f"watch with: bottleneck status {run_dir}   (or squeue --me; tail -f LOG)")
 
 
-@app.command()
+# run's own options, then the sbatch options from their one declaration
+_hints = typing.get_type_hints(run_experiment, include_extras=True)  # the Annotated types, not their text
+app.command("run")(with_signature(run_experiment, [p.replace(annotation=_hints[p.name]) for p in
+                                                   inspect.signature(run_experiment).parameters.values()
+                                                   if p.kind is not inspect.Parameter.VAR_KEYWORD]
+                                  + options(settings.SlurmOptions)))
+
+
+@app.command(help=BY_COMMAND["compare"].help)
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Folders to search for report.json files.")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where comparison.{md,csv,json,png} and report.html go "
@@ -394,14 +417,9 @@ def compare(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Compare fixed-feature classifiers and fine-tuning on the same test images: accuracy with 95 % intervals,
-    paired differences, cost and a three-way verdict (better, equivalent within --margin, or inconclusive with
-    the difference the test images could detect); contenders are chosen on validation, never on the test
-    images. Writes comparison.{md,csv,json,png} and report.html."""
-    from bottleneck.compare import compare as run
-
-    path = run([str(d) for d in run_dirs], out=str(out_dir) if out_dir else None, reference=reference,
-               challenger=challenger, margin=margin, without_twins=str(without_twins) if without_twins else None)
+    path = BY_COMMAND["compare"].entry()([str(d) for d in run_dirs], out=str(out_dir) if out_dir else None,
+                                         reference=reference, challenger=challenger, margin=margin,
+                                         without_twins=str(without_twins) if without_twins else None)
     suffix = ".json" if as_json else ".csv" if as_csv else ".md"
     out.print(path.with_suffix(suffix).read_text(), end="" if suffix != ".json" else "\n")
 

@@ -586,7 +586,7 @@ def write_elpv(out: str | os.PathLike, seed: int = 0) -> Manifest:
     """Write the elpv solar-cell set as DATA/{train,val,test}/{functional,defective} links.
 
     `out` must be new, empty, or a tree this function wrote (a rerun replaces its split)."""
-    _check_count("--seed", seed, 0)
+    _check_count("--split-seed", seed, 0)
     try:
         import elpv_dataset
     except ImportError:
@@ -651,7 +651,7 @@ def write_cifar10(out: str | os.PathLike, package: str | os.PathLike | None = No
         raise BottleneckError("--limit and --per-class choose images differently; give one")
     if limit is not None:
         _check_count("--limit", limit, 1, "leave it out for every image")
-    _check_count("--seed", seed, 0)
+    _check_count("--split-seed", seed, 0)
     out = Path(out)
     counts = parse_per_class(per_class) if per_class else None
     how = {"package": CIFAR10_PACKAGE, "limit": limit, "per_class": per_class, "seed": seed}

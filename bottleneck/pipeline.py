@@ -17,9 +17,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bottleneck import backbones, data, settings
+from bottleneck import backbones, settings
 from bottleneck.console import note
 from bottleneck.errors import BottleneckError
+from bottleneck.stages import BY_COMMAND, Stage
 
 try:
     import tomllib
@@ -142,6 +143,9 @@ def _check_maps_backbone(where: _Locator, i: int, t: dict, exp: Experiment) -> N
 def _data_table(where: _Locator, t) -> dict:
     if not isinstance(t, dict):
         raise where.error(None, 0, "data", "a [data] table with path = \"FOLDER\" is required")
+    if "seed" in t:  # its old name, which read as the training seed of [fit] and [[finetune]]
+        raise where.error("data", 0, "seed", "is now split_seed (the seed of the split; the training seed is "
+                          "[fit] or [[finetune]] seed): rename the key")
     _check_keys(where, "data", 0, t, DATA_KEYS)
     if "path" not in t:
         raise where.error("data", 0, None, "needs path = \"FOLDER\" (an image tree or CSV manifest)")
@@ -153,7 +157,7 @@ def _data_table(where: _Locator, t) -> dict:
     if "folds" in t and "test_fraction" in t:
         raise where.error("data", 0, "test_fraction", "with folds every fold is the test split in turn; drop "
                           "test_fraction")
-    return {"val_fraction": None, "test_fraction": None, "seed": 0, "folds": None} | t
+    return {"val_fraction": None, "test_fraction": None, "split_seed": 0, "folds": None} | t
 
 
 def _backbone(where: _Locator, i: int, t: dict) -> dict:
@@ -344,29 +348,34 @@ class _Blame:
 
 # --------------------------------------------------------------------------- the stages
 
-def extract_args(exp: Experiment, bb: dict) -> dict:
-    """extract()'s arguments for one backbone: its table's settings, the experiment's data and cache."""
-    own = {f.name: bb[key] for key, f in settings.toml_keys(settings.ExtractSettings).items() if key in bb}
-    return own | {"model": bb["model"], "data_dir": exp.data["path"], "layer": bb["layers"], "out": str(exp.cache),
-                  "val_fraction": exp.data["val_fraction"], "test_fraction": exp.data["test_fraction"],
-                  "split_seed": exp.data["seed"]}
-
-
 PROBE = "probe"  # [[finetune]] init_head = "probe": LP-FT from this experiment's own linear probe
 
 
-def fit_args(exp: Experiment, bb: dict) -> list[dict]:
-    """classify.fit()'s arguments (all but the cache) for every tap × classifier of one backbone,
-    and the linear probe an LP-FT fine-tune starts from."""
+def stage_settings(cls, table: dict, data: dict | None = None, **given) -> settings.Settings:
+    """A stage's settings from an experiment table (its keys, from the settings' own `toml` names) and [data]
+    (the split keys the stage takes), under what the experiment itself fixes (`given`: paths, one tap)."""
+    own = {f.name: table[key] for key, f in settings.toml_keys(cls).items()
+           if key in table and not f.metadata["toml_list"]}
+    shared = {f.name: data[key] for key, f in settings.toml_keys(cls, "data").items() if data and key in data}
+    return cls(**(own | shared | given)).validate()
+
+
+def extract_settings(exp: Experiment, bb: dict) -> settings.ExtractSettings:
+    """One backbone's extraction: its table's settings, the experiment's data and cache folder."""
+    return stage_settings(settings.ExtractSettings, bb, exp.data, data_dir=exp.data["path"], out=str(exp.cache))
+
+
+def fit_settings(exp: Experiment, bb: dict) -> list[settings.FitSettings]:
+    """The fits of one backbone's cache, every tap × classifier × seed (× fold), and the linear probe an
+    LP-FT fine-tune starts from. Their cache is read from the extraction's record when they run."""
     runs = []
     if exp.fit and bb["fit"]:
-        out = str(exp.out / "fit" / bb["name"])
         clfs = exp.fit["classifiers"] if bb["fit"] is True else bb["fit"]
-        runs = [{"clf": clf, "layer": tap, "search": exp.fit["search"], "class_weight": exp.fit["class_weight"],
-                 "seed": seed, "out": out} | fold | _target(exp)
+        runs = [stage_settings(settings.FitSettings, exp.fit, features="", clf=clf, layer=tap, seed=seed,
+                               out=str(exp.out / "fit" / bb["name"]), reuse=True, **fold)
                 for tap in exp.fit["layers"] for clf in clfs for seed in exp.fit["seeds"] for fold in fold_args(exp)]
     if any(probed_backbone(exp, ft["model"]) is bb for ft in exp.finetunes if ft.get("init_head") == PROBE):
-        probe = probe_args(exp, bb)
+        probe = probe_settings(exp, bb)
         runs += [] if probe in runs else [probe]
     return runs
 
@@ -376,7 +385,7 @@ def fold_args(exp: Experiment) -> list[dict]:
     k = exp.data["folds"]
     if not k:
         return [{}]
-    return [{"folds": k, "fold": i, "split_seed": exp.data["seed"], "val_fraction": exp.data["val_fraction"]}
+    return [{"folds": k, "fold": i, "split_seed": exp.data["split_seed"], "val_fraction": exp.data["val_fraction"]}
             for i in range(k)]
 
 
@@ -386,43 +395,40 @@ def probed_backbone(exp: Experiment, model: str) -> dict | None:
     return next((bb for bb in exp.backbones if bb["model"] == model and tap in bb["layers"]), None)
 
 
-def probe_args(exp: Experiment, bb: dict) -> dict:
-    """The logistic-regression probe on the penultimate tap that LP-FT starts from."""
-    search = exp.fit["search"] if exp.fit else True
-    return {"clf": "logreg", "layer": backbones.get_spec(bb["model"]).default_tap, "search": search,
-            "class_weight": None, "seed": 0, "out": str(exp.out / "fit" / bb["name"])} | _target(exp)
+def probe_settings(exp: Experiment, bb: dict) -> settings.FitSettings:
+    """The logistic-regression probe on the penultimate tap that LP-FT starts from; it shares its
+    folder with [fit]'s fits, so it takes [fit]'s search and target."""
+    table = {k: exp.fit[k] for k in ("search", "target") if k in exp.fit} if exp.fit else {}
+    return stage_settings(settings.FitSettings, table, features="", clf="logreg",
+                          layer=backbones.get_spec(bb["model"]).default_tap, out=str(exp.out / "fit" / bb["name"]),
+                          reuse=True)
 
 
-def _target(exp: Experiment) -> dict:
-    """[fit] target, when given: the probe shares its folder with the fits, so it takes it too."""
-    return {"target": exp.fit["target"]} if exp.fit and exp.fit.get("target") else {}
-
-
-def fit_report(args: dict) -> Path:
+def fit_report(s: settings.FitSettings) -> Path:
     from bottleneck.classify import folder_name
 
-    settings = {k: args[k] for k in ("clf", "search", "class_weight", "seed")}
-    folds = {"fold": args["fold"]} if args.get("folds") else None
-    return Path(args["out"]) / folder_name(args["layer"], **settings, folds=folds) / "report.json"
+    folds = {"fold": s.fold} if s.folds else None
+    return Path(s.out) / folder_name(s.layer, clf=s.clf, search=s.search, class_weight=s.class_weight, seed=s.seed,
+                                     folds=folds) / "report.json"
 
 
-def finetune_kwargs(exp: Experiment, ft: dict) -> dict:
-    """finetune()'s arguments for one [[finetune]] table: [data] decides its splits, as it does extract's;
-    init_head = "probe" becomes the path of the probe this experiment fits."""
+def finetune_settings(exp: Experiment, ft: dict) -> settings.FinetuneSettings:
+    """One [[finetune]] run: [data] decides its splits, as it does extract's; init_head = "probe" becomes
+    the path of the probe this experiment fits, from_cache the cache its backbone's extraction wrote
+    (the record's path until it has run: the step reads the record when it runs)."""
+    given = {"fold": ft.get("fold"), "trust": exp.trust}
     if ft.get("init_head") == PROBE:
         from bottleneck.classify import CLASSIFIER_FILE
 
-        probe = fit_report(probe_args(exp, probed_backbone(exp, ft["model"])))
-        ft = ft | {"init_head": str(probe.parent / CLASSIFIER_FILE)}
-    if ft.get("from_cache"):  # the cache that backbone's extraction made (a Slurm job reads the record itself)
+        probe = fit_report(probe_settings(exp, probed_backbone(exp, ft["model"])))
+        given["init_head"] = str(probe.parent / CLASSIFIER_FILE)
+    if ft.get("from_cache"):
         record = cache_record(exp, maps_backbone(exp, ft))
-        ft = ft | {"from_cache": record.read_text().strip() if record.is_file() else str(record)}
+        given["from_cache"] = record.read_text().strip() if record.is_file() else str(record)
     out = finetune_dir(exp, ft)
     if exp.data["folds"]:  # finetune adds -foldI to the folder it is given
         out = out.with_name(out.name.removesuffix(f"-fold{ft['fold']}"))
-    return {k: v for k, v in ft.items() if k != "name"} | ({"trust": True} if exp.trust else {}) | {
-        "data_dir": exp.data["path"], "out": str(out), "val_fraction": exp.data["val_fraction"],
-        "test_fraction": exp.data["test_fraction"], "split_seed": exp.data["seed"], "folds": exp.data["folds"]}
+    return stage_settings(settings.FinetuneSettings, ft, exp.data, data_dir=exp.data["path"], out=str(out), **given)
 
 
 def maps_backbone(exp: Experiment, ft: dict) -> dict | None:
@@ -441,10 +447,12 @@ def cache_record(exp: Experiment, bb: dict) -> Path:
 
 def prepare_data(exp: Experiment) -> None:
     """Write a built-in dataset to its path unless it is already there."""
+    from bottleneck import data  # torch: only where a built-in dataset is written
+
     builtin, path = exp.data.get("builtin"), Path(exp.data["path"])
     if builtin == "elpv" and not (path / "train").is_dir():
         note(f"writing the elpv images to {path}")
-        data.write_elpv(path, exp.data["seed"])
+        data.write_elpv(path, exp.data["split_seed"])
 
 
 def save_copy(exp: Experiment) -> None:
@@ -456,37 +464,71 @@ def save_copy(exp: Experiment) -> None:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One step of an experiment: `run` calls it here, `run --slurm` makes it a job, `status` reports it."""
+class Step:
+    """One step of an experiment, a stage on one table: `run` calls it here, `run --slurm` makes it a
+    job, `status` reports it."""
 
     name: str  # extract-<backbone>, fit-<backbone>, finetune-<name>, compare
-    kind: str  # a key of RUNNERS
-    after: tuple[str, ...] = ()  # stages whose outputs it reads
+    stage: Stage
+    calls: tuple  # the stage's settings, one per call of its function (compare: its keyword arguments)
+    outputs: tuple[Path, ...]  # what it leaves on disk, read by its stage's `output` for status
+    after: tuple[str, ...] = ()  # steps whose outputs it reads
+    reads: tuple[tuple[str, Path], ...] = ()  # (setting, record): a path an earlier step wrote, read as it runs
+    record: Path | None = None  # where it writes the path its function returns, for the steps that read it
+    purpose: str = ""  # what it does, in a line
     table: dict | None = None  # its [[backbone]] or [[finetune]] table
-    gpu: bool = False
 
 
-def stages(exp: Experiment) -> list[Stage]:
-    """Every stage of an experiment, in an order that runs each after what it reads: the one list
+def steps(exp: Experiment) -> list[Step]:
+    """Every step of an experiment, in an order that runs each after what it reads: the one list
     behind local runs, Slurm plans and status."""
     found = []
     for bb in exp.backbones:
-        found.append(Stage(f"extract-{bb['name']}", "extract", (), bb, gpu=True))
-        if fit_args(exp, bb):
-            found.append(Stage(f"fit-{bb['name']}", "fit", (f"extract-{bb['name']}",), bb))
+        record = cache_record(exp, bb)
+        found.append(Step(f"extract-{bb['name']}", BY_COMMAND["extract"], (extract_settings(exp, bb),), (record,),
+                          record=record, purpose=f"Extract {bb['model']} features ({', '.join(bb['layers'])})",
+                          table=bb))
+        fits = fit_settings(exp, bb)
+        if fits:
+            what = ", ".join(dict.fromkeys(f"{s.clf} on {s.layer}" for s in fits))
+            found.append(Step(f"fit-{bb['name']}", BY_COMMAND["fit"], tuple(fits), tuple(map(fit_report, fits)),
+                              (f"extract-{bb['name']}",), (("features", record),),
+                              purpose=f"Fit {what} of the {bb['model']} cache", table=bb))
     for ft in exp.finetunes:
         probed = probed_backbone(exp, ft["model"]) if ft.get("init_head") == PROBE else None
         cached = maps_backbone(exp, ft)
         after = (f"fit-{probed['name']}",) if probed else (f"extract-{cached['name']}",) if cached else ()
-        found.append(Stage(f"finetune-{ft['name']}", "finetune", after, ft, gpu=True))  # LP-FT: after its probe
-    ends = tuple(s.name for s in found if s.kind in ("fit", "finetune"))
-    return found + [Stage("compare", "compare", ends or tuple(s.name for s in found))]
+        found.append(Step(f"finetune-{ft['name']}", BY_COMMAND["finetune"], (finetune_settings(exp, ft),),
+                          (finetune_dir(exp, ft) / "report.json",), after,  # LP-FT: after its probe
+                          (("from_cache", cache_record(exp, cached)),) if cached else (),
+                          purpose=f"Fine-tune {ft['model']} on {exp.data['path']}", table=ft))
+    ends = tuple(s.name for s in found if s.stage.command in ("fit", "finetune"))
+    return found + [Step("compare", BY_COMMAND["compare"], ({"run_dirs": [str(exp.out)]} | exp.compare,),
+                         (exp.out / "comparison.md",), ends or tuple(s.name for s in found),
+                         purpose="Put every report of the run side by side")]
 
 
-def run_stage(exp: Experiment, stage: Stage, progress: bool = True) -> Path:
-    """Run one stage here; each skips what it finds done (a complete cache, a fit of the same settings
+def arguments(call, progress: bool | None = None) -> dict:
+    """The keyword arguments of one call of a stage's function; `progress`, where given, for the
+    stages that show progress bars."""
+    if not isinstance(call, settings.Settings):  # compare: its arguments as they are
+        return dict(call)
+    args = call.asdict()
+    return args | ({"progress": progress} if progress is not None and "progress" in args else {})
+
+
+def run_step(exp: Experiment, step: Step, progress: bool = True) -> Path:
+    """Run one step here; each skips what it finds done (a complete cache, a fit of the same settings
     from the same cache, a finished fine-tune of the same settings)."""
-    return RUNNERS[stage.kind](exp, stage.table, progress)
+    note(f"{step.name}: {step.purpose}")
+    run = step.stage.entry()
+    known = {name: record.read_text().strip() for name, record in step.reads}  # written by the steps before
+    for call in step.calls:
+        result = run(**arguments(call, progress) | known)
+    if step.record:
+        step.record.parent.mkdir(parents=True, exist_ok=True)
+        step.record.write_text(f"{result}\n")
+    return result
 
 
 def run(experiment: str | Path, *, force: bool = False, progress: bool = True, trust: bool = False) -> Path:
@@ -500,30 +542,9 @@ def run(experiment: str | Path, *, force: bool = False, progress: bool = True, t
     check_finished(exp, force)
     prepare_data(exp)
     save_copy(exp)
-    for stage in stages(exp):
-        result = run_stage(exp, stage, progress)
+    for step in steps(exp):
+        result = run_step(exp, step, progress)
     return result
-
-
-def run_extract(exp: Experiment, bb: dict, progress: bool) -> Path:
-    from bottleneck.extract import extract
-
-    note(f"extract: {bb['model']} {', '.join(bb['layers'])}")
-    cache = extract(**extract_args(exp, bb), progress=progress)
-    cache_record(exp, bb).parent.mkdir(parents=True, exist_ok=True)
-    cache_record(exp, bb).write_text(f"{cache}\n")
-    return cache
-
-
-def run_fits(exp: Experiment, bb: dict, progress: bool) -> Path:
-    cache = Path(cache_record(exp, bb).read_text().strip())
-    return [fit_once(cache, args) for args in fit_args(exp, bb)][-1]
-
-
-def run_compare(exp: Experiment, table: None, progress: bool) -> Path:
-    from bottleneck.compare import compare
-
-    return compare([str(exp.out)], out=str(exp.out), **exp.compare)
 
 
 def check_finished(exp: Experiment, force: bool = False) -> None:
@@ -531,11 +552,10 @@ def check_finished(exp: Experiment, force: bool = False) -> None:
     from bottleneck.finetune import changed_settings, describe_changes, run_args
 
     for ft in exp.finetunes:
-        kwargs = finetune_kwargs(exp, ft)
         out = finetune_dir(exp, ft)
         if not (out / "report.json").is_file():
             continue
-        changed = changed_settings(out, run_args(settings.FinetuneSettings(**kwargs)))
+        changed = changed_settings(out, run_args(finetune_settings(exp, ft)))
         if changed and not force:
             raise BottleneckError(f"{out} holds a finished fine-tune of [[finetune]] '{ft['name']}' made with other "
                                   f"{describe_changes(changed)}; rerun with --force to redo it, or give the "
@@ -543,38 +563,3 @@ def check_finished(exp: Experiment, force: bool = False) -> None:
         if changed:
             note(f"--force: deleting {out}, made with other {describe_changes(changed)}")
             shutil.rmtree(out)
-
-
-def fit_once(cache: Path, args: dict) -> Path:
-    """Fit, keeping a finished fit of the same settings from this very cache (the run owns its
-    folders: a fit from another cache is replaced)."""
-    from bottleneck.classify import fit
-
-    return fit(str(cache), **args, reuse=True)
-
-
-def run_finetune(exp: Experiment, ft: dict, progress: bool) -> Path:
-    from bottleneck.finetune import finetune
-
-    note(f"finetune: {ft['name']}")
-    return finetune(**finetune_kwargs(exp, ft), progress=progress)
-
-
-RUNNERS = {"extract": run_extract, "fit": run_fits, "finetune": run_finetune, "compare": run_compare}
-
-
-def stage_output(exp: Experiment, stage: Stage) -> str:
-    """What a stage has left on disk so far: "done: ..." once it is finished."""
-    if stage.kind == "extract":
-        record = cache_record(exp, stage.table)
-        made = record.read_text().strip() if record.is_file() else ""
-        return f"done: {made}" if made else "missing"
-    if stage.kind == "fit":
-        reports = [fit_report(a) for a in fit_args(exp, stage.table)]
-        n = sum(p.is_file() for p in reports)
-        return f"{'done: ' if n == len(reports) else ''}{n}/{len(reports)} reports"
-    if stage.kind == "finetune":
-        folder = finetune_dir(exp, stage.table)
-        return ("done: report.json" if (folder / "report.json").is_file() else
-                "checkpoint" if (folder / "checkpoint.pt").is_file() else "missing")
-    return "done: comparison.md" if (exp.out / "comparison.md").is_file() else "missing"

@@ -12,15 +12,13 @@ of weights (how often each image was drawn): thousands of resamples are a few cu
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from bottleneck.errors import BottleneckError
+from bottleneck.settings import parse_target
 from bottleneck.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 
 CALIBRATION_BINS = 10  # equal-width bins of the top probability; few test sets fill more
-TARGET_MEASURES = ("recall", "precision")
 EPS = 1e-15  # a probability of exactly 0 for the true class costs -log(1e-15), not infinity
 
 
@@ -159,20 +157,6 @@ def _percentiles(chunks: list[np.ndarray]) -> list[float]:
 
 
 # --------------------------------------------------------------------------- two classes: an operating point
-
-def parse_target(text: str) -> tuple[str, str, float]:
-    """'recall:defective=0.9' → ("recall", "defective", 0.9)."""
-    measure, _, rest = text.partition(":")
-    cls, _, value = rest.rpartition("=")
-    try:
-        goal = float(value)
-    except ValueError:
-        goal = math.nan
-    if measure not in TARGET_MEASURES or not cls or not 0 < goal <= 1:
-        raise BottleneckError(f"--target {text!r} is not MEASURE:CLASS=VALUE; write e.g. recall:defective=0.9 "
-                              f"(MEASURE is {' or '.join(TARGET_MEASURES)}, VALUE above 0 and at most 1)")
-    return measure, cls, goal
-
 
 def target_class(target: str, classes: list[str]) -> int:
     """The index of the class a target names, checked against the data's classes."""

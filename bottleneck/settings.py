@@ -9,7 +9,10 @@ allowed values and bounds live in its `setting(...)`, and from that one definiti
 - the command lines of Slurm jobs (`command_words`);
 - the checks (`validate`), and the settings recorded in reports and checkpoints.
 
-Adding an option to a stage is adding a field here and reading it in the stage.
+Adding an option to a stage is adding a field here and reading it in the stage. The sbatch
+options of `run --slurm` are one more such dataclass (`SlurmOptions`).
+
+This module loads no torch or scikit-learn: every command's --help reads it.
 """
 
 import dataclasses
@@ -21,11 +24,12 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
-from bottleneck.classifiers import CLASSIFIERS  # the one table of classifiers
 from bottleneck.errors import BottleneckError
-from bottleneck.scores import parse_target
 from bottleneck.views import parse_views
 
+# The names of classifiers.TABLE, kept here so that settings (and every command's --help) load without
+# scikit-learn; tests/test_startup.py checks the two agree.
+CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
@@ -46,6 +50,23 @@ FOLD_HELP = "With --folds: run only fold I (0-based) [default: every fold, one r
 TARGET_HELP = ("Two classes: an operating point, e.g. recall:defective=0.9 or precision:defective=0.95; the "
                "threshold on that class's probability meeting it on validation images is applied to the test "
                "images, and the report gives each class's recall and precision there.")
+
+
+TARGET_MEASURES = ("recall", "precision")
+
+
+def parse_target(text: str) -> tuple[str, str, float]:
+    """'recall:defective=0.9' → ("recall", "defective", 0.9)."""
+    measure, _, rest = text.partition(":")
+    cls, _, value = rest.rpartition("=")
+    try:
+        goal = float(value)
+    except ValueError:
+        goal = math.nan
+    if measure not in TARGET_MEASURES or not cls or not 0 < goal <= 1:
+        raise BottleneckError(f"--target {text!r} is not MEASURE:CLASS=VALUE; write e.g. recall:defective=0.9 "
+                              f"(MEASURE is {' or '.join(TARGET_MEASURES)}, VALUE above 0 and at most 1)")
+    return measure, cls, goal
 
 
 def check_target(target: str | None) -> None:
@@ -73,7 +94,7 @@ def setting(default=MISSING, help: str = "", *, choices: tuple = (), low=None, h
 
     `flags`: its command-line names, the first one shown in errors ("--a/--b" for a boolean's
     two forms); by default `--field-name`. `toml`: False keeps it out of experiment files, a
-    string is its key there ("[data] seed" for a key of the [data] table); `toml_list`: the
+    string is its key there ("[data] split_seed" for a key of the [data] table); `toml_list`: the
     file holds a list of values, one run each (`classifiers = ["logreg", "svm"]`). `what`: the
     word for the value in errors ("unknown classifier 'forest'"), by default the flag.
     """
@@ -135,7 +156,7 @@ class ExtractSettings(Settings):
     val_fraction: float | None = setting(None, VAL_FRACTION_HELP, low=0.0, toml="[data] val_fraction")
     test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
                                           toml="[data] test_fraction")
-    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, flags=("--split-seed", "--seed"), toml="[data] seed")
+    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] split_seed")
     group_pattern: str | None = setting(None, GROUP_PATTERN_HELP, toml="[data] group_pattern")
     progress: bool = setting(True, "Show a progress bar.", toml=False)
 
@@ -163,7 +184,7 @@ class FitSettings(Settings):
     folds: int | None = setting(None, FOLDS_HELP, low=2, toml="[data] folds")
     fold: int | None = setting(None, FOLD_HELP, low=0, toml=False)
     split_seed: int = setting(0, "With --folds: the seed of the fold assignment (finetune's --split-seed).", low=0,
-                              toml="[data] seed")
+                              toml="[data] split_seed")
     val_fraction: float | None = setting(None, "With --folds: the validation fraction carved from the other folds "
                                          "[default: 0.1].", low=0.0, toml="[data] val_fraction")
     out: str | None = setting(None, "Output folder [default: runs/fit/<cache name>].", toml=False)
@@ -228,7 +249,7 @@ class FinetuneSettings(Settings):
     val_fraction: float | None = setting(None, VAL_FRACTION_HELP, low=0.0, toml="[data] val_fraction")
     test_fraction: float | None = setting(None, TEST_FRACTION_HELP, low=0.0,
                                           toml="[data] test_fraction")
-    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] seed")
+    split_seed: int = setting(0, SPLIT_SEED_HELP, low=0, toml="[data] split_seed")
     group_pattern: str | None = setting(None, GROUP_PATTERN_HELP, toml="[data] group_pattern")
     folds: int | None = setting(None, FOLDS_HELP, low=2, toml="[data] folds")
     fold: int | None = setting(None, FOLD_HELP, low=0, toml=False)
@@ -274,6 +295,22 @@ class FinetuneSettings(Settings):
             if u != "all":
                 raise SettingError("unfreeze", "--from-cache trains every layer after the cache's tap; "
                                    "--unfreeze does not apply")
+
+
+# --------------------------------------------------------------------------- Slurm
+
+@dataclass(frozen=True)
+class SlurmOptions(Settings):
+    """sbatch settings of `run --slurm`, shared by every job; gres goes only to the jobs that use a GPU."""
+
+    partition: str | None = setting(None, "Slurm partition.", toml=False)
+    account: str | None = setting(None, "Slurm account.", toml=False)
+    gres: str | None = setting(None, "GPUs for extraction and fine-tuning, e.g. gpu:1.", toml=False)
+    time: str | None = setting(None, "Time limit per job, e.g. 02:00:00.", toml=False)
+    mem: str | None = setting(None, "Memory per job, e.g. 32G.", toml=False)
+    array_size: int = setting(4, "Extraction shards (tasks of the job array).", low=1, toml=False)
+    setup: str | None = setting(None, "Shell lines run first in every job [default: activate this venv].",
+                                toml=False)
 
 
 def check_folds(s) -> None:
@@ -405,14 +442,14 @@ def toml_keys(cls, table: str | None = None) -> dict[str, dataclasses.Field]:
 
 
 def command_words(cls, args: dict) -> list[tuple[str, object]]:
-    """(flag, value) pairs for the arguments given, value None after a boolean's flag; the
-    caller quotes values for its shell."""
+    """(flag, value) pairs for the arguments that differ from their defaults, value None after a
+    boolean's flag, so a command line shows what was chosen; the caller quotes values for its shell."""
     by_name = {f.name: f for f in fields(cls)}
     pairs = []
     for key, value in args.items():
-        if value is None:
-            continue
         f = by_name[key]
+        if value is None or (f.default is not MISSING and value == f.default and type(value) is type(f.default)):
+            continue
         if isinstance(value, bool):
             pairs.append((flag(f) if value else negative_flag(f), None))
         else:

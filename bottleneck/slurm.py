@@ -12,7 +12,6 @@ through small files in RUN/caches/, because a cache's name depends on the comput
 from __future__ import annotations
 
 import glob
-import inspect
 import json
 import os
 import re
@@ -20,31 +19,20 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bottleneck import pipeline, settings
 from bottleneck.errors import BottleneckError
+from bottleneck.settings import SlurmOptions
+from bottleneck.stages import BY_COMMAND
 
 # bottleneck finetune exits with this after saving a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL).
 REQUEUE_EXIT = 75
 SIGNAL_LEAD_SECONDS = 300
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
-
-
-@dataclass
-class Options:
-    """sbatch settings shared by every job; gres goes only to the jobs that use a GPU."""
-
-    partition: str | None = None
-    account: str | None = None
-    gres: str | None = None
-    time: str | None = None
-    mem: str | None = None
-    array_size: int = 4
-    setup: str | None = None
 
 
 class Shell(str):
@@ -62,79 +50,61 @@ class Job:
 
 # --------------------------------------------------------------------------- writing the scripts
 
-def plan(exp: pipeline.Experiment, opts: Options) -> list[Job]:
-    """Every job of an experiment in submission order: one or two per stage of pipeline.stages."""
-    jobs, last = [], {}  # last: the job that finishes each stage (an array's merge job)
-    for stage in pipeline.stages(exp):
-        made = WRITERS[stage.kind](exp, stage, opts)
+def plan(exp: pipeline.Experiment, opts: SlurmOptions) -> list[Job]:
+    """Every job of an experiment in submission order: one per step of pipeline.steps, two for a
+    stage that shards (an array, then its merge)."""
+    jobs, last = [], {}  # last: the job that finishes each step (an array's merge job)
+    for step in pipeline.steps(exp):
+        made = step_jobs(exp, step, opts)
         for job in made[:1]:
-            job.after = [last[name] for name in stage.after]
+            job.after = [last[name] for name in step.after]
         jobs += made
-        last[stage.name] = made[-1].stage
+        last[step.name] = made[-1].stage
     return jobs
 
 
-def compare_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
-    return [Job("compare", script(exp, "compare", opts, "Put every report of the run side by side.",
-                                  [command("compare", {"run_dirs": [str(exp.out)], **exp.compare})]),
-                log=log_pattern(exp, "compare"), dependency="afterany")]
+def step_jobs(exp: pipeline.Experiment, step: pipeline.Step, opts: SlurmOptions) -> list[Job]:
+    """A step's job: `bottleneck COMMAND` for each of its calls, the paths earlier jobs wrote read from
+    their records; an array and a merge for a stage that shards, a requeue wrapper for one that requeues."""
+    stage = step.stage
+    known = {name: Shell(f'"$(cat {_q(record)})"') for name, record in step.reads}  # written by earlier jobs
+    runs = [command(stage.command, pipeline.arguments(call, progress=False) | known) for call in step.calls]
+    if stage.shards and opts.array_size > 1:
+        return sharded_jobs(exp, step, opts, runs)
+    lines = requeue_wrapper(runs[0], stage.command, opts, step.outputs[0].parent) if stage.requeues else runs
+    if step.record:
+        lines = [f"mkdir -p {_q(step.record.parent)}", *lines[:-1], f"{lines[-1]} | tee {_q(step.record)}"]
+    job = Job(step.name, script(exp, step.name, opts, f"{step.purpose}.", lines, gpu=stage.needs_gpu,
+                                requeue=stage.requeues), log=log_pattern(exp, step.name))
+    if stage.after_failures:
+        job.dependency = "afterany"
+    return [job]
 
 
-def extract_jobs(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
-    from bottleneck.extract import extract
-
-    bb = stage.table
-    args = _without_defaults(extract, pipeline.extract_args(exp, bb)) | {"progress": False}
-    record = pipeline.cache_record(exp, bb)
-    n = opts.array_size
-    what = f"{bb['model']} features ({', '.join(bb['layers'])})"
-    if n == 1:
-        lines = [f"mkdir -p {_q(record.parent)}", command("extract", args) + f" | tee {_q(record)}"]
-        return [Job(stage.name, script(exp, stage.name, opts, f"Extract {what}.", lines, gpu=stage.gpu),
-                    log=log_pattern(exp, stage.name))]
-    shard = record.with_name(f"{bb['name']}.shard-")  # + the task's number + .path
-    lines = [f"mkdir -p {_q(record.parent)}",
-             command("extract", args | {"shard": Shell(f'"$SLURM_ARRAY_TASK_ID/{n}"')})
-             + f' | tee {_q(shard)}"$SLURM_ARRAY_TASK_ID".path']
-    extract_job = Job(f"extract-{bb['name']}",
-                      script(exp, f"extract-{bb['name']}", opts, f"Extract {what}: task I of this array computes "
-                             f"shard I of {n}.", lines, gpu=stage.gpu, array=n),
-                      log=log_pattern(exp, f"extract-{bb['name']}", array=True))
+def sharded_jobs(exp: pipeline.Experiment, step: pipeline.Step, opts: SlurmOptions, runs: list[str]) -> list[Job]:
+    """A job array whose task I computes shard I of N, then a job merging the shards into the step's output."""
+    n, name = opts.array_size, step.table["name"]
+    shard = step.record.with_name(f"{name}.shard-")  # + the task's number + .path
+    lines = [f"mkdir -p {_q(step.record.parent)}"]
+    lines += [f'{run} --shard "$SLURM_ARRAY_TASK_ID/{n}" | tee {_q(shard)}"$SLURM_ARRAY_TASK_ID".path' for run in runs]
+    array = Job(step.name, script(exp, step.name, opts, f"{step.purpose}: task I of this array computes shard I of "
+                                  f"{n}.", lines, gpu=step.stage.needs_gpu, array=n),
+                log=log_pattern(exp, step.name, array=True))
     lines = [f"mapfile -t shards < <(cat {_q(shard)}{{0..{n - 1}}}.path)",
-             f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(record)}"]
-    merge_job = Job(f"merge-{bb['name']}", script(exp, f"merge-{bb['name']}", opts,
-                                                  f"Join the {n} shards of the {bb['model']} cache into one file.",
-                                                  lines),
-                    log=log_pattern(exp, f"merge-{bb['name']}"), after=[extract_job.stage])
-    return [extract_job, merge_job]
+             f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(step.record)}"]
+    merge = Job(f"merge-{name}", script(exp, f"merge-{name}", opts, f"Join the {n} shards of the "
+                                        f"{step.table['model']} cache into one file.", lines),
+                log=log_pattern(exp, f"merge-{name}"), after=[array.stage])
+    return [array, merge]
 
 
-def fit_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
-    from bottleneck.classify import fit
-
-    bb = stage.table
-    lines = [f"CACHE=$(cat {_q(pipeline.cache_record(exp, bb))})"]
-    for args in pipeline.fit_args(exp, bb):
-        # --reuse, as `run` fits: a finished fit of this very cache is kept, one of another cache replaced
-        lines.append(command("fit", {"features": Shell('"$CACHE"')} | _without_defaults(fit, args) | {"reuse": True}))
-    fits = ", ".join(dict.fromkeys(f"{a['clf']} on {a['layer']}" for a in pipeline.fit_args(exp, bb)))
-    return [Job(stage.name, script(exp, stage.name, opts, f"Fit {fits} of the {bb['model']} cache.", lines),
-                log=log_pattern(exp, stage.name))]
-
-
-def finetune_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options) -> list[Job]:
-    from bottleneck.finetune import finetune
-
-    ft = stage.table
-    kwargs = _without_defaults(finetune, pipeline.finetune_kwargs(exp, ft))
-    if ft.get("from_cache"):  # known once the extraction job has run
-        kwargs["from_cache"] = Shell(f'"$(cat {_q(pipeline.cache_record(exp, pipeline.maps_backbone(exp, ft)))})"')
-    run = command("finetune", kwargs | {"progress": False})
-    lines = [
+def requeue_wrapper(run: str, name: str, opts: SlurmOptions, folder: Path) -> list[str]:
+    """Lines running a command that exits 75 after saving a checkpoint, requeueing the job when it does."""
+    return [
         f"# Slurm sends USR1 to this script {_lead(opts.time)} s before the time limit, `scontrol requeue`",
-        "# and preemption send TERM: either way bottleneck finetune saves a checkpoint and exits with",
+        f"# and preemption send TERM: either way bottleneck {name} saves a checkpoint and exits with",
         _comment(f"# {REQUEUE_EXIT}, the job is requeued, and the same command resumes from "
-                 f"{pipeline.finetune_dir(exp, ft)}/checkpoint.pt."),
+                 f"{folder}/checkpoint.pt."),
         f"{run} &",
         "pid=$!",
         "trap 'kill -USR1 $pid 2>/dev/null' USR1",
@@ -147,14 +117,9 @@ def finetune_job(exp: pipeline.Experiment, stage: pipeline.Stage, opts: Options)
         "fi",
         "exit $status",
     ]
-    return [Job(stage.name, script(exp, stage.name, opts, f"Fine-tune {ft['model']} on {exp.data['path']}.", lines,
-                                   gpu=stage.gpu, requeue=True), log=log_pattern(exp, stage.name))]
 
 
-WRITERS = {"extract": extract_jobs, "fit": fit_job, "finetune": finetune_job, "compare": compare_job}
-
-
-def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, lines: list[str], gpu: bool = False,
+def script(exp: pipeline.Experiment, stage: str, opts: SlurmOptions, purpose: str, lines: list[str], gpu: bool = False,
            array: int | None = None, requeue: bool = False) -> str:
     sbatch = {"job-name": _token(f"{exp.name}-{stage}"),
               "output": log_pattern(exp, stage, array=array is not None),
@@ -175,15 +140,13 @@ def script(exp: pipeline.Experiment, stage: str, opts: Options, purpose: str, li
 
 
 def command(name: str, args: dict) -> str:
-    """The `bottleneck NAME --flag value ...` line for a library call's arguments; the flags come
-    from the stage's settings, as the command line's own options do."""
-    words = ["bottleneck", *name.split()]
-    if name == "compare":  # its options: the experiment's [compare] table
+    """The `bottleneck NAME --flag value ...` line for a stage's arguments, those equal to their
+    defaults left out; the flags come from the stage's settings, as the command line's own options do."""
+    words = ["bottleneck", name]
+    if BY_COMMAND[name].settings is None:  # compare: its options are the experiment's [compare] table
         options = [f"--{k} {_q(v)}" for k, v in args.items() if k != "run_dirs"]
         return " ".join(words + options + ["--"] + [_q(d) for d in args["run_dirs"]])
-    stage = {"extract": settings.ExtractSettings, "fit": settings.FitSettings,
-             "finetune": settings.FinetuneSettings}[name]
-    for flag, value in settings.command_words(stage, args):
+    for flag, value in settings.command_words(BY_COMMAND[name].settings, args):
         words += [flag] if value is None else [flag, _q(value)]
     return " ".join(words)
 
@@ -230,13 +193,6 @@ def _unprintable(text: str) -> bool:
     return not text.isprintable()  # line breaks, tabs, escapes and the like; a plain space is printable
 
 
-def _without_defaults(func, args: dict) -> dict:
-    """Leave out arguments equal to the function's defaults, so scripts show what was chosen."""
-    params = inspect.signature(func).parameters
-    return {k: v for k, v in args.items()
-            if k not in params or params[k].default is inspect.Parameter.empty or params[k].default != v}
-
-
 def _lead(time: str | None) -> int:
     """Seconds of warning before the time limit: 5 minutes, or a tenth of a shorter limit."""
     limit = _seconds(time) if time else None
@@ -258,26 +214,25 @@ def _seconds(time: str) -> int | None:
 
 # --------------------------------------------------------------------------- submitting
 
-def submit(experiment: str | Path, partition: str | None = None, account: str | None = None,
-           gres: str | None = None, time: str | None = None, mem: str | None = None, array_size: int = 4,
-           setup: str | None = None, dry_run: bool = False, trust: bool = False) -> list[dict]:
-    """Write the experiment's sbatch scripts into RUN/slurm/ and submit them; returns stage, job id, script, log."""
-    if array_size < 1:
-        raise BottleneckError(f"--array-size must be at least 1, not {array_size}")
-    for flag, value in (("--partition", partition), ("--account", account), ("--gres", gres), ("--time", time),
-                        ("--mem", mem)):
-        if value is not None and _unprintable(value):
-            raise BottleneckError(f"{flag} {value!r} holds a control character; sbatch reads each directive from "
-                                  "one line, so give the value on its own without it")
-    if time and _seconds(time) is None:
-        raise BottleneckError(f"--time {time} is not a Slurm time; use e.g. 02:00:00 or 1-00:00:00")
-    if setup is None and sys.prefix != sys.base_prefix:  # run from a venv: use it on the compute nodes too
-        setup = f"source {shlex.quote(sys.prefix)}/bin/activate"
+def submit(experiment: str | Path, *, dry_run: bool = False, trust: bool = False, **options) -> list[dict]:
+    """Write the experiment's sbatch scripts into RUN/slurm/ and submit them; returns stage, job id, script, log.
+
+    `options`: the fields of `SlurmOptions` (partition, account, gres, time, mem, array_size, setup)."""
+    opts = SlurmOptions(**options).validate()
+    for f in fields(opts):
+        value = getattr(opts, f.name)
+        if f.name != "setup" and isinstance(value, str) and _unprintable(value):
+            raise BottleneckError(f"{settings.flag(f)} {value!r} holds a control character; sbatch reads each "
+                                  "directive from one line, so give the value on its own without it")
+    if opts.time and _seconds(opts.time) is None:
+        raise BottleneckError(f"--time {opts.time} is not a Slurm time; use e.g. 02:00:00 or 1-00:00:00")
+    if opts.setup is None and sys.prefix != sys.base_prefix:  # run from a venv: use it on the compute nodes too
+        opts = replace(opts, setup=f"source {shlex.quote(sys.prefix)}/bin/activate")
     exp = replace(pipeline.load(experiment), trust=trust)  # --trust goes on to the fine-tune jobs
     if _unprintable(str(exp.out)):
         raise BottleneckError(f"{exp.file}: out {str(exp.out)!r} holds a control character; the run folder goes "
                               "into sbatch's one-line --output directive, so choose a folder name without it")
-    jobs = plan(exp, Options(partition, account, gres, time, mem, array_size, setup))
+    jobs = plan(exp, opts)
     if not dry_run:
         if not shutil.which("sbatch"):
             raise BottleneckError("sbatch is not on PATH; run this on a Slurm login node, or add --dry-run to "
@@ -357,15 +312,15 @@ def status(run_dir: str | Path) -> list[dict]:
 def outputs(exp: pipeline.Experiment) -> dict[str, str]:
     """What each stage has left on disk so far (an extraction run as an array: its shards, then its merge)."""
     found = {}
-    for stage in pipeline.stages(exp):
-        found[stage.name] = pipeline.stage_output(exp, stage)
-        if stage.kind == "extract" and _jobs_file(exp.out).is_file() and \
-                f"merge-{stage.table['name']}" in _planned_stages(exp):
-            record = pipeline.cache_record(exp, stage.table)
-            shards = len(list(record.parent.glob(f"{glob.escape(stage.table['name'])}.shard-*.path")))
-            cache = found[stage.name]
-            found[stage.name] = f"{shards} shards" if cache == "missing" else f"done: {shards} shards"
-            found[f"merge-{stage.table['name']}"] = cache
+    for step in pipeline.steps(exp):
+        found[step.name] = step.stage.output(step.outputs)
+        if step.stage.shards and _jobs_file(exp.out).is_file() and \
+                f"merge-{step.table['name']}" in _planned_stages(exp):
+            record = pipeline.cache_record(exp, step.table)
+            shards = len(list(record.parent.glob(f"{glob.escape(step.table['name'])}.shard-*.path")))
+            cache = found[step.name]
+            found[step.name] = f"{shards} shards" if cache == "missing" else f"done: {shards} shards"
+            found[f"merge-{step.table['name']}"] = cache
     return found
 
 

@@ -342,7 +342,7 @@ def test_an_elpv_tree_written_before_the_marker_is_still_replaced_by_a_rerun(tmp
 
 
 @pytest.mark.parametrize("args", [["cifar10", "--limit", "0"], ["cifar10", "--limit", "-5"],
-                                  ["cifar10", "--seed", "-1"], ["elpv", "--seed", "-1"]])
+                                  ["cifar10", "--split-seed", "-1"], ["elpv", "--split-seed", "-1"]])
 def test_data_options_out_of_bounds_are_one_error_line(tmp_path, args):
     # --limit 0 once wrote every image, --limit -5 ended in "data path ... does not exist", --seed -1 in a traceback
     result = cli("data", *args, "--package", str(tmp_path / "none.tgz"), "--out", str(tmp_path / "out")

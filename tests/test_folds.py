@@ -145,20 +145,20 @@ def test_an_experiment_with_folds_runs_each_fine_tune_and_fit_per_fold(tmp_path)
     from bottleneck import slurm
 
     path = tmp_path / "x.toml"
-    path.write_text('[data]\npath = "data/x"\nfolds = 3\nseed = 4\n\n[[backbone]]\nmodel = "efficientnet_lite0"\n'
+    path.write_text('[data]\npath = "data/x"\nfolds = 3\nsplit_seed = 4\n\n[[backbone]]\nmodel = "efficientnet_lite0"\n'
                     'layers = ["pool"]\n\n[fit]\nclassifiers = ["logreg", "knn"]\n\n'
                     '[[finetune]]\nmodel = "efficientnet_lite0"\nname = "ft"\n')
     exp = pipeline.load(path)
-    assert [s.name for s in pipeline.stages(exp)] == ["extract-efficientnet_lite0", "fit-efficientnet_lite0",
+    assert [s.name for s in pipeline.steps(exp)] == ["extract-efficientnet_lite0", "fit-efficientnet_lite0",
                                                       "finetune-ft-fold0", "finetune-ft-fold1", "finetune-ft-fold2",
                                                       "compare"]
-    fits = [pipeline.fit_report(a).parent.name for a in pipeline.fit_args(exp, exp.backbones[0])]
+    fits = [pipeline.fit_report(a).parent.name for a in pipeline.fit_settings(exp, exp.backbones[0])]
     assert fits == [f"auto-{clf}-search-fold{i}" for clf in ("logreg", "knn") for i in range(3)]
-    kwargs = pipeline.finetune_kwargs(exp, exp.finetunes[2])
-    assert (kwargs["folds"], kwargs["fold"], kwargs["split_seed"]) == (3, 2, 4)
-    assert Path(kwargs["out"]).name == "ft"  # finetune adds -fold2: the folder status and compare read
+    ft = pipeline.finetune_settings(exp, exp.finetunes[2])
+    assert (ft.folds, ft.fold, ft.split_seed) == (3, 2, 4)
+    assert Path(ft.out).name == "ft"  # finetune adds -fold2: the folder status and compare read
     assert pipeline.finetune_dir(exp, exp.finetunes[2]).name == "ft-fold2"
-    jobs = {j.stage: j for j in slurm.plan(exp, slurm.Options(array_size=1))}
+    jobs = {j.stage: j for j in slurm.plan(exp, slurm.SlurmOptions(array_size=1))}
     script = jobs["finetune-ft-fold2"].script
     assert "--folds 3" in script and "--fold 2" in script and "ft-fold2/checkpoint.pt" in script
     assert jobs["fit-efficientnet_lite0"].script.count("--folds 3") == 6

@@ -212,9 +212,9 @@ def test_seeds_repeat_a_configuration_on_the_same_split(tmp_path):
     exp = pipeline.load(path)
     assert [(ft["name"], ft["seed"]) for ft in exp.finetunes] == [("squeezenet1_1-seed0", 0),
                                                                   ("squeezenet1_1-seed2", 2)]
-    kwargs = pipeline.finetune_kwargs(exp, exp.finetunes[1])
-    assert kwargs["seed"] == 2 and kwargs["split_seed"] == 0  # the training seed moves, the split stays
-    reports = [pipeline.fit_report(a).parent.name for a in pipeline.fit_args(exp, exp.backbones[0])]
+    ft = pipeline.finetune_settings(exp, exp.finetunes[1])
+    assert ft.seed == 2 and ft.split_seed == 0  # the training seed moves, the split stays
+    reports = [pipeline.fit_report(a).parent.name for a in pipeline.fit_settings(exp, exp.backbones[0])]
     assert reports == ["auto-logreg-search", "auto-logreg-search-seed1"]  # by default: tap chosen on val, searched
     for bad in ("[0, 0]", '["a"]', "[]", "[-1]"):
         path.write_text(GOOD + f'\n[[finetune]]\nmodel = "squeezenet1_1"\nseeds = {bad}\n')
@@ -229,19 +229,19 @@ def test_lpft_from_the_experiments_own_probe(tmp_path):
     path.write_text(GOOD.replace('layers = ["blocks.4"]', 'layers = ["blocks.4", "pool"]')
                     + '\n[[finetune]]\nmodel = "efficientnet_lite0"\nname = "lpft"\ninit_head = "probe"\n')
     exp = pipeline.load(path)
-    fits = pipeline.fit_args(exp, exp.backbones[0])
+    fits = pipeline.fit_settings(exp, exp.backbones[0])
     probe = {"clf": "logreg", "layer": "pool", "search": True, "class_weight": None, "seed": 0,
              "out": str(exp.out / "fit" / "efficientnet_lite0")}
-    assert fits[-1] == probe and len(fits) == 2  # [fit]'s own auto fit, then the probe on the head's input tap
-    kwargs = pipeline.finetune_kwargs(exp, exp.finetunes[0])
-    assert kwargs["init_head"] == str(pipeline.fit_report(probe).parent / "model.skops")
-    jobs = {j.stage: j for j in slurm.plan(exp, slurm.Options())}
+    assert {k: getattr(fits[-1], k) for k in probe} == probe and len(fits) == 2  # [fit]'s auto fit, then the probe
+    ft = pipeline.finetune_settings(exp, exp.finetunes[0])
+    assert ft.init_head == str(pipeline.fit_report(fits[-1]).parent / "model.skops")
+    jobs = {j.stage: j for j in slurm.plan(exp, slurm.SlurmOptions())}
     assert jobs["finetune-lpft"].after == ["fit-efficientnet_lite0"]  # the job waits for its probe
     no_fit = GOOD.replace('layers = ["blocks.4"]', 'layers = ["pool"]').split("[fit]")[0]
     path.write_text(no_fit + '[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = "probe"\n')
     exp = pipeline.load(path)  # no [fit]: the probe is the only fit
-    assert [a["layer"] for a in pipeline.fit_args(exp, exp.backbones[0])] == ["pool"]
-    assert [j.stage for j in slurm.plan(exp, slurm.Options(array_size=1))] == [
+    assert [a.layer for a in pipeline.fit_settings(exp, exp.backbones[0])] == ["pool"]
+    assert [j.stage for j in slurm.plan(exp, slurm.SlurmOptions(array_size=1))] == [
         "extract-efficientnet_lite0", "fit-efficientnet_lite0", "finetune-efficientnet_lite0", "compare"]
     path.write_text(GOOD + '\n[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = "probe"\n')
     with pytest.raises(BottleneckError, match="init_head.*no .* of model efficientnet_lite0 extracts pool"):
@@ -260,17 +260,17 @@ def test_a_top_fine_tune_trains_on_the_maps_of_the_experiments_own_cache(tmp_pat
     path.write_text(GOOD + maps + top)
     exp = pipeline.load(path)
     record = pipeline.cache_record(exp, exp.backbones[1])
-    assert pipeline.finetune_kwargs(exp, exp.finetunes[0])["from_cache"] == str(record)  # before extraction
+    assert pipeline.finetune_settings(exp, exp.finetunes[0]).from_cache == str(record)  # before extraction
     record.parent.mkdir(parents=True)
     record.write_text("cache/made.h5\n")
-    assert pipeline.finetune_kwargs(exp, exp.finetunes[0])["from_cache"] == "cache/made.h5"
-    jobs = {j.stage: j for j in slurm.plan(exp, slurm.Options())}
+    assert pipeline.finetune_settings(exp, exp.finetunes[0]).from_cache == "cache/made.h5"
+    jobs = {j.stage: j for j in slurm.plan(exp, slurm.SlurmOptions())}
     assert jobs["finetune-top"].after == ["merge-maps"]  # the job waits for the cache it reads
-    assert "fit-maps" not in jobs and pipeline.fit_args(exp, exp.backbones[1]) == []  # fit = false
+    assert "fit-maps" not in jobs and pipeline.fit_settings(exp, exp.backbones[1]) == []  # fit = false
     assert f"--from-cache \"$(cat {record})\"" in jobs["finetune-top"].script
     path.write_text(GOOD + maps.replace("fit = false", 'fit = ["logreg"]') + top)
     exp = pipeline.load(path)
-    assert [a["clf"] for a in pipeline.fit_args(exp, exp.backbones[1])] == ["logreg"]
+    assert [a.clf for a in pipeline.fit_settings(exp, exp.backbones[1])] == ["logreg"]
     for table, words in [(GOOD + maps.replace("fit = false", 'fit = "yes"'), "must be true, false or a list"),
                          (GOOD + top, "names no \\[\\[backbone\\]\\]"),
                          (GOOD + top.replace('"maps"', '"efficientnet_lite0"'), "keep a tap's maps")]:
@@ -286,8 +286,8 @@ def test_a_target_in_fit_and_finetune_tables_reaches_every_fit_the_probe_and_the
                     + '\n[[finetune]]\nmodel = "efficientnet_lite0"\ninit_head = "probe"\n'
                     'target = "precision:dogs=0.8"\n')
     exp = pipeline.load(path)
-    assert [a["target"] for a in pipeline.fit_args(exp, exp.backbones[0])] == ["recall:dogs=0.9"] * 2
-    assert pipeline.finetune_kwargs(exp, exp.finetunes[0])["target"] == "precision:dogs=0.8"
+    assert [a.target for a in pipeline.fit_settings(exp, exp.backbones[0])] == ["recall:dogs=0.9"] * 2
+    assert pipeline.finetune_settings(exp, exp.finetunes[0]).target == "precision:dogs=0.8"
     message = load_error(tmp_path, 'classifiers = ["logreg"]', 'classifiers = ["logreg"]\ntarget = "f1:dogs=2"')[1]
     assert "line 12" in message and "target" in message and "is not MEASURE:CLASS=VALUE" in message
 
