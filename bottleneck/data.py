@@ -272,11 +272,25 @@ def deal_groups(samples: list[tuple[str, int]], groups: dict[str, str], shares: 
     target = {p: shares[p] * totals for p in parts}
     count = {p: np.zeros(n_classes) for p in parts}
     dealt: dict = {p: [] for p in parts}
-    for g in ordered:
-        c = np.bincount([lab for _, lab in members[g]], minlength=n_classes)
-        best = max(parts, key=lambda p: float(c @ (target[p] - count[p])))  # first part wins a tie
-        count[best] += c
-        dealt[best] += members[g]
+    counts = {g: np.bincount([lab for _, lab in members[g]], minlength=n_classes) for g in names}
+
+    def give(g: str, p) -> None:
+        count[p] += counts[g]
+        dealt[p] += members[g]
+        ordered.remove(g)
+
+    # First every smaller part gets one group of each class (its smallest), as long as the class keeps
+    # a group for the rest: a held-out split whose share is below one group would otherwise stay
+    # empty, since no single group brings it nearer its target.
+    main = max(parts, key=lambda p: shares[p])
+    for p in sorted((q for q in parts if q != main), key=lambda q: shares[q]):
+        for label in range(n_classes):
+            having = [g for g in ordered if counts[g][label]]
+            if len(having) > len(parts) - 1 and not count[p][label]:
+                give(min(reversed(having), key=lambda g: len(members[g])), p)
+    for g in list(ordered):
+        best = max(parts, key=lambda p: float(counts[g] @ (target[p] - count[p])))  # first part wins a tie
+        give(g, best)
     return dealt
 
 

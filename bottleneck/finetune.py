@@ -102,8 +102,8 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
     """A run on decoded images, and what its report needs: classes, split_info, data root, test paths
     and the report's extra keys."""
     model, progress = s.model, s.progress
-    splits, classes, split_info, root = load_splits(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed,
-                                                    s.max_images)
+    splits, classes, split_info, root, groups = load_splits(s.data_dir, s.val_fraction, s.test_fraction,
+                                                            s.split_seed, s.max_images, s.group_pattern)
     prep, why = preprocess.choose(model, root, [p for p, _ in splits["train"]], s.image_size, s.crop,
                                   s.interpolation)
     note(preprocess.describe(prep, why))
@@ -116,7 +116,8 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
             images[split] = (x, y)
     folds = None
     if s.folds:
-        images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction, classes)
+        images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction, classes,
+                                            groups)
     net = networks.build_model(model, s.weights)
     head = networks.replace_head(net, model, len(classes), s.seed)
     if s.init_head:
@@ -146,7 +147,8 @@ def data_fingerprint(s: FinetuneSettings) -> str | None:
     after its checks), which reading the data refuses later."""
     if not Path(s.data_dir).exists():
         return None
-    return data.dataset_fingerprint(data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed))
+    return data.dataset_fingerprint(data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed,
+                                                       s.group_pattern))
 
 
 def changed_settings(out: Path, args: dict) -> list[str]:

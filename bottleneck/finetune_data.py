@@ -19,27 +19,29 @@ MAX_IMAGE_BYTES = 8 << 30  # decoded training images are kept in memory
 
 
 def load_splits(data_dir: str, val_fraction: float | None, test_fraction: float | None, split_seed: int,
-                max_images: int | None) -> tuple[dict, list[str], dict, str]:
+                max_images: int | None, group_pattern: str | None = None) -> tuple[dict, list[str], dict, str, dict]:
     """train/val/test sample lists, split by data.load_manifest exactly as extract splits them;
     a validation split the data lacks is carved from train by the same function."""
-    m = data.ensure_splits(data.load_manifest(data_dir, val_fraction, test_fraction, split_seed), ("val", "test"),
+    m = data.ensure_splits(data.load_manifest(data_dir, val_fraction, test_fraction, split_seed, group_pattern),
+                           ("val", "test"),
                            split_seed)
     splits = dict(m.splits)
     if max_images:  # for quick trials and tests: the first images of each split, in seeded order
         rng = np.random.default_rng(split_seed)
         splits = {s: sorted(v[i] for i in rng.permutation(len(v))[:max_images]) for s, v in splits.items()}
-    return splits, m.classes, dict(m.split_info), m.root
+    return splits, m.classes, dict(m.split_info), m.root, m.groups
 
 
 def fold_tensors(images: dict, paths: dict, k: int, fold: int, seed: int, val_fraction: float | None,
-                 classes: list[str]) -> tuple[dict, dict, dict]:
+                 classes: list[str], groups: dict[str, str] | None = None) -> tuple[dict, dict, dict]:
     """(images, paths, record): every split's (inputs, labels) pooled and dealt into fold `fold`'s
     train, val and test by data.fold_splits, as fit deals a cache's rows. A fine-tune needs a
     validation split, so a val_fraction of 0 takes the default, as ensure_splits does."""
     x = torch.cat([images[s][0] for s in images])
     y = torch.cat([images[s][1] for s in images])
     every = [p for s in images for p in paths[s]]
-    parts, record = data.fold_splits(list(zip(every, y.tolist())), k, fold, seed, val_fraction or None, classes)
+    parts, record = data.fold_splits(list(zip(every, y.tolist())), k, fold, seed, val_fraction or None, classes,
+                                     groups or None)
     row = {p: i for i, p in enumerate(every)}
     chosen = {s: torch.tensor([row[p] for p, _ in samples], dtype=torch.long) for s, samples in parts.items()}
     return ({s: (x[i], y[i]) for s, i in chosen.items()}, {s: [p for p, _ in parts[s]] for s in parts}, record)

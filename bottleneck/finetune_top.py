@@ -39,10 +39,10 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
         images, paths, folds = {}, {}, None
         for split in st.splits if s.folds else ("train", "val", "test"):
             images[split], paths[split] = read_maps(st, split)
-        attrs = dict(st.attrs)
+        attrs, groups = dict(st.attrs), st.groups()
     if s.folds:
         images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction,
-                                            attrs["classes"])
+                                            attrs["classes"], groups)
     net = networks.build_model(s.model, s.weights)
     head = networks.replace_head(net, s.model, len(attrs["classes"]), s.seed)
     if s.init_head:  # LP-FT of the top: a probe on this cache's penultimate tap sees what the head will
@@ -72,7 +72,7 @@ def check_cache(st: FeatureStore, s: FinetuneSettings) -> None:
         raise BottleneckError(f"--from-cache {st.path} holds {a['model']} maps, not {s.model}'s")
     if a["weights"] != backbones.resolve_weights(s.model, s.weights).id:
         raise BottleneckError(f"--from-cache {st.path} was extracted with other weights ({a['weights']})")
-    manifest = data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed)
+    manifest = data.load_manifest(s.data_dir, s.val_fraction, s.test_fraction, s.split_seed, s.group_pattern)
     if data.dataset_fingerprint(manifest) != a["dataset_fingerprint"]:
         raise BottleneckError(f"--from-cache {st.path} was extracted from other data or other splits than "
                               f"{s.data_dir} with these fractions and seed")

@@ -128,3 +128,26 @@ def test_a_grouped_cache_keeps_groups_whole_in_fit_folds_and_survives_verify(tmp
         held = {line.split(",")[0] for f in rows if f"fold{fold}" in str(f) for line in f.read_text().splitlines()[1:]}
         assert held and len({groups[p] for p in held}) * 3 == len(held)  # whole groups of 3 cells
         assert test is None or test == {groups[p] for p in held}
+
+
+def test_finetune_splits_and_folds_by_the_group_pattern(tmp_path):
+    from bottleneck.finetune import finetune
+
+    for cls, tint in (("ok", 0), ("bad", 1)):
+        for module in range(6):
+            for cell in range(3):
+                make_image(tmp_path / "d" / cls / f"m{cls}{module}_c{cell}.png", module * 10 + cell + tint * 99, tint)
+    pattern = r"^(m\w+?)_c"
+    grouped = data.load_manifest(tmp_path / "d", 0.0, 0.25, 0, pattern)
+    rep = json.loads(finetune("squeezenet1_1", str(tmp_path / "d"), weights="none", head_epochs=0, epochs=1,
+                              val_fraction=0.0, test_fraction=0.25, group_pattern=pattern, batch_size=8, workers=0,
+                              progress=False, out=str(tmp_path / "ft")).read_text())
+    tested = sorted(line.split(",")[0] for line in (tmp_path / "ft" / "predictions.csv").read_text().splitlines()[1:])
+    assert tested == sorted(p for p, _ in grouped.splits["test"])  # the grouped split, not the image-level one
+    assert rep["test_set"]["groups"]["count"] == 12
+    fold = json.loads(finetune("squeezenet1_1", str(tmp_path / "d"), weights="none", head_epochs=0, epochs=1,
+                               folds=3, fold=1, group_pattern=pattern, batch_size=8, workers=0, progress=False,
+                               out=str(tmp_path / "ftf")).read_text())
+    held = [line.split(",")[0] for f in tmp_path.glob("ftf*/predictions.csv")  # a fold's folder ends -fold1
+            for line in f.read_text().splitlines()[1:]]
+    assert fold["folds"]["fold"] == 1 and held and len({grouped.groups[p] for p in held}) * 3 == len(held)

@@ -42,7 +42,7 @@ def test_experiment_file_keys_come_from_the_settings():
     # [data] holds the split settings, which extract and finetune share, and the folds of fit and finetune
     split = set(settings.toml_keys(settings.ExtractSettings, "data"))
     assert split | {"folds"} == set(settings.toml_keys(settings.FinetuneSettings, "data"))
-    assert split == {"val_fraction", "test_fraction", "split_seed"}
+    assert split == {"val_fraction", "test_fraction", "split_seed", "group_pattern"}
     assert set(settings.toml_keys(settings.FitSettings, "data")) == {"folds", "split_seed", "val_fraction"}
     assert set(pipeline.DATA_KEYS) == split | {"folds", "path", "builtin"}
 
