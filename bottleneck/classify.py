@@ -28,7 +28,7 @@ from bottleneck.console import note
 from bottleneck.errors import BottleneckError, write_error
 from bottleneck.locks import WriteLock
 from bottleneck.scores import target_class
-from bottleneck.settings import FitSettings, takes
+from bottleneck.settings import FitSettings, folder_name, takes
 from bottleneck.store import FeatureStore
 from bottleneck.trained import class_probabilities, mean_over_views, predict_images
 
@@ -136,14 +136,6 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
     how = "validation split" if "val" in st.splits else chosen["cv"].replace("stratified on", "stratified CV on")
     note("tap by " + how + ": " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()) + f"; chose {best}")
     return best, {"by": how, "scores": {t: round(v, 4) for t, v in scores.items()}, "chosen": best}
-
-
-def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed: int, folds: dict | None = None,
-                target: str | None = None) -> str:
-    """The folder of one fit: tap and classifier, then each setting that differs from the default
-    (the target changes the report, not the model: it has no part in the name)."""
-    parts = [tap, clf] + (["search"] if search else []) + ([f"cw-{class_weight}"] if class_weight else [])
-    return "-".join(parts + ([f"seed{seed}"] if seed else []) + ([f"fold{folds['fold']}"] if folds else []))
 
 
 def save_classifier(pipe: Pipeline, path: Path) -> None:

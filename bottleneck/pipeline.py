@@ -178,7 +178,7 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
 def _backbone_fit(where: _Locator, i: int, value) -> bool | list[str]:
     """[[backbone]] fit: true ([fit]'s classifiers), false (none: a cache made for a fine-tune's
     maps) or a list of some of them (["logreg"] where the others would take long on many views)."""
-    from bottleneck.classifiers import CLASSIFIERS
+    from bottleneck.settings import CLASSIFIERS  # the names alone: reading an experiment loads no scikit-learn
 
     if isinstance(value, bool) or (isinstance(value, list) and value and all(v in CLASSIFIERS for v in value)):
         return value
@@ -405,11 +405,10 @@ def probe_settings(exp: Experiment, bb: dict) -> settings.FitSettings:
 
 
 def fit_report(s: settings.FitSettings) -> Path:
-    from bottleneck.classify import folder_name
-
     folds = {"fold": s.fold} if s.folds else None
-    return Path(s.out) / folder_name(s.layer, clf=s.clf, search=s.search, class_weight=s.class_weight, seed=s.seed,
-                                     folds=folds) / "report.json"
+    name = settings.folder_name(s.layer, clf=s.clf, search=s.search, class_weight=s.class_weight, seed=s.seed,
+                                folds=folds)
+    return Path(s.out) / name / "report.json"
 
 
 def finetune_settings(exp: Experiment, ft: dict) -> settings.FinetuneSettings:

@@ -313,6 +313,15 @@ class SlurmOptions(Settings):
                                 toml=False)
 
 
+def folder_name(tap: str, clf: str, search: bool, class_weight: str | None, seed: int, folds: dict | None = None,
+                target: str | None = None) -> str:
+    """The folder of one fit (here, not in classify, so that reading an experiment loads no
+    scikit-learn): tap and classifier, then each setting that differs from the default
+    (the target changes the report, not the model: it has no part in the name)."""
+    parts = [tap, clf] + (["search"] if search else []) + ([f"cw-{class_weight}"] if class_weight else [])
+    return "-".join(parts + ([f"seed{seed}"] if seed else []) + ([f"fold{folds['fold']}"] if folds else []))
+
+
 def check_folds(s) -> None:
     """--fold picks one of --folds K."""
     if s.fold is not None and s.folds is None:

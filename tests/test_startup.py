@@ -67,3 +67,13 @@ def test_settings_knows_every_classifier_without_loading_scikit_learn():
     from bottleneck import classifiers, settings
 
     assert settings.CLASSIFIERS == tuple(classifiers.TABLE)
+
+
+def test_status_of_a_run_loads_no_heavy_library(tmp_path):
+    from pathlib import Path
+
+    run = tmp_path / "runs" / "elpv"
+    run.mkdir(parents=True)
+    text = (Path(__file__).parent.parent / "pipelines" / "elpv.toml").read_text()
+    (run / "experiment.toml").write_text(text.replace('out = "runs/elpv"', f'out = "{run}"'))
+    assert loaded_after(CLI.format(heavy=HEAVY), json.dumps(["status", str(run)])) == []
