@@ -623,11 +623,19 @@ def plot(rows: list[dict]) -> bytes:
                                          for r in mine]).T)
         ax.errorbar(xs, ys, yerr=errors, fmt="o", color=colour, ecolor=colour, elinewidth=1, capsize=3,
                     label=method, zorder=3)
-    for r in rows:
+    placed: list[tuple[float, float, int]] = []
+    for r in sorted(rows, key=lambda r: (r["cost_seconds"], r["accuracy"])):
         text = r["classifier"] if r["method"] == "fine-tune" else f"{r['tap']} {r['classifier']}"
         text = f"{r['backbone']} {text}" if several else text
-        ax.annotate(text + (" (reference)" if r.get("reference") else ""), (max(r["cost_seconds"], 1e-3),
-                    r["accuracy"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        x, y = max(r["cost_seconds"], 1e-3), r["accuracy"]
+        # Two contenders of about the same cost and accuracy would print their labels on top of each other:
+        # each further one goes a line lower.
+        dy = 3
+        while any(abs(np.log10(x / px)) < 0.15 and abs(y - py) < 0.008 and dy == pdy for px, py, pdy in placed):
+            dy -= 9
+        placed.append((x, y, dy))
+        ax.annotate(text + (" (reference)" if r.get("reference") else ""), (x, y), textcoords="offset points",
+                    xytext=(5, dy), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("total cost, seconds (extraction + fit, or fine-tuning)")
     ax.set_ylabel("test accuracy (95 % interval)")
