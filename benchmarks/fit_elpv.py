@@ -13,9 +13,10 @@ import os
 import platform
 import time
 
-from bottleneck.classify import CLASSIFIERS, fit
+from bottleneck.classify import fit
 from bottleneck.data import write_elpv
 from bottleneck.extract import extract
+from bottleneck.settings import CLASSIFIERS
 
 
 def main() -> None:
