@@ -21,8 +21,10 @@ Three checks, all on what extract already cached (docs/audit.md):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from bottleneck.errors import BottleneckError, write_error
-from bottleneck.store import FeatureStore
+from bottleneck.store import FeatureStore, atomic_write
 
 # Cosine similarity of centred Lite0 penultimate features at or above which two images are
 # called near-twins. Measured by benchmarks/audit_threshold.py on real images (docs/audit.md):
@@ -77,6 +79,7 @@ class Audit:
     threshold: float
     images: dict[str, int]
     data_root: str | None = None
+    pixel_threshold: float = PIXEL_THRESHOLD
     twins: list[Twin] = field(default_factory=list)
     twin_share: dict[str, float] = field(default_factory=dict)
     suspects: list[Suspect] = field(default_factory=list)
@@ -151,18 +154,16 @@ def find_twins(rows: dict[str, dict], threshold: float, root: str | None,
     `pixel_threshold` by thumbnails, or has the same file bytes; most similar first."""
     train = rows["train"]
     centre = train["x"].mean(axis=0)
-    digests = file_digests(train["paths"], root)
+    digests, thumbs = file_signatures(train["paths"], root)
     by_digest = {d: i for i, d in enumerate(digests) if d}
-    thumbs = thumbnails(train["paths"], root)
     twins = []
     for split, r in rows.items():
         if split == "train":
             continue
         index, sims = nearest(r["x"] - centre, train["x"] - centre)
-        own = thumbnails(r["paths"], root)
+        digests_here, own = file_signatures(r["paths"], root)
         p_index, p_sims = nearest(own, thumbs)
         readable = np.abs(own).sum(axis=1) > 0
-        digests_here = file_digests(r["paths"], root)
         for k in range(len(index)):
             j, sim = int(index[k]), float(sims[k])
             pixels = float(p_sims[k]) if readable[k] else None
@@ -179,31 +180,30 @@ def find_twins(rows: dict[str, dict], threshold: float, root: str | None,
     return sorted(twins, key=lambda t: (not t.exact, -max(t.similarity, t.pixels or 0), t.path))
 
 
-def thumbnails(paths: list[str], root: str | None) -> np.ndarray:
-    """Each file as an 8 × 8 grey thumbnail (box-averaged, mean removed); zeros where it cannot be read."""
+def file_signatures(paths: list[str], root: str | None) -> tuple[list[str | None], np.ndarray]:
+    """(sha256 of each file's bytes, its 8 × 8 grey thumbnail, box-averaged with the mean removed),
+    from one read of each file. A file that cannot be read has no digest and a zero thumbnail (moved
+    data is no reason to stop: the features still find the near-twins)."""
     from bottleneck.data import load_image
 
-    out = np.zeros((len(paths), THUMB_PX * THUMB_PX), dtype=np.float32)
+    digests: list[str | None] = [None] * len(paths)
+    thumbs = np.zeros((len(paths), THUMB_PX * THUMB_PX), dtype=np.float32)
     for i, p in enumerate(paths):
+        full = Path(root or "") / p
         try:
-            img = load_image(Path(root or "") / p).convert("L").resize((THUMB_PX, THUMB_PX), Image.BOX)
-        except Exception:  # an unreadable file: the features still speak for it
+            if not stat.S_ISREG(os.stat(full).st_mode):  # a pipe would block the read
+                continue
+            raw = full.read_bytes()
+        except OSError:
+            continue
+        digests[i] = hashlib.sha256(raw).hexdigest()
+        try:
+            img = load_image(io.BytesIO(raw)).convert("L").resize((THUMB_PX, THUMB_PX), Image.BOX)
+        except Exception:  # undecodable: the digest and the features still speak for it
             continue
         a = np.asarray(img, dtype=np.float32).ravel()
-        out[i] = a - a.mean()
-    return out
-
-
-def file_digests(paths: list[str], root: str | None) -> list[str | None]:
-    """sha256 of each file's bytes, None where it cannot be read (moved data is no reason to
-    stop: the features still find the near-twins)."""
-    out = []
-    for p in paths:
-        try:
-            out.append(hashlib.sha256((Path(root or "") / p).read_bytes()).hexdigest())
-        except OSError:
-            out.append(None)
-    return out
+        thumbs[i] = a - a.mean()
+    return digests, thumbs
 
 
 # --------------------------------------------------------------------------- label errors
@@ -287,12 +287,10 @@ def write_audit(folder: Path, result: Audit, rows: dict[str, dict], classes: lis
     try:
         folder.mkdir(parents=True, exist_ok=True)
         plot_map(folder / "audit.png", result, rows, classes)
-        path = folder / "audit.json"
-        tmp = path.with_name(f"audit.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result.asdict(), indent=1))
-        tmp.replace(path)
     except OSError as e:
         raise write_error(e, folder) from None
+    path = folder / "audit.json"
+    atomic_write(path, json.dumps(result.asdict(), indent=1).encode())
     return path
 
 

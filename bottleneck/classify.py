@@ -160,7 +160,7 @@ def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None)
     d = {s: (np.hstack([st.features(s, t) for t in taps]), st.labels(s), st.paths(s)) for s in st.splits}
     groups = st.groups()
     if folds:
-        d = fold_data(st, d, folds)
+        d = fold_data(st, d, folds, groups)
     elif "test" not in d:
         source = "train" if "train" in d else st.splits[0]
         x, y, paths = d.pop(source)
@@ -185,7 +185,7 @@ def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None)
     return d
 
 
-def fold_data(st: FeatureStore, d: dict, folds: dict) -> dict:
+def fold_data(st: FeatureStore, d: dict, folds: dict, groups: dict[str, str] | None = None) -> dict:
     """The cache's rows, every split pooled, regrouped into one fold's train, val and test (an
     image's views stay together)."""
     x = np.concatenate([v[0] for v in d.values()])
@@ -193,7 +193,7 @@ def fold_data(st: FeatureStore, d: dict, folds: dict) -> dict:
     paths = [p for v in d.values() for p in v[2]]
     images = list(dict.fromkeys(zip(paths, y.tolist())))  # one pair per image, whatever its views
     parts, record = data.fold_splits(images, folds["k"], folds["fold"], folds["seed"], folds["val_fraction"],
-                                     st.classes, st.groups())
+                                     st.classes, groups)
     rows: dict[str, list[int]] = {}
     for i, p in enumerate(paths):
         rows.setdefault(p, []).append(i)

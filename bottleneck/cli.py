@@ -467,7 +467,7 @@ def audit(
         return
     shares = ", ".join(f"{s} {v:.1%}" for s, v in rep["twin_share"].items()) or "no training split to compare with"
     out.print(f"{len(rep['twins'])} near-twins of training images (features ≥ {rep['threshold']} or thumbnails ≥ "
-              f"0.995): {shares}")
+              f"{rep['pixel_threshold']}): {shares}")
     if rep["twin_share"].get("test", 0) > 0.3:
         err.print("note: most test images have a near-twin. On data whose images all look alike (cells, slides, "
                   "parts on one background) the features cannot tell a copy from a neighbour: look at the pairs, "

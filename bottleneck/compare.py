@@ -57,10 +57,10 @@ def compare(run_dirs: list[str] | str, *, out: str | None = None, reference: str
     run_dirs = _folders(run_dirs)
     if out is not None and not isinstance(out, (str, os.PathLike)):
         raise BottleneckError(f"out must be a folder path, not {out!r}")
-    result = comparison(run_dirs, reference, challenger=challenger, margin=margin,
-                        exclude=twin_images(without_twins) if without_twins else None)
-    if without_twins:
-        result["audit"] = audit_summary(without_twins)
+    found, twins = read_audit(without_twins) if without_twins else (None, None)
+    result = comparison(run_dirs, reference, challenger=challenger, margin=margin, exclude=twins)
+    if found:
+        result["audit"] = audit_summary(found, without_twins)
     out_dir = Path(out or run_dirs[0])
     from bottleneck.compare_html import html_report
 
@@ -133,11 +133,12 @@ def comparison(run_dirs: list[str], reference: str | None = None, *, challenger:
             "intervals": INTERVALS, "excluded": excluded if exclude is not None else None}
 
 
-def twin_images(audit_json: str | os.PathLike) -> set[str]:
-    """The test images an audit found to be near-twins or copies of training images."""
+def read_audit(audit_json: str | os.PathLike) -> tuple[dict, set[str]]:
+    """An audit.json of 'bottleneck audit', and the test images it found to be near-twins or copies of
+    training images."""
     try:
         found = json.loads(Path(audit_json).read_text())
-        return {t["path"] for t in found["twins"] if t["split"] == "test"}
+        return found, {t["path"] for t in found["twins"] if t["split"] == "test"}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BottleneckError(f"{audit_json} is not an audit.json written by 'bottleneck audit' ({e})") from None
 
@@ -145,10 +146,10 @@ def twin_images(audit_json: str | os.PathLike) -> set[str]:
 AUDIT_SHOWN = 12  # twin pairs and suspect labels shown in report.html
 
 
-def audit_summary(audit_json: str | os.PathLike) -> dict:
+def audit_summary(found: dict, audit_json: str | os.PathLike) -> dict:
     """What report.html shows of an audit: the first twin pairs and suspect labels, and its map."""
-    found = json.loads(Path(audit_json).read_text())
     return {"file": str(audit_json), "data_root": found.get("data_root"), "threshold": found.get("threshold"),
+            "pixel_threshold": found.get("pixel_threshold"),
             "twin_share": found.get("twin_share", {}), "probe": found.get("probe", {}),
             "twins": [t for t in found["twins"] if t["split"] == "test"][:AUDIT_SHOWN],
             "suspects": found.get("suspects", [])[:AUDIT_SHOWN],

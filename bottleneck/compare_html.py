@@ -185,7 +185,7 @@ def _audit_section(audit: dict | None) -> list[str]:
     parts = ["<h2>Audit of the data</h2>",
              f'<p class="note">From <code>{_e(audit["file"])}</code>: the table above is scored without the test '
              f"images it found to be near-twins of training images (features ≥ {audit['threshold']} or thumbnails "
-             f"≥ 0.995; share of "
+             f"≥ {audit['pixel_threshold']}; share of "
              f"each split: {_e(share)}). A pair is one to look at, not proof of a leak; suspect labels are the "
              f"ones an out-of-fold probe (accuracy {probe.get('accuracy', 0):.3f}) does not believe "
              f"({probe.get('flagged', 0)} of {probe.get('images', 0)}); nothing was relabelled "

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import stat
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,10 +253,11 @@ def fold_splits(samples: list[tuple[str, int]], k: int, fold: int, seed: int, va
 
 def deal_groups(samples: list[tuple[str, int]], groups: dict[str, str], shares: dict, seed: int) -> dict:
     """{part: samples}, every group whole in one part, each class as near its `shares` as whole
-    groups allow. Groups go largest first (ties in a seeded order), each to the part whose
-    per-class shortfall it best fills: the part maximising the dot product of the group's class
-    counts with (target − count), which is the choice that most reduces the squared distance
-    of every part's class counts from their targets."""
+    groups allow. Each smaller part first gets the smallest group of each class; then the other
+    groups go largest first (ties in a seeded order), each to the part whose per-class shortfall
+    it best fills: the part maximising the dot product of the group's class counts with
+    (target − count), which is the choice that most reduces the squared distance of every part's
+    class counts from their targets."""
     missing = [p for p, _ in samples if p not in groups]
     if missing:
         raise BottleneckError(f"{len(missing)} image{'s have' if len(missing) > 1 else ' has'} no group (e.g. "
@@ -266,7 +268,8 @@ def deal_groups(samples: list[tuple[str, int]], groups: dict[str, str], shares: 
         members.setdefault(groups[s[0]], []).append(s)
     names = sorted(members)
     shuffled = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    ordered = sorted(shuffled, key=lambda g: -len(members[g]))  # stable: the seeded order within a size
+    # An ordered set (a dict's keys): a group dealt leaves it at once, however many groups there are.
+    ordered = dict.fromkeys(sorted(shuffled, key=lambda g: -len(members[g])))  # stable: seeded within a size
     totals = np.bincount([lab for _, lab in samples], minlength=n_classes)
     parts = [p for p, share in shares.items() if share > 0]
     target = {p: shares[p] * totals for p in parts}
@@ -277,7 +280,7 @@ def deal_groups(samples: list[tuple[str, int]], groups: dict[str, str], shares: 
     def give(g: str, p) -> None:
         count[p] += counts[g]
         dealt[p] += members[g]
-        ordered.remove(g)
+        del ordered[g]
 
     # First every smaller part gets one group of each class (its smallest), as long as the class keeps
     # a group for the rest: a held-out split whose share is below one group would otherwise stay
@@ -516,9 +519,10 @@ def dataset_fingerprint(m: Manifest) -> str:
 
 # --------------------------------------------------------------------------- decoding
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode any common image to 8-bit RGB, EXIF orientation applied; raises on bad files."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
+def load_image(path: str | os.PathLike | typing.BinaryIO) -> Image.Image:
+    """Decode any common image (a file, or its bytes already read) to 8-bit RGB, EXIF orientation
+    applied; raises on bad files."""
+    if isinstance(path, (str, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
         # A named pipe or device would block or never end; only plain files are images.
         raise ValueError("not a regular file")
     with warnings.catch_warnings():
