@@ -286,9 +286,10 @@ def deal_groups(samples: list[tuple[str, int]], groups: dict[str, str], shares: 
     # a group for the rest: a held-out split whose share is below one group would otherwise stay
     # empty, since no single group brings it nearer its target.
     main = max(parts, key=lambda p: shares[p])
+    with_class = {label: [g for g in ordered if counts[g][label]] for label in range(n_classes)}
     for p in sorted((q for q in parts if q != main), key=lambda q: shares[q]):
         for label in range(n_classes):
-            having = [g for g in ordered if counts[g][label]]
+            having = [g for g in with_class[label] if g in ordered]
             if len(having) > len(parts) - 1 and not count[p][label]:
                 give(min(reversed(having), key=lambda g: len(members[g])), p)
     for g in list(ordered):
