@@ -267,7 +267,9 @@ def test_damaged_blocks_and_meta_are_redone_and_cache_ls_says_so(tmp_path, capsy
     blocks[2].write_bytes(bytes(data))
     capsys.readouterr()
     cache_ls(tmp_path / "a")
-    assert "interrupted after 3 blocks (2 damaged: the rerun computes them again)" in capsys.readouterr().out
+    # the kill lands after at least 3 blocks, and one more may finish before it does
+    assert f"interrupted after {len(blocks)} blocks (2 damaged: the rerun computes them again)" in \
+        capsys.readouterr().out
     try:
         cache = resume(tmp_path / "a")
         notes = capsys.readouterr().err
