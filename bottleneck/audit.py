@@ -4,12 +4,11 @@ do not believe, and a map of the data. Nothing is changed: the audit lists, the 
 Three checks, all on what extract already cached (docs/audit.md):
 
 - Twins across splits. Each val and test image is matched to its most similar training image
-  twice: by cosine similarity of the penultimate features, centred on the training mean (raw
-  pooled activations are all positive, which makes every pair look alike), which finds crops;
-  and by the correlation of 8 × 8 grey thumbnails of the files, which finds rescaled and
-  re-encoded copies that the network, on small images, sees differently. A pair at or above
-  either threshold is a near-twin; identical file bytes are an exact copy. The similarities
-  are computed in blocks of rows, so 60,000 images never need an n × n matrix.
+  twice (bottleneck.leaks): by cosine similarity of the penultimate features, centred on the
+  training mean (raw pooled activations are all positive, which makes every pair look alike),
+  which finds crops; and by the correlation of 8 × 8 grey thumbnails of the files, which finds
+  rescaled and re-encoded copies that the network, on small images, sees differently. A pair at
+  or above either threshold is a near-twin; identical file bytes are an exact copy.
 - Likely label errors. A cheap probe (standardise, PCA, logistic regression) scores every image
   out of fold; confident learning (Northcutt, Jiang and Chuang, JAIR 2021) flags an image when
   the probe is confident, by each class's own threshold, that it belongs to another class. The
@@ -20,32 +19,18 @@ Three checks, all on what extract already cached (docs/audit.md):
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from bottleneck.errors import BottleneckError, write_error
+from bottleneck.leaks import DEFAULT_THRESHOLD, PIXEL_THRESHOLD, cosine, file_signatures, nearest
 from bottleneck.store import FeatureStore, atomic_write
 
-# Cosine similarity of centred Lite0 penultimate features at or above which two images are
-# called near-twins. Measured by benchmarks/audit_threshold.py on real images (docs/audit.md):
-# resized, re-encoded and slightly cropped copies score above it, distinct images below.
-DEFAULT_THRESHOLD = 0.80
-# Correlation of 8 × 8 grey thumbnails at or above which a pair is a rescaled or re-encoded copy
-# (benchmarks/audit_threshold.py: such copies score 0.995 and more; distinct photographs at most
-# 0.94, distinct solar cells, which all look alike, above it for 1 % of them).
-PIXEL_THRESHOLD = 0.995
-THUMB_PX = 8
-BLOCK_CELLS = 2 ** 24  # similarities held at once (64 MB of float32), whatever the number of images
 PROBE_DIMS = 256  # the label probe works on this many principal components: minutes, not hours, at 60,000 images
-
 
 @dataclass
 class Twin:
@@ -125,29 +110,6 @@ def image_rows(st: FeatureStore, tap: str) -> dict[str, dict]:
 
 # --------------------------------------------------------------------------- twins
 
-def nearest(query: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index, similarity) of each query row's most similar reference row by cosine similarity,
-    computed BLOCK_CELLS similarities at a time."""
-    q, r = unit_rows(query), unit_rows(reference)
-    step = max(1, BLOCK_CELLS // max(1, len(r)))
-    index = np.empty(len(q), dtype=np.int64)
-    best = np.empty(len(q), dtype=np.float32)
-    for a in range(0, len(q), step):
-        sims = q[a:a + step] @ r.T
-        index[a:a + step] = sims.argmax(axis=1)
-        best[a:a + step] = sims[np.arange(len(sims)), index[a:a + step]]
-    return index, best
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
 def find_twins(rows: dict[str, dict], threshold: float, root: str | None,
                pixel_threshold: float = PIXEL_THRESHOLD) -> list[Twin]:
     """The val and test images whose nearest training image is at or above `threshold` by features or
@@ -178,32 +140,6 @@ def find_twins(rows: dict[str, dict], threshold: float, root: str | None,
                                   None if pixels is None else round(pixels, 4), exact_j is not None,
                                   bool(r["y"][k] == train["y"][j])))
     return sorted(twins, key=lambda t: (not t.exact, -max(t.similarity, t.pixels or 0), t.path))
-
-
-def file_signatures(paths: list[str], root: str | None) -> tuple[list[str | None], np.ndarray]:
-    """(sha256 of each file's bytes, its 8 × 8 grey thumbnail, box-averaged with the mean removed),
-    from one read of each file. A file that cannot be read has no digest and a zero thumbnail (moved
-    data is no reason to stop: the features still find the near-twins)."""
-    from bottleneck.data import load_image
-
-    digests: list[str | None] = [None] * len(paths)
-    thumbs = np.zeros((len(paths), THUMB_PX * THUMB_PX), dtype=np.float32)
-    for i, p in enumerate(paths):
-        full = Path(root or "") / p
-        try:
-            if not stat.S_ISREG(os.stat(full).st_mode):  # a pipe would block the read
-                continue
-            raw = full.read_bytes()
-        except OSError:
-            continue
-        digests[i] = hashlib.sha256(raw).hexdigest()
-        try:
-            img = load_image(io.BytesIO(raw)).convert("L").resize((THUMB_PX, THUMB_PX), Image.BOX)
-        except Exception:  # undecodable: the digest and the features still speak for it
-            continue
-        a = np.asarray(img, dtype=np.float32).ravel()
-        thumbs[i] = a - a.mean()
-    return digests, thumbs
 
 
 # --------------------------------------------------------------------------- label errors

@@ -21,10 +21,10 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 
-from bottleneck import data, locks
+from bottleneck import data, leaks, locks
 from bottleneck import report as reports
 from bottleneck.classifiers import Sizes, grid, make_classifier, suited
-from bottleneck.console import note
+from bottleneck.console import note, warn
 from bottleneck.errors import BottleneckError, write_error
 from bottleneck.locks import WriteLock
 from bottleneck.scores import target_class
@@ -265,11 +265,14 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout"),
                                                    "folds": d.get("folds")}
     grouped = st.attrs.get("split_info", {}).get("groups")
+    twins = leaks.check_cache(st, d["train"][2], test_paths, seed)
+    if warning := leaks.warning(twins):
+        warn(warning)
     rep = reports.Report(
         stage="fit", model=st.attrs["model"], tap=tap, clf=clf, settings=settings, classes=st.classes,
         preprocessing=st.attrs.get("preprocessing"), estimator_params=estimator_params(pipe),
         folds=d.get("folds"), trained_on=trained_on,
-        test_set=reports.test_set("test", test_paths, y_test, st.classes, grouped),
+        test_set=reports.test_set("test", test_paths, y_test, st.classes, grouped, twins),
         data_root=st.attrs.get("data_root"), n_train=int(len(y)) // st.n_views, n_test=int(len(y_test)),
         **reports.metrics(y_test, y_pred, st.classes, probs, point and point["class"]), operating_point=point,
         cost={"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),

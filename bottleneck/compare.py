@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bottleneck import leaks, stats
 from bottleneck import report as reports
-from bottleneck import stats
+from bottleneck.console import warn
 from bottleneck.errors import BottleneckError
 
 COLUMNS = ("id", "method", "backbone", "tap", "classifier", "seeds", "validation_accuracy", "accuracy", "accuracy_ci",
@@ -59,6 +60,8 @@ def compare(run_dirs: list[str] | str, *, out: str | None = None, reference: str
         raise BottleneckError(f"out must be a folder path, not {out!r}")
     found, twins = read_audit(without_twins) if without_twins else (None, None)
     result = comparison(run_dirs, reference, challenger=challenger, margin=margin, exclude=twins)
+    if result["leak"]:
+        warn(result["leak"])
     if found:
         result["audit"] = audit_summary(found, without_twins)
     out_dir = Path(out or run_dirs[0])
@@ -130,7 +133,15 @@ def comparison(run_dirs: list[str], reference: str | None = None, *, challenger:
             "reference": anchor["id"] if anchor else None, "challenger": ft["row"]["id"] if ft["row"] else None,
             "contenders": counts, "margin": margin, "test_set": main[0]["test_set"], "rows": groups,
             "apart": apart, "left_out": left_out, "repeats": [g["across_seeds"] for g in groups if g["n_seeds"] > 1],
-            "intervals": INTERVALS, "excluded": excluded if exclude is not None else None}
+            "intervals": INTERVALS, "excluded": excluded if exclude is not None else None,
+            "leak": None if exclude is not None else leak(main)}
+
+
+def leak(rows: list[dict]) -> str | None:
+    """The warning of the largest near-twin share the compared rows' own checks found (fit's on
+    features, finetune's on files), or None when every share is small."""
+    checks = [r["twins"] for r in rows if r.get("twins")]
+    return leaks.warning(max(checks, key=lambda c: c["share"])) if checks else None
 
 
 def read_audit(audit_json: str | os.PathLike) -> tuple[dict, set[str]]:
@@ -430,7 +441,7 @@ def row(rep: reports.Report, run_dir: Path | None = None) -> dict:
             "n_train": n_train, "n_test": rep.n_test, "device": rep.device,
             "test_set": str(rep.test_set["sha256"]) if rep.test_set else None, "report": str(rep.path),
             "classes": rep.classes, "data_root": rep.data_root, "validation": rep.validation,
-            "shared_seconds": rep.shared_seconds}
+            "shared_seconds": rep.shared_seconds, "twins": (rep.test_set or {}).get("twins")}
 
 
 def _finetuned(rep: reports.Report, name: str) -> str:
@@ -522,6 +533,8 @@ def markdown(result: dict) -> str:
              f"validation among {c['fixed features']} fixed-feature and {c['fine-tune']} fine-tune contender(s), "
              f"never on the test images. Margin: ±{100 * result['margin']:g} points.", "",
              f"Intervals: {result['intervals']}.", "", *_table(result["rows"])]
+    if result.get("leak"):
+        lines[1:1] = ["", f"**Warning:** {_md(result['leak'])}."]
     if result.get("excluded") is not None:
         lines[1:1] = ["", f"Scored without the {len(result['excluded'])} test images the audit found to be copies "
                           "of training images (accuracy, its interval and balanced accuracy; the other measures "

@@ -29,6 +29,7 @@ table { border-collapse: collapse; font-size: .9em; } th, td { border: 1px solid
 th { background: #f0f0f0; } tr.reference td { background: #fff8dc; }
 td.num { text-align: right; white-space: nowrap; } .wide { overflow-x: auto; }
 .note { color: #555; font-size: .9em; }
+.warning { color: #8a4b00; background: #fff4e0; padding: .4em .6em; border-left: 4px solid #e0a000; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; } .figures figure { margin: 0; }
 figcaption { font-size: .8em; color: #444; max-width: 420px; overflow-wrap: anywhere; }
 /* Long class and file names wrap inside their card (min-width: 0 lets a grid cell be narrower than a word). */
@@ -45,6 +46,7 @@ def html_report(result: dict, comparison_png: bytes) -> str:
     c = result["contenders"]
     parts = [f"<h1>Fixed features or fine-tuning? {len(rows)} contenders on {rows[0]['n_test']} test images</h1>",
              f'<p id="verdict">{_e(result["verdict"])}</p>', _power(result["decision"]),
+             *([f'<p id="leak" class="warning">{_e(result["leak"])}.</p>'] if result.get("leak") else []),
              f'<p class="note">Reference: <code>{_e(result["reference"])}</code>; fine-tune named: '
              f'<code>{_e(result["challenger"])}</code>; each chosen on its validation score among '
              f'{c["fixed features"]} fixed-feature and {c["fine-tune"]} fine-tune contender(s), never on the test '

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, locks, networks, preprocess, runtime
+from bottleneck import backbones, data, leaks, locks, networks, preprocess, runtime
 from bottleneck import report as reports
-from bottleneck.console import note
+from bottleneck.console import note, warn
 from bottleneck.errors import BottleneckError
 from bottleneck.finetune_data import fold_tensors, load_images, load_splits
 from bottleneck.finetune_loop import DATA_KEY, Run, describe_changes, save_atomic, stop_before_training
@@ -118,6 +118,9 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
     if s.folds:
         images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction, classes,
                                             groups)
+    twins = leaks.check_files(paths["train"], paths["test"], root) if rank == 0 else None
+    if warning := leaks.warning(twins):
+        warn(warning)
     net = networks.build_model(model, s.weights)
     head = networks.replace_head(net, model, len(classes), s.seed)
     if s.init_head:
@@ -126,7 +129,7 @@ def image_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, ran
     net = net.to(dev, memory_format=torch.channels_last)
     run = Run(args, net, head, images, prep, dev, prec, rank, world, out_dir)
     return run, (classes, split_info, root, paths["test"],
-                 {"preprocessing": prep, "preprocessing_rule": why, "folds": folds,
+                 {"preprocessing": prep, "preprocessing_rule": why, "folds": folds, "twins": twins,
                   "probe_cost_seconds": probe_cost(s.init_head) if s.init_head else None})
 
 
@@ -200,7 +203,8 @@ def finish(run: Run, classes: list[str], split_info: dict, root: str, test_paths
     rep.data_root, rep.preprocessing, rep.folds = root, extra.pop("preprocessing"), extra.pop("folds")
     rep.tap = extra.pop("tap", None)  # a top on cached maps: the tap they were cut at
     rep.extra |= extra
-    rep.test_set = reports.test_set("test", test_paths, final["y_true"], classes, split_info.get("groups"))
+    rep.test_set = reports.test_set("test", test_paths, final["y_true"], classes, split_info.get("groups"),
+                                    extra.pop("twins", None))
     reports.write_predictions(run.out, test_paths, final["y_true"], final["y_pred"], final["probs"].numpy(),
                               classes)
     save_atomic({"format": NETWORK_FORMAT, "model": run.whole_network(), "arch": run.args["model"],

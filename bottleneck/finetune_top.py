@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bottleneck import backbones, data, networks
-from bottleneck.console import note
+from bottleneck import backbones, data, leaks, networks
+from bottleneck.console import note, warn
 from bottleneck.errors import BottleneckError
 from bottleneck.finetune_data import fold_tensors
 from bottleneck.finetune_loop import Run, stop_before_training
@@ -43,6 +43,12 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
     if s.folds:
         images, paths, folds = fold_tensors(images, paths, s.folds, s.fold, s.split_seed, s.val_fraction,
                                             attrs["classes"], groups)
+    twins = None
+    if rank == 0:
+        with FeatureStore(s.from_cache) as st:
+            twins = leaks.check_cache(st, paths["train"], paths["test"])
+    if warning := leaks.warning(twins):
+        warn(warning)
     net = networks.build_model(s.model, s.weights)
     head = networks.replace_head(net, s.model, len(attrs["classes"]), s.seed)
     if s.init_head:  # LP-FT of the top: a probe on this cache's penultimate tap sees what the head will
@@ -59,7 +65,7 @@ def top_run(s: FinetuneSettings, args: dict, dev: torch.device, prec: str, rank:
     return run, (attrs["classes"], attrs["split_info"], attrs["data_root"], paths["test"],
                  {"preprocessing": attrs["preprocessing"], "tap": attrs["maps"]["tap"],
                   "from_cache": {"path": str(s.from_cache), "views": run.views, "fingerprint": attrs["fingerprint"]},
-                  "cache_cost_seconds": cost, "folds": folds,
+                  "cache_cost_seconds": cost, "folds": folds, "twins": twins,
                   "probe_cost_seconds": probe_cost(s.init_head, attrs["fingerprint"]) if s.init_head else None})
 
 

@@ -255,11 +255,14 @@ def operating_point(target: str, classes: list[str], validation: tuple, chosen_o
                      "test": scores.at_threshold(chosen["threshold"], chosen["class"], classes, y_test, p_test)}
 
 
-def test_set(split: str, paths: list[str], y_true, classes: list[str], groups: dict | None = None) -> dict:
+def test_set(split: str, paths: list[str], y_true, classes: list[str], groups: dict | None = None,
+             twins: dict | None = None) -> dict:
     """Which images a report was scored on: equal sha256, equal images with equal labels; with
-    `groups` (split_info's record of a grouped split), how its groups were given and counted."""
+    `groups` (split_info's record of a grouped split), how its groups were given and counted; with
+    `twins` (bottleneck.leaks' quick check), how many of them have a near-twin in train."""
     pairs = [(p, classes[int(y)]) for p, y in zip(paths, y_true)]
-    return {"split": split, "n": len(pairs), "sha256": split_digest(pairs)} | ({"groups": groups} if groups else {})
+    return ({"split": split, "n": len(pairs), "sha256": split_digest(pairs)} | ({"groups": groups} if groups else {})
+            | ({"twins": twins} if twins else {}))
 
 
 def write_predictions(out: Path, paths: list[str], y_true, y_pred, probs: np.ndarray, classes: list[str]) -> Path:

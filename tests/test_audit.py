@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bottleneck import audit
+from bottleneck import audit, leaks
 from bottleneck.extract import extract
 
 
@@ -82,11 +82,20 @@ def test_every_planted_copy_is_found_with_its_original(planted, tmp_path):
 def test_nearest_in_blocks_matches_the_full_matrix(monkeypatch):
     rng = np.random.default_rng(0)
     q, r = rng.normal(size=(37, 8)), rng.normal(size=(53, 8))
-    monkeypatch.setattr(audit, "BLOCK_CELLS", 100)  # one or two query rows per block
-    index, sims = audit.nearest(q, r)
-    full = audit.unit_rows(q) @ audit.unit_rows(r).T
+    monkeypatch.setattr(leaks, "BLOCK_CELLS", 100)  # one or two query rows per block
+    index, sims = leaks.nearest(q, r)
+    full = leaks.unit_rows(q) @ leaks.unit_rows(r).T
     assert (index == full.argmax(axis=1)).all()
     assert np.allclose(sims, full.max(axis=1), atol=1e-6)
+    own = np.arange(0, 53, 2)  # reference rows as queries, each barred from picking itself
+    index, sims = leaks.nearest(r[own], r, skip=own)
+    others = leaks.unit_rows(r[own]) @ leaks.unit_rows(r).T
+    others[np.arange(len(own)), own] = -np.inf
+    assert (index != own).all() and (index == others.argmax(axis=1)).all()
+    pairs = leaks.unit_rows(r) @ leaks.unit_rows(r).T
+    np.fill_diagonal(pairs, -np.inf)
+    bar, q = leaks.neighbour_bar(r, floor=0.99)  # random directions in 8-d: neighbours far below the floor
+    assert bar == 0.99 and q == pytest.approx(np.quantile(pairs.max(axis=1), leaks.NEIGHBOUR_QUANTILE), abs=1e-6)
 
 
 def test_confident_learning_flags_only_believed_other_classes():
@@ -160,3 +169,48 @@ def test_audit_command_lists_pairs_and_suspects_and_refuses_a_bad_threshold(plan
     bad = CliRunner().invoke(app, ["audit", str(cache), "--threshold", "1.5", "--out", str(tmp_path / "b")])
     assert bad.exit_code != 0 and "--threshold must be in (0, 1]" in str(bad.exception)
     assert not (tmp_path / "b").exists()
+
+
+def test_fit_finetune_checks_and_compare_warn_of_planted_copies(planted, tmp_path, monkeypatch):
+    from conftest import cli
+
+    from bottleneck.store import FeatureStore
+
+    cache, copies = planted
+    with FeatureStore(cache) as st:
+        train, test, root = st.paths("train"), st.paths("test"), st.attrs["data_root"]
+    by_files = leaks.check_files(train, test, root)  # finetune's check: exact bytes and thumbnails find all but crops
+    assert (by_files["twins"], by_files["of"]) == (len([c for c in copies if "corner" not in c]), len(test))
+    assert "have a near-twin in train by a copy of the file" in leaks.warning(by_files)
+
+    done = cli("fit", "--features", str(cache), "--clf", "logreg", "--layer", "pool", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert "of the test images have a near-twin in train by similar features" in " ".join(done.stderr.split())
+    twins = json.loads(Path(done.stdout.split()[-1]).read_text())["test_set"]["twins"]
+    assert twins["by"] == "features" and twins["checked"] == twins["of"] == len(test)
+    assert 9 <= twins["twins"] <= len(copies)  # the crops and the exact copy at least; rescaled ones are the files'
+    lo, hi = twins["share_ci"]
+    assert lo < twins["share"] < hi
+
+    shown = cli("compare", str(tmp_path / "run"))
+    assert shown.returncode == 0, shown.stderr
+    assert "near-twin in train" in " ".join(shown.stderr.split())
+    assert "**Warning:**" in (tmp_path / "run" / "comparison.md").read_text()
+    assert 'id="leak"' in (tmp_path / "run" / "report.html").read_text()
+
+    monkeypatch.setattr(leaks, "CHECKED_AT_MOST", 10)  # a test set larger than the check looks at
+    sampled = leaks.check_files(train, test, root, seed=3)
+    assert sampled["checked"] == 10 and sampled["of"] == len(test)
+    assert sampled["share_ci"][1] - sampled["share_ci"][0] > 0.2  # 10 images: a wide interval, said so
+    assert sampled == leaks.check_files(train, test, root, seed=3)  # seeded: the same sample again
+
+
+def test_no_warning_without_copies(planted):
+    cache, copies = planted
+    from bottleneck.store import FeatureStore
+
+    with FeatureStore(cache) as st:  # the 16 distinct test photos alone
+        test = [p for p in st.paths("test") if p not in copies]
+        found = leaks.check_cache(st, st.paths("train"), test)
+        assert leaks.check_files(st.paths("train"), test, st.attrs["data_root"])["twins"] == 0
+    assert found["twins"] == 0 and leaks.warning(found) is None

@@ -60,7 +60,9 @@ def test_report_records_its_test_images_intervals_and_predictions(cache, tmp_pat
 
     with FeatureStore(cache[0]) as st:
         pairs = [(p, st.classes[y]) for p, y in zip(st.paths("test"), st.labels("test"))]
+    twins = rep["test_set"].pop("twins")
     assert rep["test_set"] == {"split": "test", "n": 12, "sha256": data.split_digest(pairs)}
+    assert twins["by"] == "features" and twins["checked"] == twins["of"] == 12 and twins["tap"] == "pool"
     lo, hi = rep["accuracy_ci"]
     assert lo <= rep["accuracy"] <= hi and hi - lo > 0.1  # 12 images cannot pin accuracy down
     assert len(rep["balanced_accuracy_ci"]) == 2

@@ -282,6 +282,7 @@ def test_extract_fit_and_finetune_score_the_same_test_images(tmp_path, source):
             assert "test" not in st.splits and fitted["holdout"]["by"] == "bottleneck.data.split_samples"
         else:
             assert sorted(st.paths("test")) == sorted(fit_paths)
+    assert fitted["test_set"].pop("twins")["by"] == "features" and tuned["test_set"].pop("twins")["by"] == "files"
     assert fitted["test_set"] == tuned["test_set"] and fitted["test_set"]["n"] == n_test
     result = comparison([str(tmp_path / "run")])
     assert len(result["rows"]) == 2 and not result["apart"]

@@ -1,0 +1,178 @@
+"""Test images that are copies or near-copies of training images: the similarity search that
+`bottleneck audit` runs in full, and the quick check that `fit` and `finetune` run on every
+result so that a leak is never silent.
+
+Two measures, each with a threshold measured on real images (benchmarks/audit_threshold.py,
+docs/audit.md): the cosine similarity of penultimate features centred on the training mean, which
+finds crops, and the correlation of 8 x 8 grey thumbnails of the files, which finds rescaled and
+re-encoded copies; identical file bytes are an exact copy. Similarities are computed a block of
+rows at a time, so 60,000 images never need an n x n matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bottleneck.stats import wilson
+
+# Cosine similarity of centred Lite0 penultimate features at or above which two images are
+# called near-twins. Measured by benchmarks/audit_threshold.py on real images (docs/audit.md):
+# resized, re-encoded and slightly cropped copies score above it, distinct images below.
+DEFAULT_THRESHOLD = 0.80
+# Correlation of 8 × 8 grey thumbnails at or above which a pair is a rescaled or re-encoded copy
+# (benchmarks/audit_threshold.py: such copies score 0.995 and more; distinct photographs at most
+# 0.94, distinct solar cells, which all look alike, above it for 1 % of them).
+PIXEL_THRESHOLD = 0.995
+THUMB_PX = 8
+BLOCK_CELLS = 2 ** 24  # similarities held at once (64 MB of float32), whatever the number of images
+# Above this share of test images with a near-twin in train, fit, finetune and compare warn: a
+# few per cent of copies already move a test accuracy by more than its interval's half-width on
+# a few hundred images.
+WARN_SHARE = 0.03
+# The quick check looks at this many test images at most (a seeded sample above it, with the
+# share's interval): a few seconds at 50,000 training images, whatever the test set's size.
+CHECKED_AT_MOST = 2000
+# A test image counts as a twin only when it is closer to a training image than 99 % of training
+# images are to their nearest other training image (neighbour_bar).
+NEIGHBOUR_QUANTILE = 0.99
+
+
+def nearest(query: np.ndarray, reference: np.ndarray, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(index, similarity) of each query row's most similar reference row by cosine similarity,
+    computed BLOCK_CELLS similarities at a time; `skip` gives, per query row, a reference row it
+    may not pick (itself, when the queries are reference rows)."""
+    q, r = unit_rows(query), unit_rows(reference)
+    step = max(1, BLOCK_CELLS // max(1, len(r)))
+    index = np.empty(len(q), dtype=np.int64)
+    best = np.empty(len(q), dtype=np.float32)
+    for a in range(0, len(q), step):
+        sims = q[a:a + step] @ r.T
+        if skip is not None:
+            sims[np.arange(len(sims)), skip[a:a + step]] = -np.inf
+        index[a:a + step] = sims.argmax(axis=1)
+        best[a:a + step] = sims[np.arange(len(sims)), index[a:a + step]]
+    return index, best
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def file_signatures(paths: list[str], root: str | None) -> tuple[list[str | None], np.ndarray]:
+    """(sha256 of each file's bytes, its 8 × 8 grey thumbnail, box-averaged with the mean removed),
+    from one read of each file. A file that cannot be read has no digest and a zero thumbnail (moved
+    data is no reason to stop: the features still find the near-twins)."""
+    from bottleneck.data import load_image
+
+    digests: list[str | None] = [None] * len(paths)
+    thumbs = np.zeros((len(paths), THUMB_PX * THUMB_PX), dtype=np.float32)
+    for i, p in enumerate(paths):
+        full = Path(root or "") / p
+        try:
+            if not stat.S_ISREG(os.stat(full).st_mode):  # a pipe would block the read
+                continue
+            raw = full.read_bytes()
+        except OSError:
+            continue
+        digests[i] = hashlib.sha256(raw).hexdigest()
+        try:
+            img = load_image(io.BytesIO(raw)).convert("L").resize((THUMB_PX, THUMB_PX), Image.BOX)
+        except Exception:  # undecodable: the digest and the features still speak for it
+            continue
+        a = np.asarray(img, dtype=np.float32).ravel()
+        thumbs[i] = a - a.mean()
+    return digests, thumbs
+
+
+def sample(n: int, seed: int = 0) -> np.ndarray:
+    """The test images the quick check looks at: all of them, or CHECKED_AT_MOST drawn with `seed`."""
+    if n <= CHECKED_AT_MOST:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, CHECKED_AT_MOST, replace=False))
+
+
+def neighbour_bar(reference: np.ndarray, floor: float, seed: int = 0) -> tuple[float, float]:
+    """(bar, q): q is how close training images come to each other (the NEIGHBOUR_QUANTILE of each
+    sampled training row's similarity to its nearest other training row), and the bar a test image
+    must reach to count as a twin is the larger of q and `floor`. Where all images look alike
+    (solar cells, one module's neighbours), distinct images pass a fixed threshold; a copy is
+    closer to its original than training images come to each other."""
+    if len(reference) < 2:
+        return floor, float("nan")
+    rows = sample(len(reference), seed)
+    _, sims = nearest(reference[rows], reference, skip=rows)
+    q = float(np.quantile(sims, NEIGHBOUR_QUANTILE))
+    return max(floor, q), q
+
+
+def check(found: np.ndarray, total: int, by: str, threshold: float, bar: float, q: float) -> dict:
+    """The record a report keeps of a quick check: how many of the checked test images have a
+    twin in train, their share with its 95 % interval, and the bar they had to reach."""
+    k, n = int(found.sum()), int(len(found))
+    return {"by": by, "threshold": threshold, "bar": round(bar, 4), "train_neighbours": round(q, 4),
+            "checked": n, "of": total, "twins": k, "share": round(k / n, 4) if n else 0.0,
+            "share_ci": [round(v, 4) for v in wilson(k, n)] if n else None}
+
+
+def check_features(train_x: np.ndarray, test_x: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+                   seed: int = 0) -> dict:
+    """The quick check on cached features (one row per image): test rows whose nearest training
+    row, both centred on the training mean, is at or above the bar (neighbour_bar)."""
+    train_x = np.asarray(train_x, dtype=np.float32)
+    centre = train_x.mean(axis=0)
+    bar, q = neighbour_bar(train_x - centre, threshold, seed)
+    rows = sample(len(test_x), seed)
+    _, sims = nearest(np.asarray(test_x, dtype=np.float32)[rows] - centre, train_x - centre)
+    return check(sims >= bar, len(test_x), "features", threshold, bar, q)
+
+
+def check_cache(st, train_paths: list[str], test_paths: list[str], seed: int = 0) -> dict:
+    """The quick check of a fit's train and test images on the cache's penultimate features (the
+    tap the audit's threshold was measured on; the first view of each image)."""
+    tap = "pool" if "pool" in st.taps else st.taps[-1]
+    rows: dict[str, np.ndarray] = {}
+    for split in st.splits:
+        first = st.views(split) == 0
+        x = st.features(split, tap)[first]
+        rows.update(zip([p for p, f in zip(st.paths(split), first) if f], x))
+    train = np.stack([rows[p] for p in dict.fromkeys(train_paths)])
+    test = np.stack([rows[p] for p in dict.fromkeys(test_paths)])
+    return check_features(train, test, seed=seed) | {"tap": tap}
+
+
+def check_files(train_paths: list[str], test_paths: list[str], root: str | None, seed: int = 0) -> dict:
+    """The quick check on the image files: test images with the same bytes as a training image, or
+    whose thumbnail correlates with one at the bar (neighbour_bar, at least PIXEL_THRESHOLD)."""
+    rows = sample(len(test_paths), seed)
+    digests, thumbs = file_signatures(train_paths, root)
+    bar, q = neighbour_bar(thumbs, PIXEL_THRESHOLD, seed)
+    own_digests, own = file_signatures([test_paths[i] for i in rows], root)
+    _, sims = nearest(own, thumbs)
+    readable = np.abs(own).sum(axis=1) > 0
+    known = set(digests) - {None}
+    exact = np.array([d in known for d in own_digests], dtype=bool)
+    return check(exact | (readable & (sims >= bar)), len(test_paths), "files", PIXEL_THRESHOLD, bar, q)
+
+
+def warning(found: dict | None) -> str | None:
+    """A sentence for a check whose share is above WARN_SHARE, else None."""
+    if not found or found["share"] <= WARN_SHARE:
+        return None
+    sampled = f" (a sample of {found['checked']} of {found['of']})" if found["checked"] < found["of"] else ""
+    what = "similar features" if found["by"] == "features" else "a copy of the file or its thumbnail"
+    return (f"{found['share']:.0%} of the test images{sampled} have a near-twin in train by {what}, closer "
+            f"to it than training images come to each other, and the test accuracy is likely flattered "
+            f"by them. Run 'bottleneck audit' on the cache to list them, and "
+            f"'bottleneck compare --without-twins audit.json' to score without them")
