@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, networks, preprocess, runtime, store
+from bottleneck import backbones, data, decode, networks, preprocess, runtime, store
 from bottleneck.console import note, progress_bar, warn
 from bottleneck.errors import BottleneckError
 from bottleneck.runtime import apply_precision, resolve_device, resolve_precision
@@ -47,7 +47,8 @@ def extract(s: ExtractSettings) -> Path:
     ref = backbones.resolve_weights(model, s.weights)
     every = sorted(p for samples in manifest.splits.values() for p, _ in samples)
     prep, why = preprocess.choose(model, manifest.root, every, s.image_size, s.crop, s.interpolation)
-    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest, views, s.maps) | {
+    decoded_by = decode.decoder(dev) if s.decode == "gpu" else None
+    attrs = cache_attrs(model, ref, taps, pool, prep, prec, dtype, manifest, views, s.maps, decoded_by) | {
         "preprocessing_rule": why}
     path = cache_path(s.out, model, taps, pool, attrs["fingerprint"], shard_i, shard_n, views, s.maps)
 
@@ -76,8 +77,10 @@ def extract(s: ExtractSettings) -> Path:
             extractor = networks.FeatureExtractor(net, model, taps, pool, s.maps)
             workers = runtime.workers(s.workers)
             setup = time.perf_counter() - started
+            if decoded_by:
+                note(f"decoding JPEGs with {decoded_by} on {runtime.device_name(dev)}")
             run_blocks(extractor, manifest, todo, block_rows, parts, attrs["preprocessing"], dev, prec,
-                       workers, progress, batch_size, views)
+                       workers, progress, batch_size, views, on_device=bool(decoded_by))
         else:
             setup = 0.0
         attrs |= {"shard": f"{shard_i}/{shard_n}", "block_rows": block_rows,
@@ -120,10 +123,12 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 
 def cache_attrs(model: str, ref: WeightsRef, taps: list[str], pool: str, prep: dict, precision: str,
-                dtype: str, manifest: data.Manifest, views: str = "none", maps: str | None = None) -> dict:
+                dtype: str, manifest: data.Manifest, views: str = "none", maps: str | None = None,
+                decoded_by: str | None = None) -> dict:
     """The metadata a later stage needs; everything but versions goes into the fingerprint."""
     multi = {"views": views, "n_views": n_views(views)} if views != "none" else {}  # older caches' fingerprints stay
     multi |= {"maps": {"tap": maps}} if maps else {}  # the maps' shape is added once the first block shows it
+    multi |= {"decoded_by": decoded_by} if decoded_by else {}  # PIL's, in the workers, when absent
     attrs = multi | {"model": model, "weights": ref.id, "taps": taps, "pool": pool,
              "preprocessing": prep, "precision": precision, "dtype": dtype,
              "classes": manifest.classes, "split_info": manifest.split_info,
@@ -161,10 +166,12 @@ def block_samples(manifest: data.Manifest, split: str, k: int, rows: int) -> lis
 
 def run_blocks(extractor: networks.FeatureExtractor, manifest: data.Manifest, todo: dict[str, list[int]],
                rows: int, parts: store.Parts, prep: dict, device: torch.device, precision: str,
-               workers: int, progress: bool, batch_size: int | None = None, views: str = "none") -> None:
+               workers: int, progress: bool, batch_size: int | None = None, views: str = "none",
+               on_device: bool = False) -> None:
     """Compute the missing blocks, saving each as soon as it is done; the network sees at most
     `batch_size` images at once (a resumed run keeps its blocks' size but may ask for less).
-    With `views`, each image gives one row per view, the image's rows next to each other."""
+    With `views`, each image gives one row per view, the image's rows next to each other.
+    With `on_device`, the workers read JPEGs' bytes and `device` decodes them (bottleneck.decode)."""
     apply_precision(precision)
     extractor = extractor.to(device, memory_format=torch.channels_last)
     # One loader over every split's missing blocks, each batch exactly one block: the decoding
@@ -177,13 +184,16 @@ def run_blocks(extractor: networks.FeatureExtractor, manifest: data.Manifest, to
         chosen = block_samples(manifest, split, k, rows)
         batches.append(list(range(len(paths), len(paths) + len(chosen))))
         paths += [p for p, _ in chosen]
+    dataset = (decode.RawImages if on_device else data.ImageDataset)(manifest.root, paths, prep)
     loader = torch.utils.data.DataLoader(
-        data.ImageDataset(manifest.root, paths, prep), batch_sampler=batches, num_workers=workers,
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=decode.collate if on_device else None,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("extracting", total=len(paths))
         tick = trimmed = time.perf_counter()
         for (split, k), (images, reasons) in zip(jobs, loader):
+            if on_device:
+                images, reasons = decode.decode_block(images, reasons, prep, device)
             # image-major rows: an image's views next to each other (no copy without views)
             viewed = images if views == "none" else torch.stack(views_of(images, views), 1).flatten(0, 1)
             feats = forward(extractor, viewed, prep, device, precision, batch_size or rows)

@@ -149,6 +149,9 @@ class ExtractSettings(Settings):
     workers: int | None = setting(None, "DataLoader worker processes [default: half the cores, at most 8].",
                                   low=0, high=256)
     device: str = setting("auto", "auto, cpu or cuda[:N].")
+    decode: str = setting("cpu", "Where JPEGs are decoded and resized: cpu (PIL, in the loader's workers) or gpu "
+                          "(nvjpeg on the extraction's GPU, a block at a time; other formats stay on the CPU, "
+                          "and without CUDA torchvision.io decodes on the CPU).", choices=("cpu", "gpu"))
     precision: str = setting("auto", "Compute precision.", choices=PRECISIONS)
     dtype: str = setting("float32", "Storage type.", choices=DTYPES)
     shard: str = setting("0/1", "Compute shard I of N (0-based), e.g. 0/4.", toml=False)

@@ -22,7 +22,7 @@ LAYERS = [
     (1, "base", ("errors", "console", "stats", "data_tree", "locks"), "any"),
     (2, "rules", ("scores", "classifiers", "settings", "stages", "runtime", "views"), "any"),
     (3, "shared", ("data", "store", "weights", "backbones", "networks", "preprocess", "report", "trained", "folds",
-                   "leaks"), "any"),
+                   "leaks", "decode"), "any"),
     (4, "extract", ("extract",), "own part"),
     (4, "fit", ("classify",), "own part"),
     (4, "finetune", ("finetune", "finetune_data", "finetune_loop", "finetune_probe", "finetune_top"), "own part"),
