@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint clean-cache
+.PHONY: install demo test lint clean-cache gpu-check
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Every CUDA path, timed, in one Markdown table (docs/benchmarks.md, "GPU check"); a dry run without CUDA.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out gpu_check.md
 
 lint: install
 	$(BIN)/ruff check bottleneck tests benchmarks
