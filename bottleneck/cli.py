@@ -215,12 +215,16 @@ def weights_fetch(names: Annotated[list[str], typer.Argument(help="Model names."
 
 @data_app.command("elpv")
 def data_elpv(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")] = Path("data/elpv"),
-              split_seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0) -> None:
+              split_seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+              labels: Annotated[str, typer.Option(
+                  help="2: defective or functional (defect probability at least 0.5 or not); 4: the four "
+                       "defect probabilities 0, 1/3, 2/3, 1 as classes; type: mono or poly cells.")] = "2",
+              ) -> None:
     """Write the elpv solar-cell images as train/val/test class folders (links, not copies); --out must be
     new, empty or written by this command (a rerun replaces it)."""
     from bottleneck import data
 
-    m = data.write_elpv(out_dir, split_seed)
+    m = data.write_elpv(out_dir, split_seed, labels)
     for split, samples in m.splits.items():
         counts = [sum(1 for _, lab in samples if lab == i) for i in range(len(m.classes))]
         err.print(f"{split}: " + ", ".join(f"{c} {n}" for c, n in zip(m.classes, counts)))

@@ -39,7 +39,7 @@ def _keys(cls, table: str | None = None) -> dict:
 
 # key → type of every table; None: checked where it is read.
 TOP_KEYS = {"name": str, "out": str, "cache": str}
-DATA_KEYS = {"path": str, "builtin": str} | _keys(settings.ExtractSettings, "data") \
+DATA_KEYS = {"path": str, "builtin": str, "labels": str} | _keys(settings.ExtractSettings, "data") \
     | _keys(settings.FitSettings, "data") | _keys(settings.FinetuneSettings, "data")  # folds: fit's and finetune's
 BACKBONE_KEYS = {"name": str, "fit": None} | _keys(settings.ExtractSettings)
 FIT_KEYS = _keys(settings.FitSettings) | {"seeds": None}
@@ -152,6 +152,9 @@ def _data_table(where: _Locator, t) -> dict:
     if t.get("builtin", BUILTIN_DATA[0]) not in BUILTIN_DATA:
         raise where.error("data", 0, "builtin", f"unknown dataset '{t['builtin']}'; built in: "
                           f"{', '.join(BUILTIN_DATA)}")
+    if "labels" in t and (t.get("builtin") != "elpv" or t["labels"] not in ("2", "4", "type")):
+        raise where.error("data", 0, "labels", "is elpv's labelling, \"2\", \"4\" or \"type\" (with builtin = "
+                          "\"elpv\")")
     if "folds" in t and t["folds"] < 2:
         raise where.error("data", 0, "folds", f"must be at least 2, not {t['folds']}")
     if "folds" in t and "test_fraction" in t:
@@ -451,7 +454,7 @@ def prepare_data(exp: Experiment) -> None:
     builtin, path = exp.data.get("builtin"), Path(exp.data["path"])
     if builtin == "elpv" and not (path / "train").is_dir():
         note(f"writing the elpv images to {path}")
-        data.write_elpv(path, exp.data["split_seed"])
+        data.write_elpv(path, exp.data["split_seed"], exp.data.get("labels", "2"))
 
 
 def save_copy(exp: Experiment) -> None:

@@ -213,6 +213,25 @@ def test_elpv_is_written_as_a_stratified_split_tree(tmp_path):
         tmp_path / "elpv" / again.splits["train"][0][0])
 
 
+@pytest.mark.parametrize("labels, counts", [  # labels.csv's counts: the four defect probabilities, the cell types
+    ("4", {"defect-0": 1508, "defect-1of3": 295, "defect-2of3": 106, "defect-3of3": 715}),
+    ("type", {"mono": 1074, "poly": 1550})])
+def test_elpv_four_classes_and_cell_types_are_stratified_labellings_of_the_same_cells(tmp_path, labels, counts):
+    out = tmp_path / "elpv"
+    m = data.write_elpv(out, labels=labels)
+    assert m.classes == list(counts)
+    every = [lab for samples in m.splits.values() for _, lab in samples]
+    assert {c: every.count(i) for i, c in enumerate(m.classes)} == counts
+    for split, samples in m.splits.items():  # each split holds every class in about its share
+        share = np.bincount([lab for _, lab in samples], minlength=len(counts)) / len(samples)
+        assert np.abs(share - np.array(list(counts.values())) / 2624).max() < 0.02, split
+    two = data.write_elpv(out)  # a rerun with other labels replaces the tree: 2,624 links, two classes
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["defective", "functional"]
+    assert sum(1 for _ in out.rglob("*.png")) == 2624 and two.classes == ["defective", "functional"]
+    done = cli("data", "elpv", "--out", str(tmp_path / "bad"), "--labels", "3")
+    assert done.returncode != 0 and "--labels must be one of 2, 4, type" in done.stderr
+
+
 def test_a_stop_signal_while_reading_exif_is_not_taken_for_a_broken_exif_block(tmp_path, monkeypatch):
     # SIGTERM's handler raises Interrupted wherever the main thread is; inside the EXIF step
     # the catch-all for broken EXIF blocks once swallowed it, and the run went on to the end.

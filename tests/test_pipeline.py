@@ -67,6 +67,8 @@ classifiers = ["logreg"]
     ('classifiers = ["logreg"]', 'classifiers = ["forest"]', ["line 11", "[fit] classifiers", "unknown classifier"]),
     ('classifiers = ["logreg"]', 'classifiers = ["logreg"]\nlayers = ["pool"]', ["line 12", "does not extract pool"]),
     ('path = "data/x"', 'path = "data/x"\nbuiltin = "mnist"', ["line 5", "unknown dataset 'mnist'"]),
+    ('path = "data/x"', 'path = "data/x"\nbuiltin = "elpv"\nlabels = "3"', ["[data] labels", "elpv's labelling"]),
+    ('path = "data/x"', 'path = "data/x"\nlabels = "4"', ["[data] labels", "with builtin = \"elpv\""]),
     ('[data]\npath = "data/x"', '[data]', ["line 3", "[data]: needs path"]),
     ('[[backbone]]', '[backbone]', ["line 6", "write [[backbone]] (double brackets)"]),
     ('[fit]', '[[finetune]]\nmodel = "resnet18"\nepoch = 3\n[fit]', ["line 12", "[[finetune]] #1 epoch: unknown key"]),
