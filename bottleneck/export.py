@@ -166,9 +166,11 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
 
     buffer = io.BytesIO()
     batch = {0: "batch"}
-    torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["images"],
-                      output_names=["probabilities", "label"],
-                      dynamic_axes={"images": batch, "probabilities": batch, "label": batch})
+    with warnings.catch_warnings():  # that this exporter is the older one: the newer cannot trace a stop at a tap
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["images"],
+                          output_names=["probabilities", "label"],
+                          dynamic_axes={"images": batch, "probabilities": batch, "label": batch})
     graph = onnx.load_from_string(buffer.getvalue())
     for key, value in {"bottleneck": json.dumps(meta), "classes": json.dumps(meta["classes"])}.items():
         graph.metadata_props.add(key=key, value=value)

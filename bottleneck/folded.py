@@ -205,7 +205,7 @@ class CalibratedMean(nn.Module):
         super().__init__()
         classes = len(clf.classes_)
         self.members = nn.ModuleList([Calibrated(m, classes) for m in clf.calibrated_classifiers_])
-        self.own_label = own_label
+        self.own_label, self.binary = own_label, classes == 2
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = [m(x) for m in self.members]
@@ -213,7 +213,7 @@ class CalibratedMean(nn.Module):
         if not self.own_label:
             return probs, probs.argmax(1)
         dec = outs[0][1]
-        label = (dec[:, 0] > 0).long() if dec.shape[1] == 1 else dec.argmax(1)
+        label = (dec[:, 0] > 0).long() if self.binary else dec.argmax(1)
         return probs, label
 
 
