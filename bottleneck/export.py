@@ -11,9 +11,10 @@ crop, interpolation) and the class names travel in the file's metadata and in FI
 it, so that a user needs only onnxruntime, numpy and Pillow (docs/deploy.md).
 
 ONNX goes through torch's TorchScript-based exporter (`dynamo=False`), whose trace of the
-backbone stops where `FeatureExtractor` stops; TorchScript is the same trace saved with its
-metadata as an extra file. Before a file is kept, it is run on other images than the trace saw
-and must give what the torch modules give; files are written under a temporary name and renamed.
+backbone stops where `FeatureExtractor` stops (see onnx_bytes for the newer exporter); TorchScript
+is the same trace saved with its metadata as an extra file. Before a file is kept, it is run on
+other images than the trace saw and must give what the torch modules give; files are written
+under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -166,7 +167,10 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
 
     buffer = io.BytesIO()
     batch = {0: "batch"}
-    with warnings.catch_warnings():  # that this exporter is the older one: the newer cannot trace a stop at a tap
+    # The older exporter, though torch warns it is deprecated: the newer (dynamo=True) exports these modules too on
+    # torch 2.14, but only in strict mode after a failed non-strict try, at five times the time and with pages of
+    # output. When the older goes, dynamo=True with dynamic_shapes={"images": {0: Dim("batch")}} takes its place.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["images"],
                           output_names=["probabilities", "label"],
