@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bottleneck import __version__, trained
+from bottleneck.console import note
 from bottleneck.errors import BottleneckError
 from bottleneck.folded import fold
 from bottleneck.store import atomic_write
@@ -142,6 +143,9 @@ def export(model: str, *, format: str = "onnx", out: str | None = None, force: b
         raise BottleneckError(f"--out {path} is the model itself; choose another file")
     t = trained.load(model, trust)
     module = on_images(t)
+    if t.precision in ("bf16", "fp16"):
+        note(f"{model} computes in {t.precision}; the file computes in fp32, so its probabilities differ from "
+             f"'bottleneck predict' by {t.precision}'s rounding (a few hundredths, docs/deploy.md)")
     meta = metadata(t, format)
     size = t.preprocessing["size"]
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
