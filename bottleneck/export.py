@@ -149,8 +149,15 @@ def export(model: str, *, format: str = "onnx", out: str | None = None, force: b
     meta = metadata(t, format)
     size = t.preprocessing["size"]
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        data = (onnx_bytes if format == "onnx" else torchscript_bytes)(module, example, meta)
+    try:
+        with torch.no_grad():
+            data = (onnx_bytes if format == "onnx" else torchscript_bytes)(module, example, meta)
+    except Exception as e:  # an operator the format lacks (timm's ViTs resize their position embeddings
+        # antialiased away from their own input size), or a network whose forward cannot be traced
+        other = "torchscript" if format == "onnx" else "onnx"
+        raise BottleneckError(f"torch cannot write {t.model} as {format} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); try --format {other}, or "
+                              "another backbone") from None
     check_file(data, format, module, size, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
