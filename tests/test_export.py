@@ -156,6 +156,19 @@ def test_what_cannot_be_exported_is_refused_by_name(features, tmp_path, monkeypa
         exported.load(export(str(model), format="onnx", out=str(tmp_path / "m.onnx")))
 
 
+def test_a_large_knn_is_exported_with_a_warning(monkeypatch, capsys):
+    from bottleneck import folded
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 8)), rng.integers(0, 2, 30)
+    knn = make_classifier("knn").fit(x, y)
+    fold(knn, "model.skops")
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(folded, "KNN_WARN_BYTES", 1000)  # 30 vectors of 8 float64s are 1920 bytes
+    fold(knn, "model.skops")
+    assert "keeps 30 training vectors of 8 features" in capsys.readouterr().err
+
+
 def test_folded_pipelines_compute_what_scikit_learn_computes_with_three_classes():
     """Three classes take other paths than two (softmax, one-vs-one votes, normalised sigmoids)."""
     rng = np.random.default_rng(0)
