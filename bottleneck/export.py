@@ -133,14 +133,14 @@ def export(model: str, *, format: str = "onnx", out: str | None = None, force: b
     model = os.fspath(model)
     path = Path(out) if out else Path(model).with_suffix(FORMATS[format])
     beside = path.with_name(path.name + ".json")
+    if path.resolve() == Path(model).resolve():
+        raise BottleneckError(f"--out {path} is the model itself; choose another file")
     if not force:
         for p in (path, beside):
             if p.exists():
                 raise BottleneckError(f"{p} exists; pass --force (force=True) to replace it, or choose --out")
     if format == "onnx":
         _need_onnx()
-    if path.resolve() == Path(model).resolve():
-        raise BottleneckError(f"--out {path} is the model itself; choose another file")
     t = trained.load(model, trust)
     module = on_images(t)
     if t.precision in ("bf16", "fp16"):
