@@ -171,8 +171,9 @@ def export(
     model: Annotated[Path, typer.Argument(help="model.skops written by 'bottleneck fit', or model.pt by "
                                           "'bottleneck finetune'.")],
     fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
-    out_file: Annotated[Path | None, typer.Option("--out", help="The file to write [default: the model's path with "
-                                                  ".onnx or .ts]; its metadata goes to FILE.json beside it.")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help=escape(
+        "The file to write [default: the model's path with .onnx or .ts]; its metadata goes to FILE.json "
+        "beside it."))] = None,
     force: Annotated[bool, typer.Option(help="Replace the file (and its JSON) if it exists.")] = False,
     trust: Annotated[bool, typer.Option(help=settings.TRUST_HELP)] = False,
 ) -> None:
