@@ -19,9 +19,10 @@ from bottleneck.stages import STAGES
 # its module stays importable as `import bottleneck.extract`). They load on first use, so that
 # `import bottleneck` and the command's --help do not pay for torch and scikit-learn.
 _EXPORTS = {s.command: (s.module, s.function) for s in STAGES} | {
-    "evaluate": ("predict", "evaluate"), "predict": ("predict", "predict"), "run": ("pipeline", "run")}
+    "evaluate": ("predict", "evaluate"), "predict": ("predict", "predict"), "run": ("pipeline", "run"),
+    "export": ("export", "export")}
 
-__all__ = ["extract", "fit", "finetune", "evaluate", "predict", "compare", "run", "__version__"]
+__all__ = ["extract", "fit", "finetune", "evaluate", "predict", "export", "compare", "run", "__version__"]
 
 
 def __getattr__(name: str):

@@ -129,7 +129,8 @@ def evaluate(
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="[model.skops or model.pt] then image files or folders.")],
+    images: Annotated[list[str], typer.Argument(help="[model.skops, model.pt or a file of 'bottleneck export'] then "
+                                                "image files or folders.")],
     imagenet: Annotated[bool, typer.Option(help="Use the backbone's own ImageNet classes, no classifier.")] = False,
     model: Annotated[str, typer.Option(help="Backbone for --imagenet.")] = "efficientnet_lite0",
     weights: Annotated[str, typer.Option(help="Weights for --imagenet.")] = "DEFAULT",
@@ -163,6 +164,23 @@ def predict(
             top = ", ".join(f"{c} {p:.2f}" for c, p in r["top"])
             table.add_row(r["path"], r["label"] or f"unreadable: {r['error']}", top)
         out.print(table)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="model.skops written by 'bottleneck fit', or model.pt by "
+                                          "'bottleneck finetune'.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    out_file: Annotated[Path | None, typer.Option("--out", help=escape(
+        "The file to write [default: the model's path with .onnx or .ts]; its metadata goes to FILE.json "
+        "beside it."))] = None,
+    force: Annotated[bool, typer.Option(help="Replace the file (and its JSON) if it exists.")] = False,
+    trust: Annotated[bool, typer.Option(help=settings.TRUST_HELP)] = False,
+) -> None:
+    """Write a trained model as one ONNX or TorchScript file from images to class probabilities (docs/deploy.md)."""
+    from bottleneck.export import export as run
+
+    out.print(str(run(str(model), format=fmt, out=str(out_file) if out_file else None, force=force, trust=trust)))
 
 
 @app.command()

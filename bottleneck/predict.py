@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bottleneck import backbones, data, networks, settings, trained
+from bottleneck import backbones, data, exported, networks, settings, trained
 from bottleneck import report as reports
 from bottleneck.console import progress_bar
 from bottleneck.errors import BottleneckError
@@ -151,7 +151,8 @@ def image_files(inputs: list[str]) -> list[str]:
 def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: bool = False,
             backbone: str = "efficientnet_lite0", weights: str = "DEFAULT", batch_size: int = 32,
             device: str = "auto", progress: bool = True, trust: bool = False) -> list[dict]:
-    """Label images with a saved classifier (or, with imagenet=True, the backbone's own ImageNet head).
+    """Label images with a saved classifier, a file of `export` (ONNX, or TorchScript with `trust`), or
+    with imagenet=True the backbone's own ImageNet head.
 
     Each row holds path, label, probability and the top-k; an unreadable file gets a row with
     its error instead, and the others still get predictions. `trust` as for evaluate.
@@ -170,9 +171,12 @@ def predict(model: str | None, images: list[str], *, top_k: int = 3, imagenet: b
                             net=networks.build_model(backbone, weights))
     elif model is None:
         raise BottleneckError("give a classifier (model.skops or model.pt) or --imagenet")
+    elif exported.is_exported(model):  # a file of 'bottleneck export', checked before it is shipped
+        t = exported.load(model, trust, dev.type)
     else:
         t = trained.load(model, trust)
-    t.net = t.network().to(dev, memory_format=torch.channels_last)
+    if not isinstance(t, exported.Exported):
+        t.net = t.network().to(dev, memory_format=torch.channels_last)
     classes, prep = t.classes, t.preprocessing
     files = image_files(images)
     dataset = data.ImageDataset("", files, prep)

@@ -32,6 +32,7 @@ from bottleneck.views import views_of
 from bottleneck.weights import WeightsRef
 
 NETWORK_FORMAT = "bottleneck-finetuned/1"
+EXPORT_FORMAT = "bottleneck-export/1"  # the metadata of a file written by export
 # Every type beyond skops's own trusted ones (numpy, plain values, most of scikit-learn) that the
 # pipelines of classifiers.TABLE hold once fitted, as single, concatenated (EqualTaps) or selected
 # (SelectRelevant) taps; tests/test_trained.py fits every one and fails on a type missing here.
