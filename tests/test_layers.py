@@ -24,7 +24,7 @@ LAYERS = [
     (3, "shared", ("data", "store", "weights", "backbones", "networks", "preprocess", "report", "trained", "folds",
                    "leaks", "decode"), "any"),
     (4, "extract", ("extract",), "own part"),
-    (4, "fit", ("classify",), "own part"),
+    (4, "fit", ("classify", "choose"), "own part"),
     (4, "finetune", ("finetune", "finetune_data", "finetune_loop", "finetune_probe", "finetune_top"), "own part"),
     (4, "predict", ("predict", "exported"), "own part"),
     (4, "export", ("export", "folded"), "own part"),
