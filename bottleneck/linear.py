@@ -150,7 +150,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     loss). `solver`: "auto" is L-BFGS for rows in memory and minibatch Adam for rows read in chunks."""
 
     def __init__(self, strengths: tuple = STRENGTHS, validation_fraction: float = 0.1, max_iter: int = 300,
-                 epochs: int = 10, batch_size: int = 4096, lr: float = 1e-3, min_steps: int = 600,
+                 epochs: int = 10, batch_size: int = 4096, lr: float = 1e-2, min_steps: int = 600,
                  solver: str = "auto", memory_budget: int = MEMORY_BUDGET_MB, device: str = "auto", seed: int = 0,
                  class_weight: str | None = None):
         self.strengths, self.validation_fraction, self.max_iter = strengths, validation_fraction, max_iter
@@ -192,7 +192,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         wt = torch.from_numpy(weights.astype(np.float32)).to(dev)
         w, b, lam = self._parameters(x.shape[1], dev)
         opt = torch.optim.LBFGS([w, b], lr=1, max_iter=self.max_iter, history_size=20,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-5, tolerance_change=1e-9)
         block = max(1, LOGIT_BLOCK_BYTES // (4 * len(lam) * len(self.classes_)))
 
         def closure():
@@ -250,23 +250,32 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return w, b, torch.tensor(self.strengths, dtype=torch.float32, device=dev)
 
     def _held_out_scores(self, x, codes, held, w, b, transform) -> list[tuple[float, float]]:
-        """(accuracy, mean log loss) of each strength on the held-out rows; all equal when none is held out."""
+        """(accuracy, mean log loss) of each strength on the held-out rows; all equal when none is held out.
+        The logits of every strength are computed for a block of rows at a time (LOGIT_BLOCK_BYTES)."""
         if not held.any():
             return [(0.0, 0.0)] * len(self.strengths)
         idx = np.flatnonzero(held)
         if is_lazy(x):
             sub = x[idx] if isinstance(x, Rows) else ArrayRows(x.x[idx], x.budget_bytes)
-            chunks = [(transform(sub.read(p)) if transform else sub.read(p), codes[idx[p]]) for p in sub.plan()]
+            chunks = ((transform(sub.read(p)) if transform else sub.read(p), codes[idx[p]]) for p in sub.plan())
         else:
             xs = np.asarray(x)[idx]
-            chunks = [(transform(xs) if transform else xs, codes[idx])]
-        right, loss = np.zeros(len(self.strengths)), np.zeros(len(self.strengths))
+            chunks = iter([(transform(xs) if transform else xs, codes[idx])])
+        dev = pick_device(self.device)
+        wt, bt = torch.from_numpy(w).to(dev), torch.from_numpy(b).to(dev)
+        block = max(1, LOGIT_BLOCK_BYTES // (4 * len(self.strengths) * len(self.classes_)))
+        right, loss = torch.zeros(len(self.strengths), dtype=torch.float64), torch.zeros(len(self.strengths),
+                                                                                          dtype=torch.float64)
         for xc, yc in chunks:
-            logits = np.einsum("nd,sdk->snk", np.asarray(xc, np.float64), w.astype(np.float64)) + b[:, None, :]
-            logp = logits - _logsumexp(logits)
-            right += (logits.argmax(2) == yc[None]).sum(1)
-            loss -= logp[:, np.arange(len(yc)), yc].sum(1)
-        return [(r / len(idx), lo / len(idx)) for r, lo in zip(right, loss)]
+            xc = torch.from_numpy(np.ascontiguousarray(xc, dtype=np.float32)).to(dev)
+            yc = torch.from_numpy(yc).to(dev)
+            for a in range(0, len(xc), block):
+                logits = torch.einsum("nd,sdk->snk", xc[a:a + block], wt) + bt[:, None, :]
+                y = yc[a:a + block]
+                right += (logits.argmax(2) == y[None]).sum(1).double().cpu()
+                logp = torch.log_softmax(logits.double(), 2)
+                loss -= logp[:, torch.arange(len(y), device=dev), y].sum(1).cpu()
+        return [(float(r) / len(idx), float(lo) / len(idx)) for r, lo in zip(right, loss)]
 
     # ----------------------------------------------------------------- predicting
     def decision_function(self, x) -> np.ndarray:
