@@ -16,8 +16,9 @@ numpy arrays and plain values, so skops saves and loads it like any other.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -68,8 +69,8 @@ class Rows:
     picks (a held-out test split, a fold), still unread."""
 
     def __init__(self, store, taps: list[str], splits: list[str], part: np.ndarray, row: np.ndarray,
-                 budget_bytes: int):
-        self.store, self.taps, self.splits = store, list(taps), list(splits)
+                 budget_bytes: int, whole: bool = False):
+        self.store, self.taps, self.splits, self.whole = store, list(taps), list(splits), whole
         self.part, self.row = np.asarray(part, dtype=np.int32), np.asarray(row, dtype=np.int64)
         self.budget_bytes = budget_bytes
         self.dims = [store.file[splits[0]][f"features/{t}"].shape[1] for t in self.taps]
@@ -77,7 +78,7 @@ class Rows:
     @classmethod
     def of_split(cls, store, split: str, taps: list[str], budget_bytes: int) -> Rows:
         n = store.file[split]["labels"].shape[0]
-        return cls(store, taps, [split], np.zeros(n), np.arange(n), budget_bytes)
+        return cls(store, taps, [split], np.zeros(n), np.arange(n), budget_bytes, whole=True)
 
     def __len__(self) -> int:
         return len(self.row)
@@ -100,7 +101,7 @@ class Rows:
         splits = list(dict.fromkeys(s for p in parts for s in p.splits))
         part = np.concatenate([np.array([splits.index(s) for s in p.splits], dtype=np.int32)[p.part] for p in parts])
         return Rows(parts[0].store, parts[0].taps, splits, part, np.concatenate([p.row for p in parts]),
-                    parts[0].budget_bytes)
+                    parts[0].budget_bytes, whole=all(p.whole for p in parts) and len(splits) == len(parts))
 
     def plan(self) -> list[np.ndarray]:
         """The chunks of one pass, as positions in these rows: rows in the file's order, each chunk
@@ -119,8 +120,21 @@ class Rows:
                 start = end
         return chunks
 
-    def read(self, positions: np.ndarray) -> np.ndarray:
-        """The features of rows at `positions` (one chunk of `plan`: one split, rows within one window)."""
+    def scan(self) -> Iterator[np.ndarray]:
+        """The chunks of one pass. When these rows are whole splits, the windows read are the file's rows in
+        order, and each tap is checked against the checksum written with it once the pass ends, as a stage
+        reading it whole checks it: an edited or bit-rotted value is refused, not trained on."""
+        hashes = {(s, t): hashlib.sha256() for s in self.splits for t in self.taps} if self.whole else None
+        for positions in self.plan():
+            yield self.read(positions, hashes)
+        for (split, tap), h in (hashes or {}).items():
+            if h.hexdigest() != self.store.file[split][f"features/{tap}"].attrs.get("sha256"):
+                raise BottleneckError(f"{self.store.path} is damaged or was edited: {split}/features/{tap} does not "
+                                      "match its checksum; delete it and run 'bottleneck extract' again")
+
+    def read(self, positions: np.ndarray, hashes: dict | None = None) -> np.ndarray:
+        """The features of rows at `positions` (one chunk of `plan`: one split, rows within one window);
+        `hashes` ({(split, tap): sha256}) take in each window read, for `scan`."""
         split = self.splits[int(self.part[positions[0]])]
         rows = self.row[positions]
         lo, hi = int(rows.min()), int(rows.max()) + 1
@@ -128,6 +142,8 @@ class Rows:
         col = 0
         for tap, dim in zip(self.taps, self.dims):
             window = self.store.file[split][f"features/{tap}"][lo:hi]
+            if hashes is not None:
+                hashes[split, tap].update(np.ascontiguousarray(window))
             x[:, col:col + dim] = window if hi - lo == len(rows) and (np.diff(rows) == 1).all() else window[rows - lo]
             col += dim
             del window
@@ -340,8 +356,8 @@ def fit_streamed(pipe, rows: Rows, y: np.ndarray):
         raise BottleneckError("only the linear classifier on taps (not --layer select) trains on features larger "
                               "than --memory-budget; raise --memory-budget, or fit --clf linear")
     scaler = dict(prep)["scale"]
-    for positions in rows.plan():
-        scaler.partial_fit(rows.read(positions))
+    for x in rows.scan() if isinstance(rows, Rows) else (rows.read(p) for p in rows.plan()):
+        scaler.partial_fit(x)
 
     def transform(x: np.ndarray) -> np.ndarray:
         for _, step in prep:

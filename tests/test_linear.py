@@ -156,3 +156,23 @@ def test_its_strength_is_chosen_on_held_out_rows_and_it_is_deterministic():
     assert held.sum() == 1 and not held[-1]  # a class of one row keeps it for training
     with pytest.raises(BottleneckError, match="only the linear classifier"):
         fit_streamed(make_classifier("logreg"), ArrayRows(x, BUDGET), y)
+
+
+def test_a_streamed_fit_refuses_an_edited_cache(cache, tmp_path):
+    import shutil
+
+    import h5py
+
+    edited = tmp_path / "edited.h5"
+    shutil.copy(cache[0], edited)
+    with h5py.File(edited, "r+") as f:
+        f["train/features/pool"][3, 5] += 1.0  # finite, so only its checksum tells
+    with FeatureStore(edited) as st:
+        rows, y = Rows.of_split(st, "train", ["pool"], BUDGET), st.labels("train")
+        with pytest.raises(BottleneckError, match="train/features/pool does not match its checksum"):
+            fit_streamed(make_classifier("linear"), rows, y)
+    with FeatureStore(cache[0]) as st:  # the cache as written passes
+        rows = Rows.of_split(st, "train", st.taps, BUDGET)
+        pipe = fit_streamed(make_classifier("linear", dims=tuple(rows.dims)), rows, st.labels("train"))
+    assert pipe.named_steps["scale"].n_samples_seen_ == len(rows)
+
