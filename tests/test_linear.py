@@ -80,8 +80,8 @@ def test_the_fit_stage_streams_a_split_over_the_budget_and_each_chunk_stays_with
     sizes = []
     read = Rows.read
 
-    def counted(self, positions):
-        x = read(self, positions)
+    def counted(self, positions, hashes=None):
+        x = read(self, positions, hashes)
         sizes.append(x.nbytes)
         return x
 
