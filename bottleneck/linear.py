@@ -33,9 +33,9 @@ LOGIT_BLOCK_BYTES = 64 * MB  # logits of all strengths for one block of rows: bo
 
 
 def rows_per_chunk(width: int, budget_bytes: int) -> int:
-    """Rows of one chunk: the chunk as float32, the window of the file it is cut from and one copy
-    (scaling) together stay within the budget."""
-    return max(1, int(budget_bytes) // (3 * 4 * width))
+    """Rows of one chunk: the chunk as float32, the window of the file it is cut from, and the two copies
+    scaling makes (the per-tap weights of a concatenation give float64) together stay within the budget."""
+    return max(1, int(budget_bytes) // (4 * 4 * width))
 
 
 # --------------------------------------------------------------------------- rows read in chunks
@@ -162,8 +162,8 @@ def is_lazy(x) -> bool:
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Multinomial softmax regression with an L2 penalty, several strengths trained at once and the
-    best on a held-out stratified `validation_fraction` of the rows kept (ties: the lower held-out
-    loss). `solver`: "auto" is L-BFGS for rows in memory and minibatch Adam for rows read in chunks."""
+    best on a held-out stratified `validation_fraction` of the rows kept (ties: the stronger penalty).
+    `solver`: "auto" is L-BFGS for rows in memory and minibatch Adam for rows read in chunks."""
 
     def __init__(self, strengths: tuple = STRENGTHS, validation_fraction: float = 0.1, max_iter: int = 300,
                  epochs: int = 10, batch_size: int = 4096, lr: float = 1e-2, min_steps: int = 600,
@@ -193,9 +193,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self.solver_ = "lbfgs"
         self.n_features_in_ = int(w.shape[1])
         scores = self._held_out_scores(x, codes, held, w, b, transform)
-        best = max(range(len(self.strengths)), key=lambda s: (scores[s][0], -scores[s][1], self.strengths[s]))
+        # Of equal held-out accuracies, the stronger penalty: on separable rows the weakest would win on loss
+        # with weights growing without bound, where each solver stops somewhere else.
+        best = max(range(len(self.strengths)), key=lambda s: (scores[s][0], self.strengths[s]))
         self.strengths_ = np.asarray(self.strengths, dtype=np.float64)
         self.validation_accuracy_ = np.asarray([s[0] for s in scores], dtype=np.float64)
+        self.validation_log_loss_ = np.asarray([s[1] for s in scores], dtype=np.float64)
         self.strength_ = float(self.strengths[best])
         self.coef_ = w[best].T.astype(np.float64)  # K × D, as scikit-learn's multinomial LogisticRegression
         self.intercept_ = b[best].astype(np.float64)

@@ -48,8 +48,8 @@ def test_chunks_never_exceed_the_budget_and_cover_each_row_once(cache):
 
 
 def test_chunk_size_follows_the_budget():
-    assert linear.rows_per_chunk(1000, 12_000) == 1
-    assert linear.rows_per_chunk(1000, 120_000) == 10
+    assert linear.rows_per_chunk(1000, 16_000) == 1
+    assert linear.rows_per_chunk(1000, 160_000) == 10
     assert linear.rows_per_chunk(10**9, 1) == 1  # one row at the least
 
 
@@ -115,11 +115,15 @@ def test_a_linear_probe_starts_an_lp_ft_head(cache, tmp_path):
     import torch
 
     from bottleneck import data, networks
+    from bottleneck.extract import extract
     from bottleneck.finetune_probe import init_head, read_probe
 
-    fit(str(cache[0]), clf="linear", layer="pool", search=False, out=str(tmp_path))
+    # Features in fp32, as the network computes them below: the probe's probabilities are then the head's.
+    features = extract("efficientnet_lite0", str(cache[1]), layer=["pool"], image_size=64, precision="fp32",
+                       out=str(tmp_path / "c"), batch_size=16, workers=0, progress=False)
+    fit(str(features), clf="linear", layer="pool", search=False, out=str(tmp_path))
     probe = tmp_path / "pool-linear" / "model.skops"
-    with FeatureStore(cache[0]) as st:
+    with FeatureStore(features) as st:
         x, paths, prep = st.features("test", "pool"), st.paths("test"), st.attrs["preprocessing"]
     expected = trained.load(probe).pipe.predict_proba(x)
     net = networks.build_model("efficientnet_lite0")
