@@ -356,8 +356,9 @@ def fit_streamed(pipe, rows: Rows, y: np.ndarray):
     the scaler's mean and variance in one streaming pass, then the probe by minibatch."""
     *prep, (_, probe) = pipe.steps
     if not isinstance(probe, LinearProbe) or any(name not in ("scale", "taps") for name, _ in prep):
-        raise BottleneckError("only the linear classifier on taps (not --layer select) trains on features larger "
-                              "than --memory-budget; raise --memory-budget, or fit --clf linear")
+        raise BottleneckError("features larger than --memory-budget train only by the linear classifier on taps "
+                              "(--layer select ranks every feature in memory); raise --memory-budget above the "
+                              "features' size, or fit --layer concat")
     scaler = dict(prep)["scale"]
     for x in rows.scan() if isinstance(rows, Rows) else (rows.read(p) for p in rows.plan()):
         scaler.partial_fit(x)

@@ -158,7 +158,7 @@ def test_its_strength_is_chosen_on_held_out_rows_and_it_is_deterministic():
     assert a.validation_accuracy_[list(a.strengths).index(a.strength_)] == a.validation_accuracy_.max()
     held = linear.holdout_mask(np.repeat([0, 1], [10, 1]), 0.1, 0)
     assert held.sum() == 1 and not held[-1]  # a class of one row keeps it for training
-    with pytest.raises(BottleneckError, match="only the linear classifier"):
+    with pytest.raises(BottleneckError, match="train only by the linear classifier on taps"):
         fit_streamed(make_classifier("logreg"), ArrayRows(x, BUDGET), y)
 
 
