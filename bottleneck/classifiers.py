@@ -24,6 +24,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from bottleneck.errors import BottleneckError
+from bottleneck.linear import LinearProbe
 
 
 class PlattSVC(CalibratedClassifierCV):
@@ -161,6 +162,7 @@ class Classifier:
     standardise: bool = True  # else L2-normalise each vector (neighbours by cosine); no per-tap weighting then
     # (parameters, Sizes) → parameters to change for data this small, or {"refuse": why}; logreg needs none
     small: Callable[[dict, Sizes], dict] | None = None
+    streams: bool = False  # trains on a split larger than --memory-budget, read from the cache in chunks
 
 
 TABLE: dict[str, Classifier] = {
@@ -179,6 +181,9 @@ TABLE: dict[str, Classifier] = {
                                                      random_state=seed),
                       {"clf__alpha": [1e-3, 1e-2, 1e-1, 1.0], "clf__hidden_layer_sizes": [(256,), (1024,)]},
                       small=_early_stopping),
+    # Softmax regression in torch (bottleneck.linear): its L2 strengths are trained together and chosen on a
+    # held-out tenth of the training rows inside every fit, so --search has no grid of its own to try.
+    "linear": Classifier(lambda seed, cw: LinearProbe(seed=seed, class_weight=cw), {}, streams=True),
     "knn": Classifier(lambda seed, cw: KNeighborsClassifier(n_neighbors=5), {"clf__n_neighbors": [1, 5, 11, 21]},
                       standardise=False, small=_neighbours),
 }

@@ -23,9 +23,10 @@ from sklearn.pipeline import Pipeline
 
 from bottleneck import data, leaks, locks
 from bottleneck import report as reports
-from bottleneck.classifiers import Sizes, grid, make_classifier, suited
+from bottleneck.classifiers import TABLE, Sizes, grid, make_classifier, suited
 from bottleneck.console import note, warn
 from bottleneck.errors import BottleneckError, write_error
+from bottleneck.linear import MB, Rows, fit_pipeline, is_lazy
 from bottleneck.locks import WriteLock
 from bottleneck.scores import target_class
 from bottleneck.settings import FitSettings, folder_name, takes
@@ -58,7 +59,10 @@ def fit(s: FitSettings) -> Path:
 
 def _fit(s: FitSettings) -> Path:
     features, layer = s.features, s.layer or "auto"
-    with FeatureStore(features) as st:
+    # A split larger than the budget stays in the cache, read in chunks, for a classifier that can train so.
+    budget = int(s.memory_budget * MB) if TABLE[s.clf].streams else None
+    # Each tap is read from the file once, however many candidates (taps, concat, the final fit) use it.
+    with FeatureStore(features, remember=True) as st:
         if layer not in LAYER_MODES and layer not in st.taps:
             raise BottleneckError(f"{features} has no tap '{layer}'; it holds {', '.join(st.taps)} "
                                   f"(or use {', '.join(LAYER_MODES)})")
@@ -72,20 +76,21 @@ def _fit(s: FitSettings) -> Path:
             settings["target"] = s.target
         if layer == "all":
             paths = [finished_fit(out_dir / folder_name(tap, **settings), settings | {"tap": tap}, st, s.reuse)
-                     or fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force or s.reuse)
+                     or fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force or s.reuse,
+                                budget=budget)
                      for tap in st.taps]
             return layer_probe(paths, out_dir, folder_name("layers", **settings))
         if s.train_sizes:
-            tap = choose_tap(st, settings)[0] if layer == "auto" else layer
-            return learning_curve(st, tap, s.clf, s.train_sizes, s.class_weight, s.seed, out_dir)
+            tap = choose_tap(st, settings, budget)[0] if layer == "auto" else layer
+            return learning_curve(st, tap, s.clf, s.train_sizes, s.class_weight, s.seed, out_dir, budget)
         out = out_dir / folder_name(layer, **settings)
         done = finished_fit(out, settings | {"tap": layer}, st, s.reuse)
         if done:
             return done
         choice = None
         if layer == "auto":
-            layer, choice = choose_tap(st, settings)
-        return fit_one(st, layer, settings, out, s.force or s.reuse, choice)
+            layer, choice = choose_tap(st, settings, budget)
+        return fit_one(st, layer, settings, out, s.force or s.reuse, choice, budget)
 
 
 def finished_fit(out: Path, settings: dict, st: FeatureStore, reuse: bool) -> Path | None:
@@ -114,7 +119,7 @@ def taps_of(tap: str, st_taps: list[str]) -> list[str]:
     return list(st_taps) if tap in (CONCAT, SELECT) else [tap]
 
 
-def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
+def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> tuple[str, dict]:
     """(tap, how it was chosen): of the cache's taps and their concatenation, the one whose
     classifier scores best on validation.
 
@@ -126,7 +131,7 @@ def choose_tap(st: FeatureStore, settings: dict) -> tuple[str, dict]:
         return st.taps[0], {"by": "the cache's only tap", "scores": {}, "chosen": st.taps[0]}
     scores = {}
     for tap in [*st.taps, CONCAT]:
-        d = split_data(st, tap, settings["seed"], settings.get("folds"))
+        d = split_data(st, tap, settings["seed"], settings.get("folds"), budget)
         pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"], tap_dims(st, tap))
         chosen = search_params(pipe, settings["clf"], d, settings["seed"],
                                grid(settings["clf"]) if settings["search"] else {}, st.classes)[1]
@@ -151,13 +156,16 @@ def save_classifier(pipe: Pipeline, path: Path) -> None:
         raise write_error(e, path) from None
 
 
-def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None) -> dict:
+def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None, budget: int | None = None) -> dict:
     """{split: (features, labels, paths)} from the cache (every tap side by side for "concat");
     data.split_samples holds out a test split when the cache has none, exactly as finetune would
     on the same data. With `folds` ({"k", "fold", "seed", "val_fraction"}) every split is pooled
-    and data.fold_splits makes train, val and test of that fold; d["folds"] records which."""
+    and data.fold_splits makes train, val and test of that fold; d["folds"] records which.
+    With a `budget` (bytes), a split whose features exceed it is `linear.Rows`, read later in chunks."""
     taps = taps_of(tap, st.taps)
-    d = {s: (np.hstack([st.features(s, t) for t in taps]), st.labels(s), st.paths(s)) for s in st.splits}
+    lazy = lazy_splits(st, taps, budget, pooled=bool(folds))
+    d = {s: (Rows.of_split(st, s, taps, budget) if s in lazy else np.hstack([st.features(s, t) for t in taps]),
+             st.labels(s), st.paths(s)) for s in st.splits}
     groups = st.groups()
     if folds:
         d = fold_data(st, d, folds, groups)
@@ -185,10 +193,23 @@ def split_data(st: FeatureStore, tap: str, seed: int, folds: dict | None = None)
     return d
 
 
+def lazy_splits(st: FeatureStore, taps: list[str], budget: int | None, pooled: bool = False) -> set[str]:
+    """The splits whose features, as float32, exceed `budget` bytes (all of them when `pooled` into folds
+    and their sum does); none without a budget."""
+    if budget is None:
+        return set()
+    size = {s: st.file[s]["labels"].shape[0] * sum(st.file[s][f"features/{t}"].shape[1] for t in taps) * 4
+            for s in st.splits}
+    if pooled:
+        return set(size) if sum(size.values()) > budget else set()
+    return {s for s, n in size.items() if n > budget}
+
+
 def fold_data(st: FeatureStore, d: dict, folds: dict, groups: dict[str, str] | None = None) -> dict:
     """The cache's rows, every split pooled, regrouped into one fold's train, val and test (an
     image's views stay together)."""
-    x = np.concatenate([v[0] for v in d.values()])
+    xs = [v[0] for v in d.values()]
+    x = Rows.concat(xs) if is_lazy(xs[0]) else np.concatenate(xs)
     y = np.concatenate([v[1] for v in d.values()])
     paths = [p for v in d.values() for p in v[2]]
     images = list(dict.fromkeys(zip(paths, y.tolist())))  # one pair per image, whatever its views
@@ -233,8 +254,8 @@ def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> 
 
 
 def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool = False,
-            choice: dict | None = None) -> Path:
-    d = split_data(st, tap, settings["seed"], settings.get("folds"))
+            choice: dict | None = None, budget: int | None = None) -> Path:
+    d = split_data(st, tap, settings["seed"], settings.get("folds"), budget)
     with WriteLock(locks.beside(out), str(out)):  # one writer per result folder
         return _fit_locked(st, tap, settings | {"tap": "auto" if choice else tap}, out, force, choice, d)
 
@@ -250,10 +271,10 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     chosen, trained_on = {}, ["train"]
     if search:
         pipe, chosen, x, y = search_params(pipe, clf, d, seed, tried, st.classes)
-        trained_on += ["val"] if "val" in d else []
+        trained_on += ["val"] if len(y) > len(d["train"][1]) else []  # refit on train + val
     else:
         pipe = suited(clf, pipe, {}, Sizes.of(y), st.classes)[0]
-        pipe.fit(x, y)
+        fit_pipeline(pipe, x, y)
     fit_seconds = time.perf_counter() - started
     started = time.perf_counter()
     test_paths, y_test, y_pred, probs = predict_images(pipe, x_test, y_test, test_paths, len(st.classes))
@@ -281,7 +302,8 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
         extra={"layer_choice": choice, "taps": taps_of(tap, st.taps), "views": st.attrs.get("views", "none"),
                "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in tried.items()},
                           "chosen": chosen} if search else None,
-               "holdout": d.get("holdout"), "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]}})
+               "holdout": d.get("holdout"), "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]},
+               "linear": linear_fit(pipe, x)})
     out.mkdir(parents=True, exist_ok=True)
     # The old report goes first and the new one comes last: a report present always describes the
     # model and predictions beside it, even when the writer is killed between two files.
@@ -294,6 +316,15 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     note(f"{clf} on {tap}: test accuracy {rep.accuracy:.3f} (95 % CI {lo:.3f}-{hi:.3f}), balanced "
          f"{rep.balanced_accuracy:.3f} (fit {_duration(fit_seconds)})")
     return path
+
+
+def linear_fit(pipe: Pipeline, x) -> dict | None:
+    """How the linear classifier trained: its solver, each L2 strength's held-out accuracy and the one kept."""
+    probe = pipe.steps[-1][1]
+    if not hasattr(probe, "strength_"):
+        return None
+    return {"solver": probe.solver_, "streamed": is_lazy(x), "strength": probe.strength_,
+            "held_out_accuracy": dict(zip(map(str, probe.strengths_.tolist()), probe.validation_accuracy_.tolist()))}
 
 
 def validation_score(pipe: Pipeline, d: dict, chosen: dict, n_classes: int) -> dict | None:
@@ -319,12 +350,12 @@ def validation_probabilities(pipe: Pipeline, d: dict, seed: int, n_classes: int)
     x, y, paths = d["train"]
     if "val" in d:
         xv, yv, pv = d["val"]
-        _, yv, _, pv_probs = predict_images(clone(pipe).fit(x, y), xv, yv, pv, n_classes)
+        _, yv, _, pv_probs = predict_images(fit_pipeline(clone(pipe), x, y), xv, yv, pv, n_classes)
         return yv, pv_probs, "validation split, scored by the classifier refitted on train alone"
     folds = StratifiedGroupKFold(cv_folds(y, paths), shuffle=True, random_state=seed)
     probs = np.zeros((len(y), n_classes))
-    for train, held in folds.split(x, y, groups=groups_of(d, paths)):
-        probs[held] = class_probabilities(clone(pipe).fit(x[train], y[train]), x[held], n_classes)
+    for train, held in folds.split(np.zeros((len(y), 1)), y, groups=groups_of(d, paths)):
+        probs[held] = class_probabilities(fit_pipeline(clone(pipe), x[train], y[train]), x[held], n_classes)
     _, y_img, _, p_img = mean_over_views(paths, y, probs)
     return y_img, p_img, f"{folds.n_splits}-fold stratified CV on train, each image scored by the fold that left it out"
 
@@ -342,6 +373,8 @@ def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict, clas
     grid scores the classifier's fixed settings the same way). Each setting is suited to the smallest
     training fold (classifiers.suited): tiny classes get fewer calibration folds or neighbours, not a crash."""
     (x, y, paths) = d["train"]
+    if is_lazy(x):
+        return search_streamed(pipe, clf, d, classes)
     if "val" in d:
         xv, yv, _ = d["val"]
         cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yv))])
@@ -356,6 +389,20 @@ def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict, clas
     chosen["cv"] = "validation split" if "val" in d else f"{len(cv)}-fold stratified on train"
     chosen["cv_accuracy"] = float(grid.best_score_)
     return grid.best_estimator_, chosen, x, y
+
+
+def search_streamed(pipe: Pipeline, clf: str, d: dict, classes: list[str]):
+    """search_params for training rows read in chunks (linear): the strength is chosen inside the fit, which is
+    scored on the validation split or, without one, on its own held-out tenth of train. It trains on train
+    alone: a refit on train + val would be one more pass over the cache."""
+    x, y, _ = d["train"]
+    pipe = fit_pipeline(suited(clf, pipe, {}, Sizes.of(y), classes)[0], x, y)
+    if "val" in d:
+        _, yv, pred, _ = predict_images(pipe, *d["val"], len(classes))
+        score, how = float(np.mean(np.asarray(yv) == np.asarray(pred))), "validation split"
+    else:
+        score, how = float(pipe.steps[-1][1].validation_accuracy_.max()), "held-out tenth of train"
+    return pipe, {"cv": how, "cv_accuracy": score}, x, y
 
 
 def groups_of(d: dict, paths: list[str]) -> list[str]:
@@ -409,8 +456,8 @@ def layer_probe(paths: list[Path], out: Path, name: str = "layers") -> Path:
 
 
 def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weight: str | None, seed: int,
-                   out: Path) -> Path:
-    d = split_data(st, tap, seed)
+                   out: Path, budget: int | None = None) -> Path:
+    d = split_data(st, tap, seed, budget=budget)
     (x, y, paths), (x_test, y_test, test_paths) = d["train"], d["test"]
     try:
         wanted = [None if s.strip() == "all" else int(s) for s in sizes.split(",")]
@@ -428,7 +475,7 @@ def learning_curve(st: FeatureStore, tap: str, clf: str, sizes: str, class_weigh
         chosen = np.concatenate([o[:n] if n else o for o in order.values()])
         idx = np.flatnonzero(np.isin(image, image[chosen]))
         pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap), select=tap == SELECT)
-        pipe = suited(clf, pipe, {}, Sizes.of(y[idx]), st.classes)[0].fit(x[idx], y[idx])
+        pipe = fit_pipeline(suited(clf, pipe, {}, Sizes.of(y[idx]), st.classes)[0], x[idx], y[idx])
         _, y_true, y_pred, _ = predict_images(pipe, x_test, y_test, test_paths, len(st.classes))
         m = reports.metrics(y_true, y_pred, st.classes)
         table.append({"per_class": n or "all", "n_train": int(len(chosen)), "accuracy": m["accuracy"],

@@ -1,4 +1,4 @@
-"""LP-FT: start a fine-tune's new head as a linear probe fitted by `fit --clf logreg`.
+"""LP-FT: start a fine-tune's new head as a linear probe fitted by `fit --clf logreg` (or `linear`).
 
 Kumar et al. (ICLR 2022): training the head first on frozen features, then the whole network,
 distorts the pretrained features less than training both from a random head. `read_probe` reads
@@ -22,10 +22,12 @@ from bottleneck import report as reports
 from bottleneck.errors import BottleneckError
 from bottleneck.trained import load_classifier
 
+PROBES = ("logreg", "linear")  # softmax regressions on standardised features: a head is their weights
+
 
 def read_probe(path: str, model: str, weights: str, classes: list[str], prep: dict,
                test: RunTest | None = None, trust: bool = False) -> dict:
-    """The weight matrix and bias of a logistic-regression probe, standardisation folded in, as
+    """The weight matrix and bias of a softmax-regression probe (logreg or linear), standardisation folded in, as
     {"weight": K×D, "bias": K}: the new head then starts as that probe (Kumar et al., ICLR 2022).
 
     The probe must come from this model's penultimate tap (the head's input), the same weights,
@@ -40,7 +42,8 @@ def read_probe(path: str, model: str, weights: str, classes: list[str], prep: di
     spec = backbones.get_spec(model)
     ref = backbones.resolve_weights(model, weights)
     problems = [
-        (prov.get("clf") != "logreg", f"it is a {prov.get('clf')}, not a logreg probe (fit --clf logreg)"),
+        (prov.get("clf") not in PROBES, f"it is a {prov.get('clf')}, not a linear probe (fit --clf logreg or "
+                                        "--clf linear)"),
         (prov.get("model") != model, f"it was fitted on {prov.get('model')} features, not {model}'s"),
         (prov.get("tap") != spec.default_tap, f"it was fitted on tap {prov.get('tap')}; the head reads "
                                               f"{spec.default_tap} (fit --layer {spec.default_tap})"),

@@ -29,7 +29,8 @@ from bottleneck.views import parse_views
 
 # The names of classifiers.TABLE, kept here so that settings (and every command's --help) load without
 # scikit-learn; tests/test_startup.py checks the two agree.
-CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "knn")
+CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "linear", "knn")
+MEMORY_BUDGET_MB = 2048  # fit --memory-budget: features of a split the linear classifier holds in memory at once
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16")
@@ -197,6 +198,9 @@ class FitSettings(Settings):
                           "replace any other (what 'bottleneck run' does with its own folders).", toml=False)
     target: str | None = setting(None, TARGET_HELP + " The validation images are the val split, scored by the "
                                  "model trained on train alone, or else each training image scored by 5-fold CV.")
+    memory_budget: float = setting(MEMORY_BUDGET_MB, "MB of features the linear classifier holds at once: a split "
+                                   "larger than this is read from the cache in chunks and trained on by minibatch "
+                                   "(other classifiers load every split whole).", low=0.01)
 
     def check(self) -> None:
         check_target(self.target)
@@ -215,8 +219,8 @@ class FinetuneSettings(Settings):
     head_epochs: int | None = setting(None, "Epochs training the new head alone [default: 1, or 0 with "
                                       "--init-head].", low=0)
     init_head: str | None = setting(None, "LP-FT: start the new head from a linear probe, the model.skops of "
-                                    "'bottleneck fit --clf logreg --layer TAP' on this model's penultimate tap "
-                                    "(standardisation folded in); the head-only epochs are then skipped.")
+                                    "'bottleneck fit --clf logreg (or linear) --layer TAP' on this model's penultimate "
+                                    "tap (standardisation folded in); the head-only epochs are then skipped.")
     trust: bool = setting(False, TRUST_HELP, toml=False)
     from_cache: str | None = setting(None, "Train only the layers after a tap, and the head, on the tap's maps in a "
                                      "cache made by 'extract --maps TAP' from this data, without decoding images or "

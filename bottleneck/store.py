@@ -350,8 +350,11 @@ def _digest(ds: h5py.Dataset) -> str:
 class FeatureStore:
     """Read access to a complete cache: `FeatureStore(path).features("train")`."""
 
-    def __init__(self, path: str | os.PathLike, require_complete: bool = True):
+    def __init__(self, path: str | os.PathLike, require_complete: bool = True, remember: bool = False):
+        """`remember`: keep each tap's features once read, so a stage that reads a tap for several purposes
+        (fit: choosing the tap, the concatenation, the final fit) reads it from the file once."""
         self.path = Path(path)
+        self._kept: dict[tuple[str, str], np.ndarray] | None = {} if remember else None
         if self.path.is_dir():
             raise BottleneckError(f"{path} is a folder; give a cache file (.h5), see 'bottleneck cache ls {path}'")
         if not self.path.is_file() and Path(f"{path}.parts").is_dir():
@@ -438,6 +441,7 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
+        self._kept = {} if self._kept is not None else None
         self.file.close()
 
     @property
@@ -457,6 +461,16 @@ class FeatureStore:
         tap = tap or self.taps[-1]
         if tap not in self.taps:
             raise BottleneckError(f"{self.path} has no tap '{tap}'; it holds {', '.join(self.taps)}")
+        if self._kept is None:
+            return self._read_features(split, tap)
+        if (split, tap) not in self._kept:
+            x = self._read_features(split, tap)
+            x.setflags(write=False)  # shared by every caller of this store: none may change it for the others
+            self._kept[split, tap] = x
+        return self._kept[split, tap]
+
+    def _read_features(self, split: str, tap: str) -> np.ndarray:
+        """A tap's features of a split, read from the file and checked."""
         ds = self._split(split)[f"features/{tap}"]
         x = ds[:]
         if not np.isfinite(x).all():  # one NaN makes a scaler, and so every prediction, NaN

@@ -40,6 +40,7 @@ TRUSTED_TYPES = [
     "bottleneck.classifiers.EqualTaps",
     "bottleneck.classifiers.PlattSVC",
     "bottleneck.classifiers.SelectRelevant",
+    "bottleneck.linear.LinearProbe",
     "sklearn.calibration._CalibratedClassifier",  # svm and linear-svm: the calibrated SVM and its sigmoids
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",  # knn on narrow features keeps a k-d tree
@@ -239,6 +240,8 @@ def predict_images(pipe, x: np.ndarray, y: np.ndarray, paths: list[str], n_class
     the classifier's own label (an SVM's decision can disagree with its calibrated probability)."""
     probs = class_probabilities(pipe, x, n_classes)
     if len(set(paths)) == len(paths):
+        if hasattr(x, "plan"):  # rows read in chunks (bottleneck.linear): the linear classifier labels by argmax
+            return paths, y, probs.argmax(1), probs
         return paths, y, pipe.predict(x), probs
     return mean_over_views(paths, y, probs)
 
@@ -259,5 +262,10 @@ def class_probabilities(pipe, x: np.ndarray, n_classes: int) -> np.ndarray:
     """predict_proba with a column for every class of the cache, in its order (predict_proba's own
     columns are only the classes seen in training)."""
     full = np.zeros((len(x), n_classes))
-    full[:, np.asarray(pipe.classes_, dtype=int)] = pipe.predict_proba(x)
+    columns = np.asarray(pipe.classes_, dtype=int)
+    if hasattr(x, "plan"):  # rows of a split larger than fit's memory budget, read in chunks (bottleneck.linear)
+        for positions in x.plan():
+            full[positions[:, None], columns] = pipe.predict_proba(x.read(positions))
+        return full
+    full[:, columns] = pipe.predict_proba(x)
     return full

@@ -322,7 +322,7 @@ def test_init_head_starts_from_the_probe_with_its_predictions_and_skips_the_head
     assert rep["head_only"] is not None and rep["params"]["init_head"] == str(probe)
 
     svm = fit(str(cache), clf="svm", layer="pool", search=False, out=str(tmp_path / "fit")).parent / "model.skops"
-    with pytest.raises(BottleneckError, match="not a logreg probe"):
+    with pytest.raises(BottleneckError, match="not a linear probe"):
         finetune(LITE, str(small), init_head=str(svm), epochs=1, out=str(tmp_path / "ft2"), **QUICK)
     with pytest.raises(BottleneckError, match="preprocessing"):
         finetune(LITE, str(small), init_head=str(probe), epochs=1, out=str(tmp_path / "ft3"),

@@ -148,6 +148,7 @@ def test_fit_reuse_and_compare_never_unpickle_a_model_file(models, tmp_path):
 
 
 @pytest.mark.parametrize("clf, tap", [("svm", "fire9"), ("mlp", "fire9"), ("linear-svm", "fire9"), ("knn", "fire9"),
+                                      ("linear", "fire9"),
                                       ("logreg", "concat"), ("logreg", "select")])
 def test_a_saved_classifier_loads_safely_and_predicts_identically(models, tmp_path, clf, tap):
     """Fitted as fit fits it, saved by fit's own save path, read back through skops with only
