@@ -274,6 +274,7 @@ FOLDS = {
     "EqualTaps": _equal_taps,
     "SelectRelevant": lambda s: Columns(s.support_),
     "LogisticRegression": lambda c: LinearProbabilities(c.coef_, c.intercept_),
+    "LinearProbe": lambda c: LinearProbabilities(c.coef_, c.intercept_),  # a softmax over K rows, two classes too
     "MLPClassifier": lambda c: Perceptron(c.coefs_, c.intercepts_, c.activation, c.out_activation_),
     "PlattSVC": lambda c: CalibratedMean(c, own_label=True),
     "CalibratedClassifierCV": CalibratedMean,
