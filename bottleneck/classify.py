@@ -257,11 +257,11 @@ def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool =
             choice: dict | None = None, budget: int | None = None) -> Path:
     d = split_data(st, tap, settings["seed"], settings.get("folds"), budget)
     with WriteLock(locks.beside(out), str(out)):  # one writer per result folder
-        return _fit_locked(st, tap, settings | {"tap": "auto" if choice else tap}, out, force, choice, d)
+        return _fit_locked(st, tap, settings | {"tap": "auto" if choice else tap}, out, force, choice, d, budget)
 
 
 def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool, choice: dict | None,
-                d: dict) -> Path:
+                d: dict, budget: int | None = None) -> Path:
     clf, search, class_weight, seed = (settings[k] for k in ("clf", "search", "class_weight", "seed"))
     (x, y, _), (x_test, y_test, test_paths) = d["train"], d["test"]
     check_previous(out, settings, st.attrs["fingerprint"], force)
@@ -286,7 +286,7 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     pipe.bottleneck_ = provenance(st, tap, clf) | {"trained_on": trained_on, "holdout": d.get("holdout"),
                                                    "folds": d.get("folds")}
     grouped = st.attrs.get("split_info", {}).get("groups")
-    twins = leaks.check_cache(st, d["train"][2], test_paths, seed)
+    twins = leaks.check_cache(st, d["train"][2], test_paths, seed, budget)
     if warning := leaks.warning(twins):
         warn(warning)
     rep = reports.Report(

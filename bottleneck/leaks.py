@@ -138,18 +138,61 @@ def check_features(train_x: np.ndarray, test_x: np.ndarray, threshold: float = D
     return check(sims >= bar, len(test_x), "features", threshold, bar, q)
 
 
-def check_cache(st, train_paths: list[str], test_paths: list[str], seed: int = 0) -> dict:
+def check_cache(st, train_paths: list[str], test_paths: list[str], seed: int = 0,
+                budget: int | None = None) -> dict:
     """The quick check of a fit's train and test images on the cache's penultimate features (the
-    tap the audit's threshold was measured on; the first view of each image)."""
+    tap the audit's threshold was measured on; the first view of each image). With a `budget`
+    (bytes) that the training features exceed, they are read in chunks of at most that size."""
     tap = "pool" if "pool" in st.taps else st.taps[-1]
-    rows: dict[str, np.ndarray] = {}
-    for split in st.splits:
-        first = st.views(split) == 0
-        x = st.features(split, tap)[first]
-        rows.update(zip([p for p, f in zip(st.paths(split), first) if f], x))
-    train = np.stack([rows[p] for p in dict.fromkeys(train_paths)])
-    test = np.stack([rows[p] for p in dict.fromkeys(test_paths)])
-    return check_features(train, test, seed=seed) | {"tap": tap}
+    where = {}  # path → (split, row) of its first view
+    for k, split in enumerate(st.splits):
+        first = np.flatnonzero(st.views(split) == 0)
+        paths = st.paths(split)
+        where.update((paths[i], (k, i)) for i in first)
+    train = np.array([where[p] for p in dict.fromkeys(train_paths)])
+    test = np.array([where[p] for p in dict.fromkeys(test_paths)])
+    width = st.file[st.splits[0]][f"features/{tap}"].shape[1]
+    if budget is None or len(train) * width * 4 <= budget:
+        x = {k: st.features(split, tap) for k, split in enumerate(st.splits)}
+        rows = lambda at: np.stack([x[k][i] for k, i in at])  # noqa: E731
+        return check_features(rows(train), rows(test), seed=seed) | {"tap": tap}
+    return check_streamed(st, tap, train, test, seed, budget) | {"tap": tap}
+
+
+def check_streamed(st, tap: str, train: np.ndarray, test: np.ndarray, seed: int, budget: int) -> dict:
+    """check_features on training features read in chunks of at most `budget` bytes (linear.Rows): one
+    pass for their mean and the sampled training rows, one for the nearest training row of those and
+    of the sampled test rows."""
+    from bottleneck.linear import Rows
+
+    reference = Rows(st, [tap], list(st.splits), train[:, 0], train[:, 1], budget)
+    chunks = reference.plan()
+    own = sample(len(train), seed)  # training rows whose nearest other training row sets the bar
+    total, own_x = np.zeros(reference.width), np.empty((len(own), reference.width), dtype=np.float32)
+    for c in chunks:
+        x = reference.read(c)
+        total += x.sum(axis=0, dtype=np.float64)
+        at = {int(p): j for j, p in enumerate(c)}
+        for i in np.flatnonzero(np.isin(own, c)):
+            own_x[i] = x[at[int(own[i])]]
+    centre = (total / len(train)).astype(np.float32)
+    picked = test[sample(len(test), seed)]
+    tested = Rows(st, [tap], list(st.splits), picked[:, 0], picked[:, 1], budget)
+    test_x = np.empty((len(picked), reference.width), dtype=np.float32)
+    for c in tested.plan():
+        test_x[c] = tested.read(c)
+    q = unit_rows(np.concatenate([own_x, test_x]) - centre)
+    best = np.full(len(q), -np.inf, dtype=np.float32)
+    for c in chunks:
+        sims = q @ unit_rows(reference.read(c) - centre).T
+        at = {int(p): j for j, p in enumerate(c)}
+        for i, p in enumerate(own):  # a sampled training row may not pick itself
+            if int(p) in at:
+                sims[i, at[int(p)]] = -np.inf
+        best = np.maximum(best, sims.max(axis=1))
+    q99 = float(np.quantile(best[:len(own)], NEIGHBOUR_QUANTILE))
+    bar = max(DEFAULT_THRESHOLD, q99)
+    return check(best[len(own):] >= bar, len(test), "features", DEFAULT_THRESHOLD, bar, q99)
 
 
 def check_files(train_paths: list[str], test_paths: list[str], root: str | None, seed: int = 0) -> dict:

@@ -214,3 +214,23 @@ def test_no_warning_without_copies(planted):
         found = leaks.check_cache(st, st.paths("train"), test)
         assert leaks.check_files(st.paths("train"), test, st.attrs["data_root"])["twins"] == 0
     assert found["twins"] == 0 and leaks.warning(found) is None
+
+
+def test_the_quick_check_streamed_under_a_memory_budget_finds_what_it_finds_in_memory(planted, monkeypatch):
+    from bottleneck.linear import Rows
+    from bottleneck.store import FeatureStore
+
+    cache, copies = planted
+    sizes = []
+    read = Rows.read
+    monkeypatch.setattr(Rows, "read", lambda self, positions, hashes=None: sizes.append(len(positions) * 1280 * 4)
+                        or read(self, positions, hashes))
+    with FeatureStore(cache) as st:
+        train, test = st.paths("train"), st.paths("test")
+        whole = leaks.check_cache(st, train, test)
+        assert not sizes
+        budget = 12 * 1280 * 4  # twelve rows of pool features: the 40 training images in four chunks
+        streamed = leaks.check_cache(st, train, test, budget=budget)
+    assert sizes and max(sizes) <= budget
+    assert streamed["twins"] == whole["twins"] >= 9 and streamed["checked"] == whole["checked"]
+    assert streamed["bar"] == pytest.approx(whole["bar"], abs=1e-4)
