@@ -61,8 +61,10 @@ def _fit(s: FitSettings) -> Path:
     features, layer = s.features, s.layer or "auto"
     # A split larger than the budget stays in the cache, read in chunks, for a classifier that can train so.
     budget = int(s.memory_budget * MB) if TABLE[s.clf].streams else None
-    # Each tap is read from the file once, however many candidates (taps, concat, the final fit) use it.
-    with FeatureStore(features, remember=True) as st:
+    # Each tap is read from the file once, however many candidates (taps, concat, the final fit) use it. Only
+    # auto reads a tap twice; it holds every tap at once for concat anyway, where --layer all would hold them
+    # all only to keep them.
+    with FeatureStore(features, remember=layer == "auto") as st:
         if layer not in LAYER_MODES and layer not in st.taps:
             raise BottleneckError(f"{features} has no tap '{layer}'; it holds {', '.join(st.taps)} "
                                   f"(or use {', '.join(LAYER_MODES)})")
