@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import sklearn
 from sklearn.base import clone
-from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedGroupKFold
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 
-from bottleneck import data, leaks, locks
+from bottleneck import choose, data, leaks, locks
 from bottleneck import report as reports
 from bottleneck.classifiers import TABLE, Sizes, grid, make_classifier, suited
 from bottleneck.console import note, warn
@@ -62,9 +62,9 @@ def _fit(s: FitSettings) -> Path:
     # A split larger than the budget stays in the cache, read in chunks, for a classifier that can train so.
     budget = int(s.memory_budget * MB) if TABLE[s.clf].streams else None
     # Each tap is read from the file once, however many candidates (taps, concat, the final fit) use it. Only
-    # auto reads a tap twice; it holds every tap at once for concat anyway, where --layer all would hold them
-    # all only to keep them.
-    with FeatureStore(features, remember=layer == "auto") as st:
+    # auto reads every tap twice; it holds every tap at once for concat anyway, where --layer all would hold
+    # them all only to keep them. pool, which the check for near-twins reads too, is kept whatever --layer does.
+    with FeatureStore(features, remember=True if layer == "auto" else {"pool"}) as st:
         if layer not in LAYER_MODES and layer not in st.taps:
             raise BottleneckError(f"{features} has no tap '{layer}'; it holds {', '.join(st.taps)} "
                                   f"(or use {', '.join(LAYER_MODES)})")
@@ -123,26 +123,38 @@ def taps_of(tap: str, st_taps: list[str]) -> list[str]:
 
 def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> tuple[str, dict]:
     """(tap, how it was chosen): of the cache's taps and their concatenation, the one whose
-    classifier scores best on validation.
-
-    Each candidate is scored as the final fit would train (with the search when asked), on the
-    validation split, or by 5-fold CV on train when there is none (see cv_folds). Test images never take part.
-    A tie goes to a single tap before the concatenation, and to the deeper of two taps.
+    classifier scores best by repeated cross-validation over train + val (bottleneck.choose), with
+    its default settings; a simpler candidate within one standard error of the best is kept
+    instead (a single tap before the concatenation, the deeper of two taps). Test images never
+    take part. Rows read in chunks (a split over --memory-budget) are scored on validation alone.
     """
     if len(st.taps) == 1:
         return st.taps[0], {"by": "the cache's only tap", "scores": {}, "chosen": st.taps[0]}
-    scores = {}
-    for tap in [*st.taps, CONCAT]:
-        d = split_data(st, tap, settings["seed"], settings.get("folds"), budget)
-        pipe = make_classifier(settings["clf"], settings["seed"], settings["class_weight"], tap_dims(st, tap))
-        chosen = search_params(pipe, settings["clf"], d, settings["seed"],
-                               grid(settings["clf"]) if settings["search"] else {}, st.classes)[1]
-        scores[tap] = chosen["cv_accuracy"]
-    rank = {t: (round(scores[t], 12), t != CONCAT, st.taps.index(t) if t in st.taps else -1) for t in scores}
-    best = max(scores, key=rank.get)
-    how = "validation split" if "val" in st.splits else chosen["cv"].replace("stratified on", "stratified CV on")
-    note("tap by " + how + ": " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()) + f"; chose {best}")
-    return best, {"by": how, "scores": {t: round(v, 4) for t, v in scores.items()}, "chosen": best}
+    candidates = [*reversed(st.taps), CONCAT]  # simplest first
+    clf, seed = settings["clf"], settings["seed"]
+    scores, folds, how = {}, None, None
+    for tap in candidates:
+        d = split_data(st, tap, seed, settings.get("folds"), budget)
+        pipe = make_classifier(clf, seed, settings["class_weight"], tap_dims(st, tap))
+        if is_lazy(d["train"][0]):
+            chosen = search_streamed(pipe, clf, d, st.classes)[1]
+            scores[tap], how = np.array([chosen["cv_accuracy"]]), chosen["cv"]
+            continue
+        x, y, paths = choose.pooled(d)
+        if folds is None:
+            folds = choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), seed)
+            how = cv_name(folds, "val" in d)
+        pipe = suited(clf, pipe, {}, Sizes.of(y, *(y[train] for train, _ in folds)), st.classes)[0]
+        scores[tap] = choose.fold_scores(pipe, x, y, folds)
+    choice = choose.one_se_choice(scores, candidates) | {"by": how}
+    note(choose.describe(choice, "tap"))
+    return choice["chosen"], choice
+
+
+def cv_name(folds: list, with_val: bool) -> str:
+    """How a choice was scored, for the report: "2 × 5-fold stratified CV on train + val"."""
+    k = len(folds) // choose.REPEATS
+    return f"{choose.REPEATS} × {k}-fold stratified CV on train{' + val' if with_val else ''}"
 
 
 def save_classifier(pipe: Pipeline, path: Path) -> None:
@@ -371,25 +383,21 @@ def _duration(seconds: float) -> str:
 
 
 def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict, classes: list[str]):
-    """Grid search on the validation split when there is one, else 5-fold CV on train (cv_folds; an empty
-    grid scores the classifier's fixed settings the same way). Each setting is suited to the smallest
-    training fold (classifiers.suited): tiny classes get fewer calibration folds or neighbours, not a crash."""
-    (x, y, paths) = d["train"]
-    if is_lazy(x):
+    """Grid search by repeated cross-validation over train + val (bottleneck.choose; an empty grid
+    scores the classifier's fixed settings the same way), then a refit on train + val. Each setting
+    is suited to the smallest training fold (classifiers.suited): tiny classes get fewer calibration
+    folds or neighbours, not a crash."""
+    if is_lazy(d["train"][0]):
         return search_streamed(pipe, clf, d, classes)
-    if "val" in d:
-        xv, yv, _ = d["val"]
-        cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yv))])
-        x, y = np.concatenate([x, xv]), np.concatenate([y, yv])  # refit on train + val
-    else:  # an image's views, and a group's images, stay in one fold
-        folds = StratifiedGroupKFold(cv_folds(y, paths), shuffle=True, random_state=seed)
-        cv = list(folds.split(x, y, groups=groups_of(d, paths)))
-    pipe, points = suited(clf, pipe, grid, Sizes.of(y, *(y[train] for train, _ in _splits(cv, x, y))), classes)
-    grid = GridSearchCV(pipe, points, cv=cv, n_jobs=-1, scoring="accuracy", refit=True)
+    x, y, paths = choose.pooled(d)  # an image's views, and a group's images, stay in one fold
+    folds = choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), seed)
+    pipe, points = suited(clf, pipe, grid, Sizes.of(y, *(y[train] for train, _ in folds)), classes)
+    grid = GridSearchCV(pipe, points, cv=folds, n_jobs=-1, scoring="accuracy", refit=True)
     grid.fit(x, y)
     chosen = {k.removeprefix("clf__"): _plain(v) for k, v in grid.best_params_.items()}
-    chosen["cv"] = "validation split" if "val" in d else f"{len(cv)}-fold stratified on train"
+    chosen["cv"] = cv_name(folds, "val" in d)
     chosen["cv_accuracy"] = float(grid.best_score_)
+    chosen["cv_sd"] = round(float(grid.cv_results_["std_test_score"][grid.best_index_]), 4)
     return grid.best_estimator_, chosen, x, y
 
 

@@ -350,11 +350,13 @@ def _digest(ds: h5py.Dataset) -> str:
 class FeatureStore:
     """Read access to a complete cache: `FeatureStore(path).features("train")`."""
 
-    def __init__(self, path: str | os.PathLike, require_complete: bool = True, remember: bool = False):
-        """`remember`: keep each tap's features once read, so a stage that reads a tap for several purposes
-        (fit: choosing the tap, the concatenation, the final fit) reads it from the file once."""
+    def __init__(self, path: str | os.PathLike, require_complete: bool = True, remember: bool | set[str] = False):
+        """`remember`: keep each tap's features once read (or those of the taps in a set), so a stage that reads
+        a tap for several purposes (fit: choosing the tap, the concatenation, the final fit, the check for
+        near-twins) reads it from the file once."""
         self.path = Path(path)
         self._kept: dict[tuple[str, str], np.ndarray] | None = {} if remember else None
+        self._remembered = remember
         if self.path.is_dir():
             raise BottleneckError(f"{path} is a folder; give a cache file (.h5), see 'bottleneck cache ls {path}'")
         if not self.path.is_file() and Path(f"{path}.parts").is_dir():
@@ -461,7 +463,7 @@ class FeatureStore:
         tap = tap or self.taps[-1]
         if tap not in self.taps:
             raise BottleneckError(f"{self.path} has no tap '{tap}'; it holds {', '.join(self.taps)}")
-        if self._kept is None:
+        if self._kept is None or (self._remembered is not True and tap not in self._remembered):
             return self._read_features(split, tap)
         if (split, tap) not in self._kept:
             x = self._read_features(split, tap)

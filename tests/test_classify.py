@@ -25,9 +25,10 @@ def test_every_classifier_fits_and_reports(cache, tmp_path, clf):
     assert (path.parent / "confusion_matrix.png").stat().st_size > 1000
 
 
-def test_search_uses_the_validation_split_and_records_its_choice(cache, tmp_path):
+def test_search_uses_repeated_cv_over_train_and_val_and_records_its_choice(cache, tmp_path):
     rep = json.loads(fit(str(cache[0]), clf="logreg", out=str(tmp_path)).read_text())  # search is the default
-    assert rep["search"]["chosen"]["cv"] == "validation split"
+    assert rep["search"]["chosen"]["cv"] == "2 × 5-fold stratified CV on train + val"
+    assert 0 <= rep["search"]["chosen"]["cv_sd"] < 0.5
     assert rep["search"]["chosen"]["C"] in rep["search"]["grid"]["clf__C"]
     assert rep["n_train"] == 40  # refit on train + val
 
@@ -98,15 +99,22 @@ def test_layer_auto_picks_the_tap_with_the_best_validation_score(cache, tmp_path
 
     rep = json.loads(fit(str(cache[0]), search=False, out=str(tmp_path)).read_text())  # layer auto by default
     choice = rep["layer_choice"]
-    assert choice["by"] == "validation split" and list(choice["scores"]) == ["blocks.4", "pool", "concat"]
+    assert choice["by"] == "2 × 5-fold stratified CV on train + val"
+    assert list(choice["scores"]) == ["pool", "blocks.4", "concat"]  # simplest first
+    from bottleneck import choose
+
     with FeatureStore(cache[0]) as st:  # the same scores, computed independently from the cache
-        for tap, score in list(choice["scores"].items())[:2]:
+        y = np.r_[st.labels("train"), st.labels("val")]
+        folds = choose.repeated_folds(y, st.paths("train") + st.paths("val"), 5, 0)
+        for tap in ("pool", "blocks.4"):
+            x = np.r_[st.features("train", tap), st.features("val", tap)]
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000))
-            clf.fit(st.features("train", tap), st.labels("train"))
-            assert score == pytest.approx(clf.score(st.features("val", tap), st.labels("val")), abs=1e-4)
-    best = max(choice["scores"].values())
-    ties = [t for t in ("concat", "blocks.4", "pool") if choice["scores"][t] == best]
-    assert choice["chosen"] == ties[-1]  # a single tap before the concatenation, the deeper of two taps
+            folded = [clf.fit(x[a], y[a]).score(x[b], y[b]) for a, b in folds]
+            assert choice["scores"][tap]["mean"] == pytest.approx(np.mean(folded), abs=1e-4)
+    order, means = list(choice["scores"]), {t: v["mean"] for t, v in choice["scores"].items()}
+    assert choice["best"] == max(order, key=means.get)
+    # the best, or a simpler candidate (earlier in the order) within one standard error of it
+    assert order.index(choice["chosen"]) <= order.index(choice["best"])
     assert rep["tap"] == choice["chosen"] and rep["settings"]["tap"] == "auto"
     assert (tmp_path / "auto-logreg" / "model.skops").is_file()
 
@@ -309,7 +317,7 @@ def test_tiny_classes_fit_every_classifier_or_are_refused_naming_the_class(cache
     x = rng.normal(size=(6, 8)) + y[:, None] * 3
     d = {"train": (x, y, [f"{i}.png" for i in range(6)])}
     best, chosen, _, _ = search_params(make_classifier(clf), clf, d, 0, grid(clf), ["cats", "dogs"])
-    assert chosen["cv"] == "3-fold stratified on train" and best.predict(x).tolist() == y.tolist()
+    assert chosen["cv"] == "2 × 3-fold stratified CV on train" and best.predict(x).tolist() == y.tolist()
 
 
 def test_a_second_learning_curve_keeps_the_first(cache, tmp_path):

@@ -166,7 +166,7 @@ def test_changed_fit_settings_fit_again(tmp_path):
                     .replace("search = false", "search = true"))
     pipeline.run(path, progress=False)
     searched = report.parent.with_name("pool-logreg-search") / "report.json"  # its own folder: nothing replaced
-    assert json.loads(searched.read_text())["search"]["chosen"]["cv"] == "5-fold stratified on train"
+    assert json.loads(searched.read_text())["search"]["chosen"]["cv"] == "2 × 5-fold stratified CV on train"
     assert json.loads(report.read_text())["search"] is None
 
 
