@@ -19,6 +19,10 @@ from sklearn.base import clone
 from sklearn.model_selection import StratifiedGroupKFold
 
 REPEATS = 2  # rounds of K-fold, each with its own shuffle
+# What `fit --clf auto` chooses among, cheapest first: an RBF SVM's fit grows about quadratically with
+# its rows, so past AUTO_SVM_ROWS training rows it would take minutes per fold and is left out.
+AUTO_CLASSIFIERS = ("logreg", "svm", "mlp")
+AUTO_SVM_ROWS = 5000
 
 
 def pooled(d: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:

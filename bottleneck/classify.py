@@ -60,7 +60,7 @@ def fit(s: FitSettings) -> Path:
 def _fit(s: FitSettings) -> Path:
     features, layer = s.features, s.layer or "auto"
     # A split larger than the budget stays in the cache, read in chunks, for a classifier that can train so.
-    budget = int(s.memory_budget * MB) if TABLE[s.clf].streams else None
+    budget = int(s.memory_budget * MB) if s.clf == "auto" or TABLE[s.clf].streams else None
     # Each tap is read from the file once, however many candidates (taps, concat, the final fit) use it. Only
     # auto reads every tap twice; it holds every tap at once for concat anyway, where --layer all would hold
     # them all only to keep them. pool, which the check for near-twins reads too, is kept whatever --layer does.
@@ -76,6 +76,9 @@ def _fit(s: FitSettings) -> Path:
             settings["folds"] = {"k": s.folds, "fold": s.fold, "seed": s.split_seed, "val_fraction": s.val_fraction}
         if s.target:  # recorded only when given, so reports written without it still match for --reuse
             settings["target"] = s.target
+        if s.clf == "auto" and (layer == "all" or s.train_sizes):
+            raise BottleneckError("--clf auto chooses one classifier for one fit; name a classifier for "
+                                  f"{'--layer all' if layer == 'all' else '--train-sizes'}")
         if layer == "all":
             paths = [finished_fit(out_dir / folder_name(tap, **settings), settings | {"tap": tap}, st, s.reuse)
                      or fit_one(st, tap, settings, out_dir / folder_name(tap, **settings), s.force or s.reuse,
@@ -89,10 +92,14 @@ def _fit(s: FitSettings) -> Path:
         done = finished_fit(out, settings | {"tap": layer}, st, s.reuse)
         if done:
             return done
-        choice = None
-        if layer == "auto":
+        choice, clf_choice = None, None
+        if s.clf == "auto":  # the tap with the cheapest classifier, then the classifier on that tap
+            clf_choice = choose_classifier(st, settings, layer, budget)
+            layer, choice = clf_choice.pop("tap"), clf_choice.pop("layer_choice")
+            budget = budget if clf_choice["chosen"] == "linear" else None
+        elif layer == "auto":
             layer, choice = choose_tap(st, settings, budget)
-        return fit_one(st, layer, settings, out, s.force or s.reuse, choice, budget)
+        return fit_one(st, layer, settings, out, s.force or s.reuse, choice, budget, clf_choice)
 
 
 def finished_fit(out: Path, settings: dict, st: FeatureStore, reuse: bool) -> Path | None:
@@ -149,6 +156,34 @@ def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> t
     choice = choose.one_se_choice(scores, candidates) | {"by": how}
     note(choose.describe(choice, "tap"))
     return choice["chosen"], choice
+
+
+def choose_classifier(st: FeatureStore, settings: dict, layer: str, budget: int | None) -> dict:
+    """`--clf auto`: of choose.AUTO_CLASSIFIERS, the one whose default settings score best by the
+    repeated cross-validation over train + val, or the cheapest within one standard error of it; on
+    the tap `layer` names, or that logreg chooses for --layer auto. Features over the memory budget
+    leave only the classifier that streams them (linear)."""
+    logreg = settings | {"clf": "logreg"}
+    tap, layer_choice = choose_tap(st, logreg) if layer == "auto" else (layer, None)
+    d = split_data(st, tap, settings["seed"], settings.get("folds"), budget)
+    if is_lazy(d["train"][0]):
+        return {"chosen": "linear", "by": "the features exceed --memory-budget; only linear reads them in chunks",
+                "scores": {}, "tap": tap, "layer_choice": layer_choice}
+    x, y, paths = choose.pooled(d)
+    folds = choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), settings["seed"])
+    candidates = [c for c in choose.AUTO_CLASSIFIERS if c != "svm" or len(y) <= choose.AUTO_SVM_ROWS]
+    scores = {}
+    for clf in candidates:
+        pipe = make_classifier(clf, settings["seed"], settings["class_weight"], tap_dims(st, tap), select=tap == SELECT)
+        pipe = suited(clf, pipe, {}, Sizes.of(y, *(y[train] for train, _ in folds)), st.classes)[0]
+        scores[clf] = choose.fold_scores(pipe, x, y, folds)
+    choice = choose.one_se_choice(scores, candidates) | {"by": cv_name(folds, "val" in d), "tap": tap,
+                                                          "layer_choice": layer_choice}
+    if len(candidates) < len(choose.AUTO_CLASSIFIERS):
+        choice["left_out"] = {"svm": f"{len(y)} training rows, above {choose.AUTO_SVM_ROWS}: an RBF SVM would take "
+                                     "minutes per fold"}
+    note(choose.describe(choice, "classifier"))
+    return choice
 
 
 def cv_name(folds: list, with_val: bool) -> str:
@@ -268,15 +303,17 @@ def check_previous(out: Path, settings: dict, fingerprint: str, force: bool) -> 
 
 
 def fit_one(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool = False,
-            choice: dict | None = None, budget: int | None = None) -> Path:
+            choice: dict | None = None, budget: int | None = None, clf_choice: dict | None = None) -> Path:
     d = split_data(st, tap, settings["seed"], settings.get("folds"), budget)
     with WriteLock(locks.beside(out), str(out)):  # one writer per result folder
-        return _fit_locked(st, tap, settings | {"tap": "auto" if choice else tap}, out, force, choice, d, budget)
+        return _fit_locked(st, tap, settings | {"tap": "auto" if choice else tap}, out, force, choice, d, budget,
+                           clf_choice)
 
 
 def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bool, choice: dict | None,
-                d: dict, budget: int | None = None) -> Path:
-    clf, search, class_weight, seed = (settings[k] for k in ("clf", "search", "class_weight", "seed"))
+                d: dict, budget: int | None = None, clf_choice: dict | None = None) -> Path:
+    search, class_weight, seed = (settings[k] for k in ("search", "class_weight", "seed"))
+    clf = clf_choice["chosen"] if clf_choice else settings["clf"]  # settings keep "auto", as asked
     (x, y, _), (x_test, y_test, test_paths) = d["train"], d["test"]
     check_previous(out, settings, st.attrs["fingerprint"], force)
     pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap), select=tap == SELECT)
@@ -313,7 +350,8 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
         cost={"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
               "extraction": st.attrs.get("cost", {})},
         validation=validation_score(pipe, d, chosen, len(st.classes)),
-        extra={"layer_choice": choice, "taps": taps_of(tap, st.taps), "views": st.attrs.get("views", "none"),
+        extra={"layer_choice": choice, "clf_choice": clf_choice, "taps": taps_of(tap, st.taps),
+               "views": st.attrs.get("views", "none"),
                "search": {"grid": {k: [_plain(v) for v in vs] for k, vs in tried.items()},
                           "chosen": chosen} if search else None,
                "holdout": d.get("holdout"), "cache": {"path": str(st.path), "fingerprint": st.attrs["fingerprint"]},

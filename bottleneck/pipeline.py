@@ -181,11 +181,11 @@ def _backbone(where: _Locator, i: int, t: dict) -> dict:
 def _backbone_fit(where: _Locator, i: int, value) -> bool | list[str]:
     """[[backbone]] fit: true ([fit]'s classifiers), false (none: a cache made for a fine-tune's
     maps) or a list of some of them (["logreg"] where the others would take long on many views)."""
-    from bottleneck.settings import CLASSIFIERS  # the names alone: reading an experiment loads no scikit-learn
+    from bottleneck.settings import CLASSIFIER_CHOICES as names  # the names alone: no scikit-learn to read a file
 
-    if isinstance(value, bool) or (isinstance(value, list) and value and all(v in CLASSIFIERS for v in value)):
+    if isinstance(value, bool) or (isinstance(value, list) and value and all(v in names for v in value)):
         return value
-    raise where.error("backbone", i, "fit", f"must be true, false or a list of classifiers ({', '.join(CLASSIFIERS)}),"
+    raise where.error("backbone", i, "fit", f"must be true, false or a list of classifiers ({', '.join(names)}),"
                       f" not {value!r}")
 
 

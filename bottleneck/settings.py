@@ -30,6 +30,7 @@ from bottleneck.views import parse_views
 # The names of classifiers.TABLE, kept here so that settings (and every command's --help) load without
 # scikit-learn; tests/test_startup.py checks the two agree.
 CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "linear", "knn")
+CLASSIFIER_CHOICES = ("auto", *CLASSIFIERS)  # auto: chosen by cross-validation (bottleneck.choose)
 MEMORY_BUDGET_MB = 2048  # fit --memory-budget: features of a split the linear classifier holds in memory at once
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -174,7 +175,10 @@ class ExtractSettings(Settings):
 @dataclass(frozen=True)
 class FitSettings(Settings):
     features: str = setting(help="Feature cache (.h5) from 'bottleneck extract'.", toml=False)
-    clf: str = setting("logreg", "Classifier.", choices=CLASSIFIERS, toml="classifiers", toml_list=True,
+    clf: str = setting("logreg", "Classifier; auto chooses among logreg, svm and mlp by cross-validation over "
+                       "train + val, the cheapest within one standard error of the best (svm only up to "
+                       "5,000 training rows; linear when the features exceed --memory-budget).",
+                       choices=CLASSIFIER_CHOICES, toml="classifiers", toml_list=True,
                        what="classifier")
     layer: str | None = setting(None, "Tap to use; auto picks, of the cache's taps and all of them side by side "
                                 "(concat), the one with the best validation score; concat fits on all taps; "

@@ -345,3 +345,19 @@ def test_each_tap_is_read_from_the_file_once_per_fit(cache, tmp_path, monkeypatc
     monkeypatch.setattr(FeatureStore, "_read_features", counted)
     fit(str(cache[0]), clf="logreg", layer=layer, out=str(tmp_path))
     assert sorted(reads) == sorted({(s, t) for s in ("train", "val", "test") for t in ("blocks.4", "pool")})
+
+
+def test_clf_auto_chooses_by_cv_records_why_and_keeps_auto_as_asked(cache, tmp_path):
+    path = fit(str(cache[0]), clf="auto", out=str(tmp_path))
+    rep = json.loads(path.read_text())
+    choice = rep["clf_choice"]
+    assert list(choice["scores"]) == ["logreg", "svm", "mlp"]  # cheapest first
+    assert rep["clf"] == choice["chosen"] and rep["settings"]["clf"] == "auto" and path.parent.name.startswith("auto")
+    assert choice["by"] == "2 × 5-fold stratified CV on train + val" and choice["folds"] == 10
+    means = {c: v["mean"] for c, v in choice["scores"].items()}
+    assert choice["best"] == max(choice["scores"], key=means.get)
+    assert list(choice["scores"]).index(choice["chosen"]) <= list(choice["scores"]).index(choice["best"])
+    assert rep["layer_choice"]["chosen"] == rep["tap"]  # the tap logreg chose, then the classifier on it
+    assert fit(str(cache[0]), clf="auto", out=str(tmp_path), reuse=True) == path  # done before: kept
+    with pytest.raises(BottleneckError, match="--clf auto chooses one classifier for one fit"):
+        fit(str(cache[0]), clf="auto", layer="all", out=str(tmp_path))
