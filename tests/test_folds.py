@@ -77,7 +77,7 @@ def test_fine_tunes_on_images_and_on_cached_maps_get_the_same_fold_as_a_fit_on_t
     assert (tmp_path / "pool-logreg-fold3").is_dir()
     for rep in (ft, top):
         assert rep["folds"] == probe["folds"] and rep["folds"]["fold"] == 3 and rep["folds"]["k"] == 5
-        assert rep["test_set"] == probe["test_set"] and rep["n_test"] == probe["n_test"] == 5
+        assert rep["test_set"]["sha256"] == probe["test_set"]["sha256"] and rep["n_test"] == probe["n_test"] == 5
         assert rep["n_train"] + rep["n_val"] + rep["n_test"] == 26
 
 
