@@ -130,10 +130,11 @@ def taps_of(tap: str, st_taps: list[str]) -> list[str]:
 
 def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> tuple[str, dict]:
     """(tap, how it was chosen): of the cache's taps and their concatenation, the one whose
-    classifier scores best by repeated cross-validation over train + val (bottleneck.choose), with
-    its default settings; a simpler candidate within one standard error of the best is kept
-    instead (a single tap before the concatenation, the deeper of two taps). Test images never
-    take part. Rows read in chunks (a split over --memory-budget) are scored on validation alone.
+    classifier scores best by repeated cross-validation over train + val (bottleneck.choose), as
+    the final fit trains it (with the search when on); a simpler candidate within one standard
+    error of the best is kept instead (a single tap before the concatenation, the deeper of two
+    taps). Test images never take part. Rows read in chunks (a split over --memory-budget) are
+    scored on validation alone.
     """
     if len(st.taps) == 1:
         return st.taps[0], {"by": "the cache's only tap", "scores": {}, "chosen": st.taps[0]}
@@ -151,16 +152,16 @@ def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> t
         if folds is None:
             folds = choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), seed)
             how = cv_name(folds, "val" in d)
-        pipe = suited(clf, pipe, {}, Sizes.of(y, *(y[train] for train, _ in folds)), st.classes)[0]
-        scores[tap] = choose.fold_scores(pipe, x, y, folds)
+        scores[tap] = candidate_scores(pipe, clf, x, y, folds, grid(clf) if settings["search"] else {}, st.classes)
     choice = choose.one_se_choice(scores, candidates) | {"by": how}
     note(choose.describe(choice, "tap"))
     return choice["chosen"], choice
 
 
 def choose_classifier(st: FeatureStore, settings: dict, layer: str, budget: int | None) -> dict:
-    """`--clf auto`: of choose.AUTO_CLASSIFIERS, the one whose default settings score best by the
-    repeated cross-validation over train + val, or the cheapest within one standard error of it; on
+    """`--clf auto`: of choose.AUTO_CLASSIFIERS, the one that scores best by the repeated
+    cross-validation over train + val (each with its search, when on), or the cheapest within one
+    standard error of it; on
     the tap `layer` names, or that logreg chooses for --layer auto. Features over the memory budget
     leave only the classifier that streams them (linear)."""
     logreg = settings | {"clf": "logreg"}
@@ -175,8 +176,8 @@ def choose_classifier(st: FeatureStore, settings: dict, layer: str, budget: int 
     scores = {}
     for clf in candidates:
         pipe = make_classifier(clf, settings["seed"], settings["class_weight"], tap_dims(st, tap), select=tap == SELECT)
-        pipe = suited(clf, pipe, {}, Sizes.of(y, *(y[train] for train, _ in folds)), st.classes)[0]
-        scores[clf] = choose.fold_scores(pipe, x, y, folds)
+        tried = grid(clf, select=tap == SELECT) if settings["search"] else {}
+        scores[clf] = candidate_scores(pipe, clf, x, y, folds, tried, st.classes)
     choice = choose.one_se_choice(scores, candidates) | {"by": cv_name(folds, "val" in d), "tap": tap,
                                                           "layer_choice": layer_choice}
     if len(candidates) < len(choose.AUTO_CLASSIFIERS):
@@ -184,6 +185,19 @@ def choose_classifier(st: FeatureStore, settings: dict, layer: str, budget: int 
                                      "minutes per fold"}
     note(choose.describe(choice, "classifier"))
     return choice
+
+
+def candidate_scores(pipe: Pipeline, clf: str, x: np.ndarray, y: np.ndarray, folds: list, tried: dict,
+                     classes: list[str]) -> np.ndarray:
+    """A candidate's accuracy on each fold, as the final fit would train it: with the search's best
+    setting when there is a grid to search (every candidate gets the same search, so the best of a
+    grid flatters each alike), else with its defaults."""
+    pipe, points = suited(clf, pipe, tried, Sizes.of(y, *(y[train] for train, _ in folds)), classes)
+    if len(points) == 1 and not points[0]:
+        return choose.fold_scores(pipe, x, y, folds)
+    search = GridSearchCV(pipe, points, cv=folds, n_jobs=-1, scoring="accuracy", refit=False).fit(x, y)
+    best = search.best_index_
+    return np.array([search.cv_results_[f"split{i}_test_score"][best] for i in range(len(folds))])
 
 
 def cv_name(folds: list, with_val: bool) -> str:
