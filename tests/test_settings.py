@@ -44,7 +44,7 @@ def test_experiment_file_keys_come_from_the_settings():
     assert split | {"folds"} == set(settings.toml_keys(settings.FinetuneSettings, "data"))
     assert split == {"val_fraction", "test_fraction", "split_seed", "group_pattern"}
     assert set(settings.toml_keys(settings.FitSettings, "data")) == {"folds", "split_seed", "val_fraction"}
-    assert set(pipeline.DATA_KEYS) == split | {"folds", "path", "builtin"}
+    assert set(pipeline.DATA_KEYS) == split | {"folds", "path", "builtin", "labels"}
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -68,7 +68,7 @@ def test_values_of_the_wrong_type_or_range_are_one_error_naming_the_option():
         settings.FinetuneSettings(model="resnet18", data_dir="d", epochs="10").validate()
     with pytest.raises(settings.SettingError, match=r"--batch-size must be between 1 and 65536, not 0"):
         settings.ExtractSettings(model="resnet18", data_dir="d", batch_size=0).validate()
-    with pytest.raises(settings.SettingError, match=r"unknown classifier 'forest'; choose one of logreg"):
+    with pytest.raises(settings.SettingError, match=r"unknown classifier 'forest'; choose one of auto, logreg"):
         settings.FitSettings(features="c.h5", clf="forest").validate()
     with pytest.raises(TypeError, match="finetune"):
         bottleneck.finetune("resnet18", "d", 10)  # every setting but model and data is keyword-only
