@@ -121,7 +121,8 @@ def check(found: np.ndarray, total: int, by: str, threshold: float, bar: float, 
     """The record a report keeps of a quick check: how many of the checked test images have a
     twin in train, their share with its 95 % interval, and the bar they had to reach."""
     k, n = int(found.sum()), int(len(found))
-    return {"by": by, "threshold": threshold, "bar": round(bar, 4), "train_neighbours": round(q, 4),
+    return {"by": by, "threshold": threshold, "bar": round(bar, 4),
+            "train_neighbours": None if np.isnan(q) else round(q, 4),  # None: fewer than 2 training images
             "checked": n, "of": total, "twins": k, "share": round(k / n, 4) if n else 0.0,
             "share_ci": [round(v, 4) for v in wilson(k, n)] if n else None}
 
