@@ -10,7 +10,7 @@ random matrix, plus noise in every dimension (not separable: the SVM keeps many 
 as on real features). Each cell is one fit of `classifiers.make_classifier(NAME)` with its defaults
 (no search, no tap choice: `bottleneck fit` by default does several of these) on N rows, then the
 prediction of --scored rows (what dominates knn). A classifier whose next size would take longer
-than --skip-above seconds by a quadratic extrapolation from its last one is skipped there.
+than --skip-above seconds, growing as its last two sizes did, is skipped there.
 Prints a markdown table and writes it to --out/classifier_sizes.md.
 """
 
@@ -48,6 +48,16 @@ def timed(clf: str, x, y, x_scored, y_scored) -> tuple[float, float, float]:
     return fitted - started, time.perf_counter() - fitted, float((predicted == y_scored).mean())
 
 
+def extrapolated(done: list[tuple[int, float]], rows: int) -> float:
+    """Seconds a cell of `rows` should take, growing as the last two cells did (at least linearly, at most
+    cubically), or linearly from a single one."""
+    if not done:
+        return 0.0
+    (n0, s0), (n1, s1) = done[-2] if len(done) > 1 else done[-1], done[-1]
+    power = min(3.0, max(1.0, np.log(s1 / s0) / np.log(n1 / n0))) if n1 > n0 and s0 > 0 and s1 > 0 else 1.0
+    return s1 * (rows / n1) ** power
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="2000,5000,10000,20000")
@@ -70,13 +80,14 @@ def main() -> None:
         x_all, y_all = structured_features(max(sizes) + args.scored, k, args.width)
         x_scored, y_scored = x_all[-args.scored:], y_all[-args.scored:]
         for clf in args.classifiers.split(","):
-            last = None  # (rows, seconds) of the classifier's last cell
+            done = []  # (rows, seconds) of the classifier's cells so far
             for n in sizes:
-                if last and last[1] * (n / last[0]) ** 2 > args.skip_above:
-                    line = f"| {clf} | {k} | {n} | skipped: about {last[1] * (n / last[0]) ** 2:.0f} s expected | | |"
+                expected = extrapolated(done, n)
+                if expected > args.skip_above:
+                    line = f"| {clf} | {k} | {n} | skipped: about {expected:.0f} s expected | | |"
                 else:
                     fit_s, predict_s, accuracy = timed(clf, x_all[:n], y_all[:n], x_scored, y_scored)
-                    last = (n, fit_s + predict_s)
+                    done.append((n, fit_s + predict_s))
                     line = f"| {clf} | {k} | {n} | {fit_s:.1f} | {predict_s:.2f} | {accuracy:.3f} |"
                 print(line, flush=True)
                 lines.append(line)
