@@ -159,8 +159,10 @@ def _neighbours(params: dict, n: Sizes) -> dict:
 # measured it, docs/benchmarks.md ("Which classifiers warn or refuse at which sizes") has the table.
 SVM_WARN_ROWS = 10_000  # training rows
 SVM_REFUSE_ROWS = 50_000
-LINEAR_MODEL_WARN = 2_000_000  # training rows × classes: logreg and linear-svm fit one weight vector per class
-LINEAR_MODEL_REFUSE = 200_000_000
+LOGREG_WARN = 2_000_000  # training rows × classes: logreg and linear-svm fit one weight vector per class
+LOGREG_REFUSE = 100_000_000
+LINEAR_SVM_WARN = 500_000  # its calibration fits three, one class against the rest at a time: slower than logreg
+LINEAR_SVM_REFUSE = 20_000_000
 KNN_WARN = 2 * 10**12  # training rows × rows scored × width: the multiply-adds of knn's distances
 KNN_REFUSE = 2 * 10**14
 
@@ -174,14 +176,16 @@ def _kernel_svm_cost(n: Sizes, width: int, scored: int) -> tuple[str, str] | Non
             "an RBF SVM's fit grows about quadratically with the rows, and its calibration fits three more)")
 
 
-def _linear_model_cost(n: Sizes, width: int, scored: int) -> tuple[str, str] | None:
-    """scikit-learn's linear models hold the whole split in memory and fit one weight vector per class."""
-    cost = n.rows * n.classes
-    if cost <= LINEAR_MODEL_WARN:
-        return None
-    return ("refuse" if cost > LINEAR_MODEL_REFUSE else "warn",
-            f"{n.rows:,} training rows × {n.classes:,} classes (above {LINEAR_MODEL_WARN:,} it takes minutes, above "
-            f"{LINEAR_MODEL_REFUSE:,} hours: the fit grows with rows × classes, on the CPU, with every row in memory)")
+def _rows_times_classes(warn: int, refuse: int) -> Callable[[Sizes, int, int], tuple[str, str] | None]:
+    """scikit-learn's linear models hold the whole split in memory and fit one weight vector per class:
+    their fit grows with rows × classes."""
+    def cost(n: Sizes, width: int, scored: int) -> tuple[str, str] | None:
+        if n.rows * n.classes <= warn:
+            return None
+        return ("refuse" if n.rows * n.classes > refuse else "warn",
+                f"{n.rows:,} training rows × {n.classes:,} classes (above {warn:,} it takes minutes, above "
+                f"{refuse:,} hours: the fit grows with rows × classes, on the CPU, with every row in memory)")
+    return cost
 
 
 def _neighbour_cost(n: Sizes, width: int, scored: int) -> tuple[str, str] | None:
@@ -210,7 +214,8 @@ class Classifier:
 
 TABLE: dict[str, Classifier] = {
     "logreg": Classifier(lambda seed, cw: LogisticRegression(C=0.01, max_iter=3000, class_weight=cw),
-                         {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]}, large=_linear_model_cost,
+                         {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]},
+                         large=_rows_times_classes(LOGREG_WARN, LOGREG_REFUSE),
                          instead="fit linear, the same model in torch, which streams the cache and uses a GPU"),
     "svm": Classifier(lambda seed, cw: PlattSVC(SVC(C=1.0, class_weight=cw, random_state=seed), cv=3,
                                                 ensemble=False),
@@ -219,7 +224,8 @@ TABLE: dict[str, Classifier] = {
     # Calibrated so that predict_proba exists, as for every other classifier.
     "linear-svm": Classifier(lambda seed, cw: CalibratedClassifierCV(
         LinearSVC(C=0.001, class_weight=cw, random_state=seed), cv=3),
-        {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]}, small=_calibration_folds, large=_linear_model_cost,
+        {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]}, small=_calibration_folds,
+        large=_rows_times_classes(LINEAR_SVM_WARN, LINEAR_SVM_REFUSE),
         instead="fit linear, a linear model in torch, which streams the cache and uses a GPU"),
     # One hidden layer, L2 penalty and early stopping on a held-out tenth of the training data.
     "mlp": Classifier(lambda seed, cw: MLPClassifier(hidden_layer_sizes=(256,), alpha=0.01, early_stopping=True,

@@ -37,15 +37,19 @@ def test_the_svm_limit_counts_all_rows_whatever_their_classes():
         assert check_size("svm", sizes(20_000, k), 1280) is not None
 
 
-def test_logreg_and_linear_svm_warn_on_rows_times_classes_and_point_to_linear():
-    for clf in ("logreg", "linear-svm"):
-        assert check_size(clf, sizes(200_000, 10), 1280) is None  # CIFAR-size and beyond: seconds to a minute
-        warning = check_size(clf, sizes(200_000, 100), 1280)
-        assert warning.startswith(f"{clf} will take minutes on 200,000 training rows × 100 classes")
-        assert "fit linear" in warning and "streams" in warning
-        with pytest.raises(BottleneckError, match=rf"^{clf} would take hours on 1,281,167 training rows × 1,000 "
-                                                  r"classes.*fit linear"):
-            check_size(clf, sizes(1_281_167, 1000), 1280)  # ImageNet-1k
+@pytest.mark.parametrize("clf, warn, refuse", [
+    ("logreg", classifiers.LOGREG_WARN, classifiers.LOGREG_REFUSE),
+    ("linear-svm", classifiers.LINEAR_SVM_WARN, classifiers.LINEAR_SVM_REFUSE)])
+def test_logreg_and_linear_svm_warn_on_rows_times_classes_and_point_to_linear(clf, warn, refuse):
+    assert check_size(clf, sizes(warn // 10), 1280) is None
+    warning = check_size(clf, sizes(warn // 10 + 1), 1280)
+    assert warning.startswith(f"{clf} will take minutes on {warn // 10 + 1:,} training rows × 10 classes")
+    assert "fit linear" in warning and "streams" in warning
+    assert check_size(clf, sizes(refuse // 100, 100), 1280) is not None  # still a warning
+    with pytest.raises(BottleneckError, match=rf"^{clf} would take hours on 1,281,167 training rows × 1,000 "
+                                              r"classes.*fit linear"):
+        check_size(clf, sizes(1_281_167, 1000), 1280)  # ImageNet-1k
+    assert check_size("logreg", sizes(50_000, 10), 1280) is None  # CIFAR-10: about 20 s (docs/benchmarks.md)
 
 
 def test_knn_warns_on_the_size_of_its_distance_matrix_and_refuses_where_it_would_take_hours():
