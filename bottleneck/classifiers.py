@@ -299,4 +299,4 @@ def check_size(clf: str, sizes: Sizes, width: int, scored: int = 0) -> str | Non
     level, why = verdict
     if level == "refuse":
         raise BottleneckError(f"{clf} would take hours on {why}; {entry.instead}")
-    return f"{clf} will take minutes on {why}; {entry.instead} if that is too long"
+    return f"{clf} will take minutes on {why}; if that is too long, {entry.instead}"
