@@ -155,6 +155,49 @@ def _neighbours(params: dict, n: Sizes) -> dict:
     return {"clf__n_neighbors": min(params["clf__n_neighbors"], n.rows)}
 
 
+# Above these sizes a fit takes minutes (a warning) or hours (a refusal) on 2 cores: benchmarks/classifier_sizes.py
+# measured it, docs/benchmarks.md ("Which classifiers warn or refuse at which sizes") has the table.
+SVM_WARN_ROWS = 10_000  # training rows
+SVM_REFUSE_ROWS = 50_000
+LOGREG_WARN = 2_000_000  # training rows × classes: logreg and linear-svm fit one weight vector per class
+LOGREG_REFUSE = 100_000_000
+LINEAR_SVM_WARN = 500_000  # its calibration fits three, one class against the rest at a time: slower than logreg
+LINEAR_SVM_REFUSE = 20_000_000
+KNN_WARN = 2 * 10**12  # training rows × rows scored × width: the multiply-adds of knn's distances
+KNN_REFUSE = 2 * 10**14
+
+
+def _kernel_svm_cost(n: Sizes, width: int, scored: int) -> tuple[str, str] | None:
+    """An RBF SVM's fit grows about quadratically with the training rows, whatever their classes."""
+    if n.rows <= SVM_WARN_ROWS:
+        return None
+    return ("refuse" if n.rows > SVM_REFUSE_ROWS else "warn",
+            f"{n.rows:,} training rows (above {SVM_WARN_ROWS:,} it takes minutes, above {SVM_REFUSE_ROWS:,} hours: "
+            "an RBF SVM's fit grows about quadratically with the rows, and its calibration fits three more)")
+
+
+def _rows_times_classes(warn: int, refuse: int) -> Callable[[Sizes, int, int], tuple[str, str] | None]:
+    """scikit-learn's linear models hold the whole split in memory and fit one weight vector per class:
+    their fit grows with rows × classes."""
+    def cost(n: Sizes, width: int, scored: int) -> tuple[str, str] | None:
+        if n.rows * n.classes <= warn:
+            return None
+        return ("refuse" if n.rows * n.classes > refuse else "warn",
+                f"{n.rows:,} training rows × {n.classes:,} classes (above {warn:,} it takes minutes, above "
+                f"{refuse:,} hours: the fit grows with rows × classes, on the CPU, with every row in memory)")
+    return cost
+
+
+def _neighbour_cost(n: Sizes, width: int, scored: int) -> tuple[str, str] | None:
+    """knn's cost is its prediction: every scored row's distance to every training row."""
+    cost = n.rows * scored * width
+    if cost <= KNN_WARN:
+        return None
+    return ("refuse" if cost > KNN_REFUSE else "warn",
+            f"{n.rows:,} training rows × {scored:,} rows to score × {width:,} features ({cost:.1e} multiply-adds; "
+            f"above {KNN_WARN:.0e} prediction takes minutes, above {KNN_REFUSE:.0e} hours)")
+
+
 @dataclass(frozen=True)
 class Classifier:
     estimator: Callable[[int, str | None], BaseEstimator]  # (seed, class_weight) → an unfitted estimator
@@ -163,18 +206,27 @@ class Classifier:
     # (parameters, Sizes) → parameters to change for data this small, or {"refuse": why}; logreg needs none
     small: Callable[[dict, Sizes], dict] | None = None
     streams: bool = False  # trains on a split larger than --memory-budget, read from the cache in chunks
+    # (Sizes, feature width, rows to score) → ("warn" or "refuse", the size and why) for data this large, or None
+    large: Callable[[Sizes, int, int], tuple[str, str] | None] | None = None
+    instead: str = ""  # what to fit when `large` warns or refuses
+    gpu: bool = False  # trains on the GPU when there is one: its Slurm fit jobs ask for one (settings.GPU_CLASSIFIERS)
 
 
 TABLE: dict[str, Classifier] = {
     "logreg": Classifier(lambda seed, cw: LogisticRegression(C=0.01, max_iter=3000, class_weight=cw),
-                         {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]}),
+                         {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 1.0]},
+                         large=_rows_times_classes(LOGREG_WARN, LOGREG_REFUSE),
+                         instead="fit linear, the same model in torch, which streams the cache and uses a GPU"),
     "svm": Classifier(lambda seed, cw: PlattSVC(SVC(C=1.0, class_weight=cw, random_state=seed), cv=3,
                                                 ensemble=False),
-                      {"clf__estimator__C": [0.3, 1.0, 3.0, 10.0]}, small=_calibration_folds),
+                      {"clf__estimator__C": [0.3, 1.0, 3.0, 10.0]}, small=_calibration_folds,
+                      large=_kernel_svm_cost, instead="fit linear, logreg or mlp, which grow linearly with the rows"),
     # Calibrated so that predict_proba exists, as for every other classifier.
     "linear-svm": Classifier(lambda seed, cw: CalibratedClassifierCV(
         LinearSVC(C=0.001, class_weight=cw, random_state=seed), cv=3),
-        {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]}, small=_calibration_folds),
+        {"clf__estimator__C": [0.0003, 0.001, 0.01, 0.1]}, small=_calibration_folds,
+        large=_rows_times_classes(LINEAR_SVM_WARN, LINEAR_SVM_REFUSE),
+        instead="fit linear, a linear model in torch, which streams the cache and uses a GPU"),
     # One hidden layer, L2 penalty and early stopping on a held-out tenth of the training data.
     "mlp": Classifier(lambda seed, cw: MLPClassifier(hidden_layer_sizes=(256,), alpha=0.01, early_stopping=True,
                                                      validation_fraction=0.1, n_iter_no_change=10, max_iter=300,
@@ -183,9 +235,10 @@ TABLE: dict[str, Classifier] = {
                       small=_early_stopping),
     # Softmax regression in torch (bottleneck.linear): its L2 strengths are trained together and chosen on a
     # held-out tenth of the training rows inside every fit, so --search has no grid of its own to try.
-    "linear": Classifier(lambda seed, cw: LinearProbe(seed=seed, class_weight=cw), {}, streams=True),
+    "linear": Classifier(lambda seed, cw: LinearProbe(seed=seed, class_weight=cw), {}, streams=True, gpu=True),
     "knn": Classifier(lambda seed, cw: KNeighborsClassifier(n_neighbors=5), {"clf__n_neighbors": [1, 5, 11, 21]},
-                      standardise=False, small=_neighbours),
+                      standardise=False, small=_neighbours, large=_neighbour_cost,
+                      instead="fit linear, logreg or mlp, whose prediction does not grow with the training rows"),
 }
 CLASSIFIERS = tuple(TABLE)
 GRIDS = {name: c.grid for name, c in TABLE.items()}
@@ -234,3 +287,16 @@ def suited(clf: str, pipe: Pipeline, grid: dict, sizes: Sizes, classes: list[str
         if point not in suited_points:  # two grid values may become one (21 and 11 neighbours of 8 rows)
             suited_points.append(point)
     return pipe, suited_points
+
+
+def check_size(clf: str, sizes: Sizes, width: int, scored: int = 0) -> str | None:
+    """A warning for data large enough that `clf` takes minutes, or None; a BottleneckError where it would
+    take hours. `width`: the features per row; `scored`: the rows it will predict (what knn's cost grows with)."""
+    entry = TABLE[clf]
+    verdict = entry.large(sizes, width, scored) if entry.large else None
+    if verdict is None:
+        return None
+    level, why = verdict
+    if level == "refuse":
+        raise BottleneckError(f"{clf} would take hours on {why}; {entry.instead}")
+    return f"{clf} will take minutes on {why}; if that is too long, {entry.instead}"

@@ -23,7 +23,7 @@ from sklearn.pipeline import Pipeline
 
 from bottleneck import choose, data, leaks, locks
 from bottleneck import report as reports
-from bottleneck.classifiers import TABLE, Sizes, grid, make_classifier, suited
+from bottleneck.classifiers import TABLE, Sizes, check_size, grid, make_classifier, suited
 from bottleneck.console import note, warn
 from bottleneck.errors import BottleneckError, write_error
 from bottleneck.linear import MB, Rows, fit_pipeline, is_lazy
@@ -332,6 +332,9 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
     check_previous(out, settings, st.attrs["fingerprint"], force)
     pipe = make_classifier(clf, seed, class_weight, tap_dims(st, tap), select=tap == SELECT)
     tried = grid(clf, select=tap == SELECT)
+    scored = len(y_test) + (len(d["val"][1]) if "val" in d else 0)
+    if too_long := check_size(clf, Sizes.of(y), sum(tap_dims(st, tap)), scored):  # refuses what takes hours
+        warn(too_long)
     started = time.perf_counter()
     chosen, trained_on = {}, ["train"]
     if search:

@@ -36,6 +36,7 @@ BLOCK_CELLS = 2 ** 24  # similarities held at once (64 MB of float32), whatever 
 # no leak the check finds about 1 % by construction (NEIGHBOUR_QUANTILE), and on a few hundred test
 # images that share's 95 % interval stays below 3 %.
 WARN_SHARE = 0.03
+WARN_TWINS = 3  # and at least this many: one twin among a dozen test images is no pattern
 # The quick check looks at this many test images at most (a seeded sample above it, with the
 # share's interval): a few seconds at 50,000 training images, whatever the test set's size.
 CHECKED_AT_MOST = 2000
@@ -211,8 +212,8 @@ def check_files(train_paths: list[str], test_paths: list[str], root: str | None,
 
 
 def warning(found: dict | None) -> str | None:
-    """A sentence for a check whose share is above WARN_SHARE, else None."""
-    if not found or found["share"] <= WARN_SHARE:
+    """A sentence for a check whose share is above WARN_SHARE (and count at least WARN_TWINS), else None."""
+    if not found or found["share"] <= WARN_SHARE or found["twins"] < WARN_TWINS:
         return None
     sampled = f" (a sample of {found['checked']} of {found['of']})" if found["checked"] < found["of"] else ""
     what = "similar features" if found["by"] == "features" else "a copy of the file or its thumbnail"

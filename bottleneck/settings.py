@@ -31,6 +31,7 @@ from bottleneck.views import parse_views
 # scikit-learn; tests/test_startup.py checks the two agree.
 CLASSIFIERS = ("logreg", "svm", "linear-svm", "mlp", "linear", "knn")
 CLASSIFIER_CHOICES = ("auto", *CLASSIFIERS)  # auto: chosen by cross-validation (bottleneck.choose)
+GPU_CLASSIFIERS = ("linear",)  # those of classifiers.TABLE with gpu=True: their Slurm fit jobs ask for a GPU
 MEMORY_BUDGET_MB = 2048  # fit --memory-budget: features of a split the linear classifier holds in memory at once
 POOLS = ("avg", "max", "flatten")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

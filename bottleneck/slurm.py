@@ -74,7 +74,7 @@ def step_jobs(exp: pipeline.Experiment, step: pipeline.Step, opts: SlurmOptions)
     lines = requeue_wrapper(runs[0], stage.command, opts, step.outputs[0].parent) if stage.requeues else runs
     if step.record:
         lines = [f"mkdir -p {_q(step.record.parent)}", *lines[:-1], f"{lines[-1]} | tee {_q(step.record)}"]
-    job = Job(step.name, script(exp, step.name, opts, f"{step.purpose}.", lines, gpu=stage.needs_gpu,
+    job = Job(step.name, script(exp, step.name, opts, f"{step.purpose}.", lines, gpu=stage.asks_gpu(step.calls),
                                 requeue=stage.requeues), log=log_pattern(exp, step.name))
     if stage.after_failures:
         job.dependency = "afterany"
@@ -88,7 +88,7 @@ def sharded_jobs(exp: pipeline.Experiment, step: pipeline.Step, opts: SlurmOptio
     lines = [f"mkdir -p {_q(step.record.parent)}"]
     lines += [f'{run} --shard "$SLURM_ARRAY_TASK_ID/{n}" | tee {_q(shard)}"$SLURM_ARRAY_TASK_ID".path' for run in runs]
     array = Job(step.name, script(exp, step.name, opts, f"{step.purpose}: task I of this array computes shard I of "
-                                  f"{n}.", lines, gpu=step.stage.needs_gpu, array=n),
+                                  f"{n}.", lines, gpu=step.stage.asks_gpu(step.calls), array=n),
                 log=log_pattern(exp, step.name, array=True))
     lines = [f"mapfile -t shards < <(cat {_q(shard)}{{0..{n - 1}}}.path)",
              f"bottleneck cache merge \"${{shards[@]}}\" | tee {_q(step.record)}"]

@@ -39,6 +39,11 @@ def comparison_made(files: tuple[Path, ...]) -> str:
     return f"done: {files[0].name}" if files[0].is_file() else "missing"
 
 
+def fit_needs_gpu(call) -> bool:
+    """A fit asks for a GPU when its classifier trains on one (`linear`); the others use the CPU cores alone."""
+    return call.clf in settings.GPU_CLASSIFIERS
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage: `bottleneck COMMAND` runs bottleneck.MODULE.FUNCTION over SETTINGS."""
@@ -49,10 +54,15 @@ class Stage:
     function: str
     help: str  # the command's --help
     output: Callable[[tuple[Path, ...]], str]  # `status`'s word on what a step of it left on disk
-    needs_gpu: bool = False  # its Slurm jobs ask for --gres
+    needs_gpu: bool | Callable[[object], bool] = False  # its Slurm jobs ask for --gres: always, or when a call's
+    # settings say so (one call that does is enough for the step's job)
     requeues: bool = False  # exits 75 after saving a checkpoint: its Slurm job requeues itself and resumes
     shards: bool = False  # --shard I/N: a Slurm job array, then a job merging the shards
     after_failures: bool = False  # its Slurm job runs when jobs before it failed too (it shows what finished)
+
+    def asks_gpu(self, calls: tuple) -> bool:
+        """Whether the job running these calls of the stage asks for a GPU."""
+        return any(map(self.needs_gpu, calls)) if callable(self.needs_gpu) else self.needs_gpu
 
     def entry(self) -> Callable:
         """The stage's function (this imports its module)."""
@@ -65,7 +75,7 @@ STAGES = (
           cache_made, needs_gpu=True, shards=True),
     Stage("fit", settings.FitSettings, "classify", "fit",
           "Train a classifier on cached features; writes model.skops, predictions.csv and report.json.\n\n"
-          "Prints the report's path last.", reports_made),
+          "Prints the report's path last.", reports_made, needs_gpu=fit_needs_gpu),
     Stage("finetune", settings.FinetuneSettings, "finetune", "finetune",
           "Fine-tune the network on the same data and splits; prints the report's path last.\n\n"
           "SIGTERM or SIGUSR1 save a checkpoint and exit with code 75; the same command resumes.",

@@ -361,3 +361,23 @@ def test_clf_auto_chooses_by_cv_records_why_and_keeps_auto_as_asked(cache, tmp_p
     assert fit(str(cache[0]), clf="auto", out=str(tmp_path), reuse=True) == path  # done before: kept
     with pytest.raises(BottleneckError, match="--clf auto chooses one classifier for one fit"):
         fit(str(cache[0]), clf="auto", layer="all", out=str(tmp_path))
+
+
+def test_fit_warns_and_refuses_by_the_classifiers_size_limits(cache, tmp_path, monkeypatch):
+    import dataclasses
+
+    from bottleneck import classifiers
+
+    def limits(clf, **changes):  # the limits as if these 40 images were many
+        monkeypatch.setitem(classifiers.TABLE, clf, dataclasses.replace(classifiers.TABLE[clf], **changes))
+
+    limits("logreg", large=classifiers._rows_times_classes(10, 10**9))
+    done = cli("fit", "--features", str(cache[0]), "--clf", "logreg", "--layer", "pool", "--no-search",
+               "--out", str(tmp_path / "w"))
+    assert done.returncode == 0 and "logreg will take minutes on" in " ".join(done.stderr.split())
+    monkeypatch.setattr(classifiers, "SVM_WARN_ROWS", 5)  # read when the rule runs
+    monkeypatch.setattr(classifiers, "SVM_REFUSE_ROWS", 10)
+    refused = cli("fit", "--features", str(cache[0]), "--clf", "svm", "--layer", "pool", "--no-search",
+                  "--out", str(tmp_path / "r"))
+    assert refused.returncode != 0 and "svm would take hours on" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "r" / "pool-svm" / "report.json").exists()

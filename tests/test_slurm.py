@@ -91,6 +91,22 @@ def test_dry_run_prints_scripts_and_order_and_submits_nothing(tmp_path, data):
     assert not (tmp_path / "dry" / "slurm" / "jobs.json").exists()
 
 
+def test_a_fit_job_asks_for_a_gpu_only_when_one_of_its_classifiers_trains_on_one(tmp_path, data):
+    scripts = {}
+    for name, classifiers in (("cpu", '["logreg", "knn"]'), ("gpu", '["logreg", "linear"]')):
+        path = experiment(tmp_path, data, name)
+        path.write_text(path.read_text().replace('classifiers = ["logreg", "knn"]', f"classifiers = {classifiers}"))
+        result = cli("run", str(path), "--slurm", "--dry-run", "--gres", "gpu:1")
+        assert result.returncode == 0, result.stderr
+        scripts[name] = {p.name.split("-", 1)[1]: p.read_text() for p in (tmp_path / name / "slurm").glob("*.sbatch")}
+    assert "--clf linear" in scripts["gpu"]["fit-efficientnet_lite0.sbatch"]
+    assert "#SBATCH --gres=gpu:1" in scripts["gpu"]["fit-efficientnet_lite0.sbatch"]
+    assert "--gres" not in scripts["cpu"]["fit-efficientnet_lite0.sbatch"]
+    for made in scripts.values():  # extraction asks for one either way, compare never
+        assert "#SBATCH --gres=gpu:1" in made["extract-efficientnet_lite0.sbatch"]
+        assert "--gres" not in made["compare.sbatch"]
+
+
 def test_run_trust_reaches_the_fine_tune_jobs_and_nothing_else_trusts(tmp_path, data):
     """`run --slurm --trust` lets a fine-tune job read a pickled init_head; without it no job may."""
     (tmp_path / "old.joblib").write_bytes(b"")  # a dry run reads no model, but the file must be there

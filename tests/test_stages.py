@@ -23,7 +23,12 @@ def test_every_row_names_its_function_its_settings_and_its_command():
 
 def test_the_properties_slurm_reads_are_the_stages_own():
     by = stages.BY_COMMAND
-    assert [s.command for s in stages.STAGES if s.needs_gpu] == ["extract", "finetune"]
+    assert [s.command for s in stages.STAGES if s.needs_gpu is True] == ["extract", "finetune"]
+    fits = {clf: settings.FitSettings(features="x.h5", clf=clf) for clf in ("logreg", "svm", "linear")}
+    # a fit job asks for a GPU when one of its classifiers trains on one
+    assert by["fit"].asks_gpu((fits["logreg"], fits["linear"]))
+    assert not by["fit"].asks_gpu((fits["logreg"], fits["svm"]))
+    assert by["extract"].asks_gpu(()) and not by["compare"].asks_gpu(({"run_dirs": []},))
     assert [s.command for s in stages.STAGES if s.shards] == ["extract"]
     assert [s.command for s in stages.STAGES if s.requeues] == ["finetune"]
     assert by["compare"].after_failures and by["compare"].settings is None

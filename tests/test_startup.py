@@ -67,6 +67,7 @@ def test_settings_knows_every_classifier_without_loading_scikit_learn():
     from bottleneck import classifiers, settings
 
     assert settings.CLASSIFIERS == tuple(classifiers.TABLE)
+    assert settings.GPU_CLASSIFIERS == tuple(name for name, c in classifiers.TABLE.items() if c.gpu)
 
 
 def test_status_of_a_run_loads_no_heavy_library(tmp_path):
