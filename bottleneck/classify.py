@@ -139,6 +139,7 @@ def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> t
     if len(st.taps) == 1:
         return st.taps[0], {"by": "the cache's only tap", "scores": {}, "chosen": st.taps[0]}
     candidates = [*reversed(st.taps), CONCAT]  # simplest first
+    started = time.perf_counter()
     clf, seed = settings["clf"], settings["seed"]
     scores, folds, how = {}, None, None
     for tap in candidates:
@@ -153,7 +154,8 @@ def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> t
             folds = choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), seed)
             how = cv_name(folds, "val" in d)
         scores[tap] = candidate_scores(pipe, clf, x, y, folds, grid(clf) if settings["search"] else {}, st.classes)
-    choice = choose.one_se_choice(scores, candidates) | {"by": how}
+    choice = choose.one_se_choice(scores, candidates) | {"by": how,
+                                                         "seconds": round(time.perf_counter() - started, 3)}
     note(choose.describe(choice, "tap"))
     return choice["chosen"], choice
 
@@ -166,6 +168,7 @@ def choose_classifier(st: FeatureStore, settings: dict, layer: str, budget: int 
     leave only the classifier that streams them (linear)."""
     logreg = settings | {"clf": "logreg"}
     tap, layer_choice = choose_tap(st, logreg) if layer == "auto" else (layer, None)
+    started = time.perf_counter()
     d = split_data(st, tap, settings["seed"], settings.get("folds"), budget)
     if is_lazy(d["train"][0]):
         return {"chosen": "linear", "by": "the features exceed --memory-budget; only linear reads them in chunks",
@@ -179,7 +182,8 @@ def choose_classifier(st: FeatureStore, settings: dict, layer: str, budget: int 
         tried = grid(clf, select=tap == SELECT) if settings["search"] else {}
         scores[clf] = candidate_scores(pipe, clf, x, y, folds, tried, st.classes)
     choice = choose.one_se_choice(scores, candidates) | {"by": cv_name(folds, "val" in d), "tap": tap,
-                                                          "layer_choice": layer_choice}
+                                                          "layer_choice": layer_choice,
+                                                          "seconds": round(time.perf_counter() - started, 3)}
     if len(candidates) < len(choose.AUTO_CLASSIFIERS):
         choice["left_out"] = {"svm": f"{len(y)} training rows, above {choose.AUTO_SVM_ROWS}: an RBF SVM would take "
                                      "minutes per fold"}
@@ -365,6 +369,8 @@ def _fit_locked(st: FeatureStore, tap: str, settings: dict, out: Path, force: bo
         data_root=st.attrs.get("data_root"), n_train=int(len(y)) // st.n_views, n_test=int(len(y_test)),
         **reports.metrics(y_test, y_pred, st.classes, probs, point and point["class"]), operating_point=point,
         cost={"fit_seconds": round(fit_seconds, 4), "predict_seconds": round(predict_seconds, 4),
+              # choosing the tap and classifier by CV: part of what this result cost
+              "choice_seconds": round(sum((c or {}).get("seconds", 0.0) for c in (choice, clf_choice)), 3),
               "extraction": st.attrs.get("cost", {})},
         validation=validation_score(pipe, d, chosen, len(st.classes)),
         extra={"layer_choice": choice, "clf_choice": clf_choice, "taps": taps_of(tap, st.taps),

@@ -96,11 +96,12 @@ class Report:
 
     @property
     def cost_seconds(self) -> float:
-        """End to end: extraction and fit, or fine-tuning with the probe it started from and the maps it read."""
+        """End to end: extraction and fit (with the choice of tap and classifier), or fine-tuning with the
+        probe it started from and the maps it read."""
         if self.stage == "finetune":
             own = _number(self.cost.get("wall_seconds") or 0.0) + _number(self.extra.get("probe_cost_seconds") or 0.0)
         else:
-            own = _number(self.cost.get("fit_seconds") or 0.0)
+            own = _number(self.cost.get("fit_seconds") or 0.0) + _number(self.cost.get("choice_seconds") or 0.0)
         return own + self.shared_seconds
 
     @property

@@ -358,6 +358,11 @@ def test_clf_auto_chooses_by_cv_records_why_and_keeps_auto_as_asked(cache, tmp_p
     assert choice["best"] == max(choice["scores"], key=means.get)
     assert list(choice["scores"]).index(choice["chosen"]) <= list(choice["scores"]).index(choice["best"])
     assert rep["layer_choice"]["chosen"] == rep["tap"]  # the tap logreg chose, then the classifier on it
+    spent = rep["layer_choice"]["seconds"] + choice["seconds"]  # choosing is part of what the result cost
+    assert rep["cost"]["choice_seconds"] == pytest.approx(spent, abs=2e-3) and spent > 0
+    from bottleneck.report import read_report
+
+    assert read_report(path).cost_seconds >= rep["cost"]["fit_seconds"] + spent
     assert fit(str(cache[0]), clf="auto", out=str(tmp_path), reuse=True) == path  # done before: kept
     with pytest.raises(BottleneckError, match="--clf auto chooses one classifier for one fit"):
         fit(str(cache[0]), clf="auto", layer="all", out=str(tmp_path))
