@@ -149,10 +149,9 @@ def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> t
             chosen = search_streamed(pipe, clf, d, st.classes)[1]
             scores[tap], how = np.array([chosen["cv_accuracy"]]), chosen["cv"]
             continue
-        x, y, paths = choose.pooled(d)
-        if folds is None:
-            folds = choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), seed)
-            how = cv_name(folds, "val" in d)
+        x, y, tap_folds = cv_rows(d, seed)
+        if folds is None:  # every candidate holds the same images in the same order: one set of folds
+            folds, how = tap_folds, cv_name(tap_folds, "val" in d)
         scores[tap] = candidate_scores(pipe, clf, x, y, folds, grid(clf) if settings["search"] else {}, st.classes)
     choice = choose.one_se_choice(scores, candidates) | {"by": how,
                                                          "seconds": round(time.perf_counter() - started, 3)}
@@ -163,9 +162,8 @@ def choose_tap(st: FeatureStore, settings: dict, budget: int | None = None) -> t
 def choose_classifier(st: FeatureStore, settings: dict, layer: str, budget: int | None) -> dict:
     """`--clf auto`: of choose.AUTO_CLASSIFIERS, the one that scores best by the repeated
     cross-validation over train + val (each with its search, when on), or the cheapest within one
-    standard error of it; on
-    the tap `layer` names, or that logreg chooses for --layer auto. Features over the memory budget
-    leave only the classifier that streams them (linear)."""
+    standard error of it; on the tap `layer` names, or that logreg chooses for --layer auto.
+    Features over the memory budget leave only the classifier that streams them (linear)."""
     logreg = settings | {"clf": "logreg"}
     tap, layer_choice = choose_tap(st, logreg) if layer == "auto" else (layer, None)
     started = time.perf_counter()
@@ -173,8 +171,7 @@ def choose_classifier(st: FeatureStore, settings: dict, layer: str, budget: int 
     if is_lazy(d["train"][0]):
         return {"chosen": "linear", "by": "the features exceed --memory-budget; only linear reads them in chunks",
                 "scores": {}, "tap": tap, "layer_choice": layer_choice}
-    x, y, paths = choose.pooled(d)
-    folds = choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), settings["seed"])
+    x, y, folds = cv_rows(d, settings["seed"])
     candidates = [c for c in choose.AUTO_CLASSIFIERS if c != "svm" or len(y) <= choose.AUTO_SVM_ROWS]
     scores = {}
     for clf in candidates:
@@ -202,6 +199,13 @@ def candidate_scores(pipe: Pipeline, clf: str, x: np.ndarray, y: np.ndarray, fol
     search = GridSearchCV(pipe, points, cv=folds, n_jobs=-1, scoring="accuracy", refit=False).fit(x, y)
     best = search.best_index_
     return np.array([search.cv_results_[f"split{i}_test_score"][best] for i in range(len(folds))])
+
+
+def cv_rows(d: dict, seed: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Train and val rows together and the repeated folds every choice is scored on (an image's
+    views, and a group's images, stay in one fold)."""
+    x, y, paths = choose.pooled(d)
+    return x, y, choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), seed)
 
 
 def cv_name(folds: list, with_val: bool) -> str:
@@ -450,8 +454,7 @@ def search_params(pipe: Pipeline, clf: str, d: dict, seed: int, grid: dict, clas
     folds or neighbours, not a crash."""
     if is_lazy(d["train"][0]):
         return search_streamed(pipe, clf, d, classes)
-    x, y, paths = choose.pooled(d)  # an image's views, and a group's images, stay in one fold
-    folds = choose.repeated_folds(y, groups_of(d, paths), cv_folds(y, paths), seed)
+    x, y, folds = cv_rows(d, seed)
     pipe, points = suited(clf, pipe, grid, Sizes.of(y, *(y[train] for train, _ in folds)), classes)
     grid = GridSearchCV(pipe, points, cv=folds, n_jobs=-1, scoring="accuracy", refit=True)
     grid.fit(x, y)

@@ -566,17 +566,22 @@ def describe_error(e: BaseException) -> str:
 
 
 def resize_crop(img: Image.Image, prep: dict) -> torch.Tensor:
-    """Resize the short side to prep['resize'] and centre-crop prep['size'], or with
-    prep['crop'] false resize the whole image to size × size; uint8 CHW tensor."""
+    """A PIL image as the network's input (fit_to_input), as a uint8 CHW tensor."""
+    img = fit_to_input(img, prep)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def fit_to_input(img, prep: dict):
+    """Resize the short side to prep['resize'] and centre-crop prep['size'], or with prep['crop']
+    false resize the whole image to size × size: a PIL image, or a uint8 CHW tensor wherever it lies
+    (extract --decode gpu), either way."""
     from torchvision.transforms import v2
 
     interpolation = v2.InterpolationMode(prep["interpolation"])
     if prep.get("crop", True):  # as preprocess.complete: caches and models from before the choice were cropped
         img = v2.functional.resize(img, prep["resize"], interpolation=interpolation, antialias=True)
-        img = v2.functional.center_crop(img, prep["size"])
-    else:
-        img = v2.functional.resize(img, [prep["size"]] * 2, interpolation=interpolation, antialias=True)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return v2.functional.center_crop(img, prep["size"])
+    return v2.functional.resize(img, [prep["size"]] * 2, interpolation=interpolation, antialias=True)
 
 
 class ImageDataset(torch.utils.data.Dataset):

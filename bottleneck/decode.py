@@ -4,7 +4,7 @@ On a GPU node the CPU is often what limits extraction: a few cores decode and re
 a GPU that waits. With `--decode gpu` the loader's workers only read each file's bytes, and the
 main process decodes a block's JPEGs in one call of `torchvision.io.decode_jpeg` on the GPU
 (nvjpeg), then resizes and crops them there with the same rule as the CPU path
-(`data.resize_crop`). Other formats (PNG, TIFF, ...) and JPEGs nvjpeg refuses are decoded on the
+(`data.fit_to_input`). Other formats (PNG, TIFF, ...) and JPEGs nvjpeg refuses are decoded on the
 CPU as usual. Without CUDA the same code decodes on the CPU with torchvision.io (slower than
 the workers' PIL path; it exists so that the GPU path's logic runs in every test).
 
@@ -82,7 +82,7 @@ def decode_block(items: list[tuple[str, torch.Tensor]], reasons: list[str], prep
                 if isinstance(img, Exception):
                     img = fallback(x, prep, device)  # a JPEG nvjpeg refuses (CMYK, progressive...): PIL's turn
                 else:
-                    img = resize_crop(checked(img), prep)
+                    img = data.fit_to_input(checked(img), prep)
             except Interrupted:
                 raise
             except Exception as e:
@@ -122,14 +122,3 @@ def checked(img: torch.Tensor) -> torch.Tensor:
     if min(img.shape[-2:]) < data.MIN_SIDE:
         raise ValueError(f"image is {img.shape[-1]}x{img.shape[-2]} pixels, below {data.MIN_SIDE}x{data.MIN_SIDE}")
     return img
-
-
-def resize_crop(img: torch.Tensor, prep: dict) -> torch.Tensor:
-    """data.resize_crop's rule on a uint8 CHW tensor, wherever it lies."""
-    from torchvision.transforms import v2
-
-    interpolation = v2.InterpolationMode(prep["interpolation"])
-    if prep.get("crop", True):
-        img = v2.functional.resize(img, prep["resize"], interpolation=interpolation, antialias=True)
-        return v2.functional.center_crop(img, prep["size"])
-    return v2.functional.resize(img, [prep["size"]] * 2, interpolation=interpolation, antialias=True)
